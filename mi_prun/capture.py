@@ -1,0 +1,107 @@
+"""One calibration pass with hooks at every block boundary.
+
+Boundary b is the hidden state entering block b (b = 0 .. n-1) or leaving the last block (b = n),
+before the final norm. The first token of every sequence is dropped: it carries the "attention
+sink" activations, orders of magnitude larger than the rest, which swamp every statistic.
+Observers consume each batch's boundary states as it goes, so memory is what they keep, never
+the whole calibration set.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .archs import ArchSpec, blocks
+
+SINK_TOKENS = 1
+
+
+class BoundaryObserver(Protocol):
+    def observe(self, states: Sequence[torch.Tensor]) -> None:
+        """states[b]: (tokens, hidden) float32 tensor at boundary b for one batch."""
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture_boundaries(
+    model: nn.Module,
+    spec: ArchSpec,
+    batches: Iterable[torch.Tensor],
+    observers: Sequence[BoundaryObserver],
+    on_batch: Callable[[], None] | None = None,
+) -> int:
+    """Run `batches` (each (batch, seq) token ids) through the model; return tokens observed."""
+    layers = blocks(model, spec)
+    states: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+
+    def record_input(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        states[0] = hidden
+
+    def make_output_hook(index: int):
+        def hook(_module, _args, output):
+            states[index + 1] = _hidden(output)
+
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(record_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(make_output_hook(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    seen = 0
+    try:
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+            flat = [s[:, SINK_TOKENS:, :].reshape(-1, s.shape[-1]).float() for s in states]
+            for observer in observers:
+                observer.observe(flat)
+            seen += flat[0].shape[0]
+            if on_batch is not None:
+                on_batch()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+class TokenSample:
+    """A fixed-size uniform sample of tokens (same tokens at every boundary), seeded.
+
+    Reservoir sampling keeps memory at `max_tokens` x boundaries x hidden, whatever the
+    calibration size: population estimators (Gaussian log-det, Renyi) need raw samples.
+    """
+
+    def __init__(self, max_tokens: int, seed: int = 0):
+        self.max_tokens = max_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.samples: list[torch.Tensor] | None = None
+        self.seen = 0
+
+    def observe(self, states: Sequence[torch.Tensor]) -> None:
+        states = [s.detach().cpu() for s in states]
+        count = states[0].shape[0]
+        if self.samples is None:
+            self.samples = [torch.empty(0, s.shape[1]) for s in states]
+        room = self.max_tokens - self.samples[0].shape[0]
+        take = min(room, count)
+        if take > 0:
+            self.samples = [torch.cat([kept, s[:take]]) for kept, s in zip(self.samples, states)]
+        # Algorithm R for the rest: overall token p replaces a random slot with probability k/(p+1).
+        rest = count - take
+        if rest > 0:
+            positions = torch.arange(self.seen + take, self.seen + count, dtype=torch.float64)
+            slots = (torch.rand(rest, generator=self.generator, dtype=torch.float64) * (positions + 1)).long()
+            for t in torch.nonzero(slots < self.max_tokens).flatten().tolist():
+                for kept, s in zip(self.samples, states):
+                    kept[slots[t]] = s[take + t]
+        self.seen += count
+
+    def arrays(self) -> list:
+        if self.samples is None:
+            raise ValueError("no tokens were observed")
+        return [s.numpy() for s in self.samples]

@@ -1,0 +1,167 @@
+"""The `mi-prun-edge` command line: parse, call the core, print. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .calibration import CalibrationSpec
+from .errors import UserError
+from .progress import Reporter
+from .scoring import Estimator, StateView
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune transformer blocks with MI-PRUN and ship to edge runtimes.")
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")
+CalibOpt = typer.Option("self", "--calib", help="Calibration text: .txt/.jsonl/.parquet file, a dataset (wikitext2, PATH[@CONFIG][:SPLIT]), or 'self'.")
+NSamplesOpt = typer.Option(16, "--n-samples", help="Calibration sequences.")
+SeqLenOpt = typer.Option(256, "--seq-len", help="Tokens per calibration sequence.")
+EstimatorOpt = typer.Option(Estimator.token, "--estimator", help="MI estimator.")
+ViewOpt = typer.Option(StateView.raw, "--view", help="State view given to the estimators.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for calibration sampling, token subsampling and random selection.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def _user_errors(fn):
+    """Bad input: one clear line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k):
+    from .prune import Method, PruneOptions
+
+    return PruneOptions(
+        method=Method(method),
+        estimator=estimator,
+        view=view,
+        remove=remove,
+        ratio=ratio,
+        calibration=CalibrationSpec(calib, n_samples, seq_len, seed),
+        top_k=top_k,
+        seed=seed,
+    )
+
+
+def _load(model, device, dtype, reporter):
+    from .load import load_model
+
+    if os.environ.get("CI"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    reporter.say(f"loading {model or 'the default model (SmolLM2-135M-Instruct Q4_1)'}")
+    return load_model(model, device=device, dtype=dtype)
+
+
+METHOD_HELP = "mi-prun, mi-prun-exact, shortgpt, angular, sleb, ppl, random."
+
+
+@app.command()
+@_user_errors
+def prune(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the pruned Hugging Face checkpoint."),
+    model: Optional[str] = ModelOpt,
+    remove: Optional[int] = typer.Option(None, "--remove", "-n", help="Number of blocks to remove."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of blocks to remove (instead of --remove)."),
+    method: str = typer.Option("mi-prun", "--method", help=METHOD_HELP),
+    estimator: Estimator = EstimatorOpt,
+    view: StateView = ViewOpt,
+    calib: str = CalibOpt,
+    n_samples: int = NSamplesOpt,
+    seq_len: int = SeqLenOpt,
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Fast-Block-Select candidate runs (default 3N)."),
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    quiet: bool = QuietOpt,
+):
+    """Score blocks, choose the ones to remove, and write a pruned checkpoint + pruning.json."""
+    from .atomic import check_target
+    from .prune import Method, prune as run_prune, save_pruned
+
+    if method not in {m.value for m in Method}:
+        raise UserError(f"unknown --method '{method}'; choose one of {METHOD_HELP}")
+    if remove is None and ratio is None:
+        raise UserError("say how many blocks to remove: --remove N or --ratio R")
+    check_target(out, force)  # before minutes of work, not after
+    reporter = Reporter(quiet)
+    options = _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k)
+    loaded = _load(model, device, dtype, reporter)
+    result = run_prune(loaded, options, reporter)
+    manifest = save_pruned(loaded, options, result, out, force)
+    _print_block_table(manifest.block_scores, manifest.removed)
+    console.print(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
+    console.print(f"timings (s): {json.dumps(manifest.timings_s)}")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+@_user_errors
+def score(
+    model: Optional[str] = ModelOpt,
+    remove: int = typer.Option(4, "--remove", "-n", help="Blocks to remove when marking the chosen runs."),
+    estimator: Estimator = EstimatorOpt,
+    view: StateView = ViewOpt,
+    calib: str = CalibOpt,
+    n_samples: int = NSamplesOpt,
+    seq_len: int = SeqLenOpt,
+    seed: int = SeedOpt,
+    heatmap: Path = typer.Option(Path("run_mi.png"), "--heatmap", help="PNG heatmap of run MI (start x end)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write block and run scores as JSON."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    quiet: bool = QuietOpt,
+):
+    """Print the per-block MI table and draw the run-MI heatmap with the MI-PRUN choice marked."""
+    from .calibration import calibration_batches
+    from .plots import run_heatmap
+    from .prune import Method, blocks_to_remove, run_scores, score_model, select_blocks
+
+    reporter = Reporter(quiet)
+    options = _options("mi-prun", estimator, view, remove, None, calib, n_samples, seq_len, seed, None)
+    loaded = _load(model, device, dtype, reporter)
+    calib_ids = calibration_batches(loaded.model, loaded.tokenizer, options.calibration)
+    scores = score_model(loaded, calib_ids, options, reporter)
+    n_remove = blocks_to_remove(scores.n_blocks, remove, None)
+    removed, _ = select_blocks(loaded, scores, calib_ids, options, n_remove)
+    table = scores.block_table()
+    _print_block_table(table, removed)
+    run_heatmap(scores.run_matrix(), removed, heatmap, title=f"{loaded.source.describe()} ({estimator.value} MI, nats)")
+    console.print(f"MI-PRUN would remove {removed}; heatmap: {heatmap}")
+    if json_out is not None:
+        payload = {"block_scores": table, "removed": removed, "runs": [r.model_dump() for r in run_scores(scores)]}
+        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _print_block_table(table: dict[str, list[float]], removed: list[int]) -> None:
+    out = Table(title="per-block scores (boundary i -> i+1)")
+    out.add_column("block", justify="right")
+    for key in table:
+        out.add_column(key, justify="right")
+    out.add_column("removed")
+    for i in range(len(next(iter(table.values())))):
+        out.add_row(str(i), *(f"{table[k][i]:.4f}" for k in table), "x" if i in removed else "")
+    console.print(out)
+
+
+if __name__ == "__main__":
+    app()

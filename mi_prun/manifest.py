@@ -1,0 +1,83 @@
+"""The `pruning.json` manifest: every decision of a pruning run, validated by pydantic."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from . import __version__
+
+MANIFEST_NAME = "pruning.json"
+TRACKED_PACKAGES = ("torch", "transformers", "numpy", "scipy", "gguf", "safetensors", "tokenizers")
+
+
+class CalibrationInfo(BaseModel):
+    source: str
+    n_samples: int
+    seq_len: int
+    tokens_observed: int
+    max_tokens_sampled: int | None = None
+    seed: int
+
+
+class RunScore(BaseModel):
+    start: int  # first removed block of the run
+    end: int  # last removed block, inclusive
+    mi: float  # I(h_{start-1}; h_end), nats, on boundaries start .. end+1
+    cost: float  # lost fraction exp(-2 I / dims)
+    dpi_bound: float  # lower bound on cost from the single-block costs
+
+
+class SelectionInfo(BaseModel):
+    objective_cost: float | None = None
+    measured_runs: int = 0
+    iterations: int = 0
+    forward_passes: int = 0
+    history: list[list[int]] = Field(default_factory=list)
+    exact_cost: float | None = None  # the exact optimum of the same objective, when computed
+
+
+class PruningManifest(BaseModel):
+    tool: str = "mi-prun-edge"
+    tool_version: str = __version__
+    source_model: str
+    architecture: str
+    blocks_before: int
+    blocks_after: int
+    method: str
+    estimator: str
+    view: str
+    seed: int
+    removed: list[int]
+    kept: list[int]
+    block_scores: dict[str, list[float]]
+    run_scores: list[RunScore]
+    selection: SelectionInfo
+    calibration: CalibrationInfo
+    device: str
+    dtype: str
+    timings_s: dict[str, float]
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> "PruningManifest":
+        return cls.model_validate(json.loads((Path(folder) / MANIFEST_NAME).read_text()))
+
+
+def package_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found

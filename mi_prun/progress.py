@@ -1,0 +1,34 @@
+"""Progress bars for long stages (rich), silent under --quiet."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+Advance = Callable[[], None]
+
+
+class Reporter:
+    def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
+        self.quiet = quiet
+        self.console = console or Console(stderr=True)
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        if self.quiet:
+            yield lambda: None
+            return
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task_id = progress.add_task(description, total=total)
+            yield lambda: progress.advance(task_id)
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message)
+
+
+QUIET = Reporter(quiet=True)

@@ -1,0 +1,254 @@
+"""The pruning core: calibrate -> capture -> estimate -> select, then repack. The CLI only calls this."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import select
+from .archs import block_count
+from .atomic import atomic_dir, check_target
+from .blockset import apply_keep, blocks_kept, keep_indices
+from .calibration import CalibrationSpec, calibration_batches
+from .capture import capture_boundaries
+from .errors import UserError
+from .evaluate import perplexity
+from .load import LoadedModel
+from .manifest import CalibrationInfo, PruningManifest, RunScore, SelectionInfo, package_versions
+from .progress import QUIET, Reporter
+from .scoring import BoundaryMI, CapturePlan, Estimator, StateView
+
+
+class Method(str, Enum):
+    mi_prun = "mi-prun"
+    mi_prun_exact = "mi-prun-exact"
+    shortgpt = "shortgpt"
+    angular = "angular"
+    sleb = "sleb"
+    ppl = "ppl"
+    random = "random"
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    method: Method = Method.mi_prun
+    estimator: Estimator = Estimator.token
+    view: StateView = StateView.raw
+    remove: int | None = None
+    ratio: float | None = None
+    calibration: CalibrationSpec = CalibrationSpec()
+    max_tokens: int = 2048  # token sample kept for the population estimators
+    top_k: int | None = None  # Fast-Block-Select candidate runs (default 3N)
+    batch_size: int = 4
+    seed: int = 0
+
+
+def blocks_to_remove(n_blocks: int, remove: int | None, ratio: float | None) -> int:
+    if (remove is None) == (ratio is None):
+        raise UserError("give exactly one of --remove N or --ratio R")
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise UserError(f"--ratio must lie strictly between 0 and 1, got {ratio}")
+        remove = round(ratio * n_blocks)
+    if remove < 1:
+        raise UserError(f"must remove at least one block (asked for {remove} of {n_blocks})")
+    if remove >= n_blocks:
+        raise UserError(f"cannot remove {remove} of {n_blocks} blocks: at least one must stay")
+    return remove
+
+
+@dataclass
+class Scores:
+    """Everything measured on the captured states."""
+
+    n_blocks: int
+    boundary_mi: BoundaryMI
+    cosine: np.ndarray  # (B, B) token-mean cosine between boundaries
+    angular: np.ndarray  # (B, B) token-mean angular distance
+    tokens: int
+
+    def block_table(self) -> dict[str, list[float]]:
+        n = self.n_blocks
+        return {
+            "mi": self.boundary_mi.block_scores(n),
+            "cost": [self.boundary_mi.run_cost(i, i) for i in range(n)],
+            "shortgpt_bi": [float(1.0 - self.cosine[i, i + 1]) for i in range(n)],
+            "angular": [float(self.angular[i, i + 1]) for i in range(n)],
+        }
+
+    def run_matrix(self) -> np.ndarray:
+        """MI of every run as a (start, end) matrix, NaN below the diagonal."""
+        n = self.n_blocks
+        out = np.full((n, n), np.nan)
+        for a in range(n):
+            for b in range(a, n):
+                out[a, b] = self.boundary_mi(a, b + 1)
+        return out
+
+
+@dataclass
+class PruneResult:
+    removed: list[int]
+    kept: list[int]
+    scores: Scores
+    selection: SelectionInfo
+    calibration_ids: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def score_model(loaded: LoadedModel, calib_ids: torch.Tensor, options: PruneOptions, reporter: Reporter = QUIET) -> Scores:
+    plan = CapturePlan(options.estimator, options.view, options.max_tokens, options.seed)
+    batches = list(calib_ids.split(options.batch_size))
+    with reporter.task("capturing block boundaries", len(batches)) as advance:
+        tokens = capture_boundaries(loaded.model, loaded.spec, batches, plan.observers, on_batch=advance)
+    return Scores(
+        n_blocks=block_count(loaded.model, loaded.spec),
+        boundary_mi=plan.boundary_mi(),
+        cosine=plan.stats.mean("cosine"),
+        angular=plan.stats.mean("angular"),
+        tokens=tokens,
+    )
+
+
+class CalibrationEvaluator:
+    """Calibration perplexity of the model with some blocks removed; counts its forward passes."""
+
+    def __init__(self, loaded: LoadedModel, calib_ids: torch.Tensor, batch_size: int, advance=None) -> None:
+        self.loaded, self.calib_ids, self.batch_size = loaded, calib_ids, batch_size
+        self.passes = 0
+        self.advance = advance
+
+    def __call__(self, removed: Sequence[int]) -> float:
+        n = block_count(self.loaded.model, self.loaded.spec)
+        with blocks_kept(self.loaded.model, self.loaded.spec, keep_indices(n, removed)):
+            result = perplexity(self.loaded.model, self.calib_ids, self.batch_size)
+        self.passes += 1
+        if self.advance is not None:
+            self.advance()
+        # A collapsed model can reach inf; keep it comparable and never pick it.
+        return result.nll
+
+
+def select_blocks(
+    loaded: LoadedModel,
+    scores: Scores,
+    calib_ids: torch.Tensor,
+    options: PruneOptions,
+    n_remove: int,
+    reporter: Reporter = QUIET,
+) -> tuple[list[int], SelectionInfo]:
+    n = scores.n_blocks
+    cost = scores.boundary_mi.run_cost
+    info = SelectionInfo(forward_passes=1)  # the capture pass
+    method = options.method
+    if method is Method.mi_prun:
+        measured_before = scores.boundary_mi.measured
+        block_cost = [cost(i, i) for i in range(n)]
+        removed, trace = select.fast_block_select(n, n_remove, block_cost, cost, options.top_k)
+        info.measured_runs = scores.boundary_mi.measured - measured_before
+        info.iterations, info.history = trace.iterations, trace.history
+    elif method is Method.mi_prun_exact:
+        removed = select.exact_select(n, n_remove, cost)
+        info.measured_runs = scores.boundary_mi.measured
+    elif method is Method.shortgpt:
+        removed = select.lowest_scores([1.0 - scores.cosine[i, i + 1] for i in range(n)], n_remove)
+    elif method is Method.angular:
+        removed = select.best_contiguous_run(n, n_remove, lambda a, b: float(scores.angular[a, b + 1]))
+    elif method is Method.random:
+        removed = select.random_select(n, n_remove, options.seed)
+    else:
+        total = n if method is Method.ppl else sum(n - k for k in range(n_remove))
+        with reporter.task(f"{method.value}: evaluating candidate removals", total) as advance:
+            evaluator = CalibrationEvaluator(loaded, calib_ids, options.batch_size, advance)
+            if method is Method.sleb:
+                removed = select.greedy_eval_select(n, n_remove, evaluator)
+            else:
+                removed, _ = select.one_shot_eval_select(n, n_remove, evaluator)
+        info.forward_passes += evaluator.passes
+    if method in (Method.mi_prun, Method.mi_prun_exact):
+        info.objective_cost = select.selection_cost(removed, cost)
+        if method is Method.mi_prun:
+            info.exact_cost = select.selection_cost(select.exact_select(n, n_remove, cost), cost)
+    return removed, info
+
+
+def prune(loaded: LoadedModel, options: PruneOptions, reporter: Reporter = QUIET) -> PruneResult:
+    timings: dict[str, float] = {}
+    n = block_count(loaded.model, loaded.spec)
+    n_remove = blocks_to_remove(n, options.remove, options.ratio)
+
+    start = time.perf_counter()
+    reporter.say(f"calibration: {options.calibration.source} ({options.calibration.n_samples} x {options.calibration.seq_len} tokens)")
+    calib_ids = calibration_batches(loaded.model, loaded.tokenizer, options.calibration)
+    timings["calibrate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scores = score_model(loaded, calib_ids, options, reporter)
+    timings["capture"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    removed, info = select_blocks(loaded, scores, calib_ids, options, n_remove, reporter)
+    timings["select"] = time.perf_counter() - start
+    return PruneResult(removed, keep_indices(n, removed), scores, info, calib_ids, timings)
+
+
+def run_scores(scores: Scores) -> list[RunScore]:
+    """Every run's MI, cost and DPI bound (runs up to the whole depth)."""
+    bi = scores.boundary_mi
+    block_cost = [bi.run_cost(i, i) for i in range(scores.n_blocks)]
+    return [
+        RunScore(start=a, end=b, mi=bi(a, b + 1), cost=bi.run_cost(a, b), dpi_bound=select.dpi_bound(block_cost, a, b))
+        for a in range(scores.n_blocks)
+        for b in range(a, scores.n_blocks)
+    ]
+
+
+def build_manifest(loaded: LoadedModel, options: PruneOptions, result: PruneResult) -> PruningManifest:
+    cal = options.calibration
+    return PruningManifest(
+        source_model=loaded.source.describe(),
+        architecture=loaded.spec.model_type,
+        blocks_before=result.scores.n_blocks,
+        blocks_after=len(result.kept),
+        method=options.method.value,
+        estimator=options.estimator.value,
+        view=options.view.value,
+        seed=options.seed,
+        removed=result.removed,
+        kept=result.kept,
+        block_scores=result.scores.block_table(),
+        run_scores=run_scores(result.scores),
+        selection=result.selection,
+        calibration=CalibrationInfo(
+            source=cal.source,
+            n_samples=cal.n_samples,
+            seq_len=cal.seq_len,
+            tokens_observed=result.scores.tokens,
+            max_tokens_sampled=None if options.estimator is Estimator.token else options.max_tokens,
+            seed=cal.seed,
+        ),
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        timings_s={k: round(v, 3) for k, v in result.timings.items()},
+        versions=package_versions(),
+    )
+
+
+def save_pruned(loaded: LoadedModel, options: PruneOptions, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
+    """Physically drop the removed blocks and write a plain transformers checkpoint + pruning.json."""
+    check_target(out, force)
+    start = time.perf_counter()
+    apply_keep(loaded.model, loaded.spec, result.kept)
+    with atomic_dir(out, force) as tmp:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        result.timings["repack"] = time.perf_counter() - start
+        manifest = build_manifest(loaded, options, result)
+        manifest.write(tmp)
+    return manifest

@@ -1,0 +1,90 @@
+"""Fixtures: tiny randomly initialized models of every supported architecture, built locally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
+WIKI_VALID = SHARED_DATA / "wiki.valid.tokens"
+WIKI_TEST = SHARED_DATA / "wiki.test.raw"
+
+TINY_BLOCKS = 8
+_COMMON = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=TINY_BLOCKS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+TINY_CONFIGS = {
+    "llama": dict(_COMMON),
+    "mistral": dict(_COMMON, sliding_window=32),
+    "qwen2": dict(_COMMON),
+    "qwen3": dict(_COMMON),
+    # Alternating sliding/full attention exercises per-layer config slicing.
+    "gemma3_text": dict(
+        _COMMON,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * (TINY_BLOCKS // 2),
+        query_pre_attn_scalar=16,
+    ),
+}
+
+
+def calibration_text(chars: int = 200_000) -> str:
+    return WIKI_VALID.read_text(encoding="utf-8")[:chars]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
+    """A 384-token BPE trained on WikiText validation text, so tiny models stay tiny."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([calibration_text(100_000)], trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def build_tiny_model(model_type: str, folder: Path, tokenizer, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIGS[model_type],
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init makes every block nearly the identity; larger weights give blocks distinct roles.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {mt: build_tiny_model(mt, root / mt, tiny_tokenizer) for mt in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def calib_txt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(calibration_text(60_000), encoding="utf-8")
+    return path

@@ -1,0 +1,68 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mi_prun.calibration import CalibrationSpec, calibration_batches, read_text_source, windows_from_ids
+from mi_prun.errors import UserError
+
+
+def test_file_formats_read_the_same_text(tmp_path):
+    texts = ["first document", "second one", "third"]
+    (tmp_path / "a.txt").write_text("\n\n".join(texts))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet")
+    expected = "\n\n".join(texts)
+    for name in ("a.txt", "a.jsonl", "a.parquet"):
+        assert read_text_source(str(tmp_path / name)) == expected
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.txt", None, "does not exist"),
+        ("bad.jsonl", "{not json", "not valid JSON"),
+        ("nofield.jsonl", '{"body": "x"}', "field 'text'"),
+        ("latin.txt", b"\xff\xfe\xfa", "not UTF-8"),
+        ("broken.parquet", b"PAR1garbage", "cannot read"),
+    ],
+)
+def test_unreadable_sources_give_clear_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_text_source(str(path))
+
+
+def test_unreachable_dataset_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load dataset"):
+        read_text_source("no-such-owner/no-such-dataset")
+
+
+def test_windows_are_spread_and_checked():
+    ids = torch.arange(1000)
+    w = windows_from_ids(ids, 4, 100)
+    assert w.shape == (4, 100) and w[0, 0] == 0 and w[-1, 0] == 900
+    with pytest.raises(UserError, match="fewer than one window"):
+        windows_from_ids(torch.arange(10), 1, 100)
+    with pytest.raises(UserError, match="--n-samples"):
+        windows_from_ids(ids, 11, 100)
+
+
+def test_empty_and_short_text(tiny_models, tmp_path):
+    from mi_prun.load import load_model
+
+    loaded = load_model(str(tiny_models["llama"]))
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(UserError, match="empty"):
+        calibration_batches(loaded.model, loaded.tokenizer, CalibrationSpec(str(tmp_path / "empty.txt"), 2, 32))
+    (tmp_path / "short.txt").write_text("only a few words here")
+    with pytest.raises(UserError, match="fewer than one window"):
+        calibration_batches(loaded.model, loaded.tokenizer, CalibrationSpec(str(tmp_path / "short.txt"), 2, 32))

@@ -1,0 +1,93 @@
+"""The CLI as a user drives it: good paths write complete outputs, bad input one clear line and no output."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mi_prun.cli import app
+from mi_prun.manifest import PruningManifest
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_prune_writes_checkpoint_and_manifest(tiny_models, calib_txt, tmp_path):
+    out = tmp_path / "pruned"
+    result = invoke("prune", "--model", tiny_models["gemma3_text"], "--calib", calib_txt, "--n-samples", 4,
+                    "--seq-len", 64, "--ratio", 0.25, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    assert len(manifest.removed) == 2 and manifest.blocks_after == 6
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "pruning.json"}
+    assert not list(tmp_path.glob(".pruned.partial-*"))
+    # the table names the removed blocks
+    assert "removed blocks" in result.output
+
+
+def test_score_prints_table_and_writes_heatmap(tiny_models, calib_txt, tmp_path):
+    png, js = tmp_path / "h.png", tmp_path / "s.json"
+    result = invoke("score", "--model", tiny_models["qwen2"], "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64,
+                    "--remove", 2, "--heatmap", png, "--json", js, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads(js.read_text())
+    assert len(payload["block_scores"]["mi"]) == 8 and len(payload["removed"]) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--remove", "0"], "at least one block"),
+        (["--remove", "8"], "at least one must stay"),
+        (["--ratio", "1.0"], "--ratio must lie"),
+        (["--remove", "2", "--ratio", "0.2"], "exactly one"),
+        ([], "--remove N or --ratio R"),
+        (["--remove", "2", "--method", "magic"], "unknown --method"),
+        (["--remove", "2", "--calib", "/nonexistent/file.txt"], "does not exist"),
+        (["--remove", "2", "--n-samples", "0"], "--n-samples"),
+    ],
+)
+def test_bad_input_is_one_line_and_no_output(extra, message, tiny_models, calib_txt, tmp_path):
+    out = tmp_path / "never"
+    args = ["prune", "--model", tiny_models["llama"], "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet"]
+    result = invoke(*(args + extra))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_existing_output_needs_force(tiny_models, calib_txt, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["prune", "--model", tiny_models["llama"], "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64,
+            "--remove", 2, "--out", out, "--quiet"]
+    result = invoke(*args)
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = invoke(*(args + ["--force"]))
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "pruning.json").exists()
+
+
+def test_unknown_architecture_and_bad_model_paths(tmp_path):
+    folder = tmp_path / "gpt2ish"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    result = invoke("prune", "--model", folder, "--remove", 1, "--out", tmp_path / "o", "--quiet")
+    assert result.exit_code == 2
+    assert "not supported" in result.output and "llama" in result.output and "gemma3_text" in result.output
+
+    for bad, message in [(tmp_path / "none.gguf", "does not exist"), (tmp_path, "without config.json")]:
+        result = invoke("prune", "--model", bad, "--remove", 1, "--out", tmp_path / "o", "--quiet")
+        assert result.exit_code == 2 and message in result.output
+
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\x00" * 20)
+    result = invoke("prune", "--model", corrupt, "--remove", 1, "--out", tmp_path / "o", "--quiet")
+    assert result.exit_code == 2 and "GGUF" in result.output and "Traceback" not in result.output

@@ -1,0 +1,67 @@
+"""The real default model (SmolLM2-135M-Instruct, 30 blocks): prune 4 blocks with mi-prun, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mi_prun.calibration import CalibrationSpec, tokenize_text
+from mi_prun.evaluate import eval_windows, perplexity
+from mi_prun.load import load_model
+from mi_prun.manifest import PruningManifest
+from mi_prun.prune import PruneOptions, prune, save_pruned
+
+from .conftest import WIKI_TEST, WIKI_VALID
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pruned_default(tmp_path_factory):
+    loaded = load_model()  # no --model: the embedded default GGUF, dequantized
+    assert loaded.spec.model_type == "llama" and loaded.model.config.num_hidden_layers == 30
+    windows = eval_windows(tokenize_text(loaded.tokenizer, WIKI_TEST.read_text(encoding="utf-8")), 512, 4)
+    dense = perplexity(loaded.model, windows)
+    opts = PruneOptions(remove=4, calibration=CalibrationSpec(str(WIKI_VALID), n_samples=8, seq_len=256))
+    result = prune(loaded, opts)
+    out = tmp_path_factory.mktemp("real") / "smollm2-pruned"
+    manifest = save_pruned(loaded, opts, result, out)
+    in_memory = perplexity(loaded.model, windows)
+    return out, manifest, windows, dense, in_memory, loaded
+
+
+def test_default_model_prunes_reloads_and_generates(pruned_default, record_property):
+    out, manifest, windows, dense, in_memory, loaded = pruned_default
+    assert len(manifest.removed) == 4 and manifest.blocks_after == 26
+    assert PruningManifest.read(out).removed == manifest.removed
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 26
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=windows[:1, :128]).logits, loaded.model(input_ids=windows[:1, :128]).logits, rtol=0, atol=0)
+
+    reloaded = perplexity(model, windows)
+    assert math.isfinite(reloaded.ppl) and reloaded.ppl == pytest.approx(in_memory.ppl, rel=1e-6)
+    # pruning costs quality, but a sane selection keeps the model usable
+    assert dense.ppl < reloaded.ppl < 10 * dense.ppl
+
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 12 and text.strip()
+
+    record = {
+        "removed": manifest.removed,
+        "eval_tokens": reloaded.tokens,
+        "dense_ppl": round(dense.ppl, 3),
+        "pruned_ppl": round(reloaded.ppl, 3),
+        "timings_s": manifest.timings_s,
+        "generation": text,
+    }
+    record_property("real_model", json.dumps(record))
+    print("\nreal-model record:", json.dumps(record))
