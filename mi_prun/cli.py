@@ -47,7 +47,7 @@ def _user_errors(fn):
     return wrapper
 
 
-def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k):
+def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k, verify=True):
     from .prune import Method, PruneOptions
 
     return PruneOptions(
@@ -58,6 +58,7 @@ def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, 
         ratio=ratio,
         calibration=CalibrationSpec(calib, n_samples, seq_len, seed),
         top_k=top_k,
+        verify=verify,
         seed=seed,
     )
 
@@ -88,6 +89,7 @@ def prune(
     n_samples: int = NSamplesOpt,
     seq_len: int = SeqLenOpt,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Fast-Block-Select candidate runs (default 3N)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Score differing MI-PRUN proposals by calibration perplexity (one pass each)."),
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -102,9 +104,16 @@ def prune(
         raise UserError(f"unknown --method '{method}'; choose one of {METHOD_HELP}")
     if remove is None and ratio is None:
         raise UserError("say how many blocks to remove: --remove N or --ratio R")
-    check_target(out, force)  # before minutes of work, not after
+    from .load import inspect_model, resolve_source
+    from .prune import blocks_to_remove
+
+    # Everything that can be checked without the weights is checked before minutes of work.
+    check_target(out, force)
+    options = _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k, verify)
+    options.calibration.validate()
+    spec, config = inspect_model(resolve_source(model))
+    blocks_to_remove(getattr(config, spec.layer_count_key), remove, ratio)
     reporter = Reporter(quiet)
-    options = _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k)
     loaded = _load(model, device, dtype, reporter)
     result = run_prune(loaded, options, reporter)
     manifest = save_pruned(loaded, options, result, out, force)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .archs import ArchSpec, UnsupportedArchitectureError, spec_for
 from .errors import UserError
@@ -98,15 +98,15 @@ def _pretrained_kwargs(source: ModelSource) -> dict:
     return {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
 
 
-def _check_architecture(source: ModelSource) -> ArchSpec:
+def inspect_model(source: ModelSource) -> tuple[ArchSpec, PretrainedConfig]:
+    """Read only the config (seconds, no weights): architecture check and block count up front."""
     try:
         config = AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source))
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        if source.kind == "gguf":
-            raise UserError(f"cannot read GGUF {source.describe()}: {_first_line(err)}") from err
-        raise UserError(f"cannot read the model config of {source.describe()}: {_first_line(err)}") from err
+    except Exception as err:  # corrupt files raise struct/KeyError/ValueError/...: all one message
+        what = f"GGUF {source.describe()}" if source.kind == "gguf" else f"the model config of {source.describe()}"
+        raise UserError(f"cannot read {what}: {_first_line(err)}") from err
     try:
-        return spec_for(config.model_type)
+        return spec_for(config.model_type), config
     except UnsupportedArchitectureError as err:
         raise UserError(str(err)) from err
 
@@ -118,7 +118,7 @@ def _first_line(err: BaseException) -> str:
 
 def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     source = resolve_source(model)
-    spec = _check_architecture(source)
+    spec, _ = inspect_model(source)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     kwargs = _pretrained_kwargs(source)

@@ -32,13 +32,24 @@ class RunScore(BaseModel):
     dpi_bound: float  # lower bound on cost from the single-block costs
 
 
+class Candidate(BaseModel):
+    """One MI-PRUN proposal: the selection optimal for one form of the run objective."""
+
+    objective: str
+    removed: list[int]
+    objective_cost: float
+    exact_cost: float | None = None  # exact optimum of the same objective (when cheap to measure)
+    calibration_nll: float | None = None  # set when candidates were verified
+
+
 class SelectionInfo(BaseModel):
     objective_cost: float | None = None
     measured_runs: int = 0
     iterations: int = 0
     forward_passes: int = 0
     history: list[list[int]] = Field(default_factory=list)
-    exact_cost: float | None = None  # the exact optimum of the same objective, when computed
+    exact_cost: float | None = None  # the exact optimum of the chosen candidate's objective
+    candidates: list[Candidate] = Field(default_factory=list)
 
 
 class PruningManifest(BaseModel):

@@ -20,7 +20,7 @@ from .capture import capture_boundaries
 from .errors import UserError
 from .evaluate import perplexity
 from .load import LoadedModel
-from .manifest import CalibrationInfo, PruningManifest, RunScore, SelectionInfo, package_versions
+from .manifest import Candidate, CalibrationInfo, PruningManifest, RunScore, SelectionInfo, package_versions
 from .progress import QUIET, Reporter
 from .scoring import BoundaryMI, CapturePlan, Estimator, StateView
 
@@ -45,6 +45,7 @@ class PruneOptions:
     calibration: CalibrationSpec = CalibrationSpec()
     max_tokens: int = 2048  # token sample kept for the population estimators
     top_k: int | None = None  # Fast-Block-Select candidate runs (default 3N)
+    verify: bool = True  # score differing MI-PRUN proposals by calibration NLL
     batch_size: int = 4
     seed: int = 0
 
@@ -147,15 +148,8 @@ def select_blocks(
     cost = scores.boundary_mi.run_cost
     info = SelectionInfo(forward_passes=1)  # the capture pass
     method = options.method
-    if method is Method.mi_prun:
-        measured_before = scores.boundary_mi.measured
-        block_cost = [cost(i, i) for i in range(n)]
-        removed, trace = select.fast_block_select(n, n_remove, block_cost, cost, options.top_k)
-        info.measured_runs = scores.boundary_mi.measured - measured_before
-        info.iterations, info.history = trace.iterations, trace.history
-    elif method is Method.mi_prun_exact:
-        removed = select.exact_select(n, n_remove, cost)
-        info.measured_runs = scores.boundary_mi.measured
+    if method in (Method.mi_prun, Method.mi_prun_exact):
+        removed = _mi_prun_select(loaded, scores, calib_ids, options, n_remove, info, reporter)
     elif method is Method.shortgpt:
         removed = select.lowest_scores([1.0 - scores.cosine[i, i + 1] for i in range(n)], n_remove)
     elif method is Method.angular:
@@ -171,11 +165,78 @@ def select_blocks(
             else:
                 removed, _ = select.one_shot_eval_select(n, n_remove, evaluator)
         info.forward_passes += evaluator.passes
-    if method in (Method.mi_prun, Method.mi_prun_exact):
-        info.objective_cost = select.selection_cost(removed, cost)
-        if method is Method.mi_prun:
-            info.exact_cost = select.selection_cost(select.exact_select(n, n_remove, cost), cost)
     return removed, info
+
+
+class Objective(str, Enum):
+    """Forms of the MI-PRUN objective whose optima are proposed; all built from the same run MI.
+
+    channel: a run costs its measured lost fraction exp(-2 I(h_{i-1}; h_j)) (favours one long run);
+    per_block: a run costs the sum of its blocks' lost fractions (no interaction, one-shot);
+    length: the run's lost fraction times its length (between the two).
+    """
+
+    channel = "channel"
+    per_block = "per-block"
+    length = "length-penalized"
+
+
+def objective_cost(objective: Objective, bmi: BoundaryMI, n_blocks: int) -> select.RunCost:
+    if objective is Objective.per_block:
+        return select.additive_over_blocks([bmi.run_cost(i, i) for i in range(n_blocks)])
+    return select.length_penalized(bmi.run_cost, 1.0 if objective is Objective.length else 0.0)
+
+
+def _mi_prun_select(loaded, scores: Scores, calib_ids, options: PruneOptions, n_remove: int, info: SelectionInfo, reporter) -> list[int]:
+    """Propose the optimum of each form of the MI objective; verify on calibration text.
+
+    Fast-Block-Select (or the exact DP for mi-prun-exact) solves each objective. When the
+    proposals differ and `verify` is on, each is scored by calibration NLL (one forward pass over
+    the calibration set per distinct proposal) and the best is kept.
+    """
+    n = scores.n_blocks
+    bmi = scores.boundary_mi
+    exact_method = options.method is Method.mi_prun_exact
+    # The exact optimum needs every run measured: free for the streamed token estimator,
+    # expensive for population estimators, so only then is Fast-Block-Select's gap recorded.
+    gap_is_cheap = bmi.table is not None
+    for objective in Objective:
+        cost = objective_cost(objective, bmi, n)
+        if exact_method:
+            removed = select.exact_select(n, n_remove, cost)
+        else:
+            measured_before = bmi.measured
+            removed, trace = select.fast_block_select(n, n_remove, [cost(i, i) for i in range(n)], cost, options.top_k)
+            info.measured_runs += bmi.measured - measured_before
+            info.iterations += trace.iterations
+            info.history += trace.history
+        exact = removed if exact_method else (select.exact_select(n, n_remove, cost) if gap_is_cheap else None)
+        info.candidates.append(
+            Candidate(
+                objective=objective.value,
+                removed=removed,
+                objective_cost=select.selection_cost(removed, cost),
+                exact_cost=None if exact is None else select.selection_cost(exact, cost),
+            )
+        )
+    if exact_method:
+        info.measured_runs = bmi.measured
+    distinct = {tuple(c.removed) for c in info.candidates}
+    chosen = info.candidates[0]
+    if options.verify and len(distinct) > 1:
+        evaluator = CalibrationEvaluator(loaded, calib_ids, options.batch_size)
+        nll: dict[tuple[int, ...], float] = {}
+        with reporter.task("verifying MI-PRUN proposals on calibration text", len(distinct)) as advance:
+            for candidate in info.candidates:
+                key = tuple(candidate.removed)
+                if key not in nll:
+                    nll[key] = evaluator(candidate.removed)
+                    advance()
+                candidate.calibration_nll = nll[key]
+        info.forward_passes += evaluator.passes
+        chosen = min(info.candidates, key=lambda c: c.calibration_nll)
+    info.objective_cost, info.exact_cost = chosen.objective_cost, chosen.exact_cost
+    return chosen.removed
 
 
 def prune(loaded: LoadedModel, options: PruneOptions, reporter: Reporter = QUIET) -> PruneResult:

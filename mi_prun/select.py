@@ -85,6 +85,20 @@ def exact_select(n_blocks: int, n_remove: int, run_cost: RunCost) -> list[int]:
     return sorted(removed)
 
 
+def length_penalized(run_cost: RunCost, power: float) -> RunCost:
+    """cost(run) * len(run)^power: power 0 is the pure channel objective; power 1 charges a run
+    as if each of its blocks lost the run's share, which stops one long cheap-looking run from
+    winning (the run's lost fraction grows slower with length than real damage does)."""
+    if power == 0:
+        return run_cost
+    return lambda a, b: run_cost(a, b) * (b - a + 1) ** power
+
+
+def additive_over_blocks(block_cost: Sequence[float]) -> RunCost:
+    """A run costs the sum of its blocks' single costs: no interaction inside runs (one-shot)."""
+    return lambda a, b: float(sum(block_cost[a : b + 1]))
+
+
 def dpi_bound(block_cost: Sequence[float], start: int, end: int) -> float:
     """Lower bound on a run's cost from its blocks' costs.
 
@@ -188,15 +202,21 @@ def best_contiguous_run(n_blocks: int, n_remove: int, run_distance: RunCost) -> 
 Evaluator = Callable[[Sequence[int]], float]
 
 
-def greedy_eval_select(n_blocks: int, n_remove: int, evaluate: Evaluator) -> list[int]:
-    """SLEB: repeatedly remove the block whose removal (given those already removed) hurts least."""
+def greedy_eval_order(n_blocks: int, n_remove: int, evaluate: Evaluator) -> list[int]:
+    """SLEB: repeatedly remove the block whose removal (given those already removed) hurts least.
+
+    Returns blocks in the order removed; the first k of them are SLEB's choice for k blocks.
+    """
     check_budget(n_blocks, n_remove)
     removed: list[int] = []
     for _ in range(n_remove):
         rest = [i for i in range(n_blocks) if i not in removed]
-        choice = min(rest, key=lambda i: evaluate(sorted(removed + [i])))
-        removed.append(choice)
-    return sorted(removed)
+        removed.append(min(rest, key=lambda i: evaluate(sorted(removed + [i]))))
+    return removed
+
+
+def greedy_eval_select(n_blocks: int, n_remove: int, evaluate: Evaluator) -> list[int]:
+    return sorted(greedy_eval_order(n_blocks, n_remove, evaluate))
 
 
 def one_shot_eval_select(n_blocks: int, n_remove: int, evaluate: Evaluator) -> tuple[list[int], list[float]]:

@@ -109,8 +109,17 @@ def test_every_method_selects_and_records(method, tiny_models, calib_txt, tmp_pa
         assert again.selection.forward_passes > 1
     if method is Method.sleb:
         assert again.selection.forward_passes == 1 + TINY_BLOCKS + (TINY_BLOCKS - 1)
-    if method is Method.mi_prun:
-        assert again.selection.objective_cost >= again.selection.exact_cost - 1e-12
+    if method in (Method.mi_prun, Method.mi_prun_exact):
+        candidates = again.selection.candidates
+        assert [c.objective for c in candidates] == ["channel", "per-block", "length-penalized"]
+        assert all(c.objective_cost >= c.exact_cost - 1e-12 for c in candidates)
+        if len({tuple(c.removed) for c in candidates}) > 1:
+            # verified: the kept proposal has the lowest calibration NLL, one pass per distinct proposal
+            best = min(candidates, key=lambda c: c.calibration_nll)
+            assert again.removed == best.removed
+            assert again.selection.forward_passes == 1 + len({tuple(c.removed) for c in candidates})
+        if method is Method.mi_prun_exact:
+            assert all(c.objective_cost == pytest.approx(c.exact_cost) for c in candidates)
 
 
 @pytest.mark.parametrize("estimator", [e for e in Estimator])
