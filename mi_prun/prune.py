@@ -132,7 +132,7 @@ class CalibrationEvaluator:
         self.passes += 1
         if self.advance is not None:
             self.advance()
-        # A collapsed model can reach inf; keep it comparable and never pick it.
+        # NLL rather than perplexity: exp() overflows for a collapsed model, NLL stays comparable.
         return result.nll
 
 
@@ -145,7 +145,6 @@ def select_blocks(
     reporter: Reporter = QUIET,
 ) -> tuple[list[int], SelectionInfo]:
     n = scores.n_blocks
-    cost = scores.boundary_mi.run_cost
     info = SelectionInfo(forward_passes=1)  # the capture pass
     method = options.method
     if method in (Method.mi_prun, Method.mi_prun_exact):
