@@ -66,12 +66,12 @@ def main() -> None:
             damage.append(float(np.exp(evaluator([i]))))
             advance()
 
-    with torch.no_grad():
-        norms = [input_norm_of_block(loaded.model, loaded.spec, b) for b in range(n + 1)]
+    norms = [input_norm_of_block(loaded.model, loaded.spec, b) for b in range(n + 1)]
 
-        def block_input(a: int, consumer: int) -> np.ndarray:
-            """State at boundary a as the block consuming boundary `consumer` sees it after its input norm."""
-            return norms[consumer](torch.from_numpy(raw[a]).float()).double().numpy()
+    @torch.no_grad()
+    def block_input(a: int, consumer: int) -> np.ndarray:
+        """State at boundary a as the block consuming boundary `consumer` sees it after its input norm."""
+        return norms[consumer](torch.from_numpy(raw[a]).float()).double().numpy()
 
     views = {"raw": raw, "rms": [rms(s) for s in raw]}
     n_renyi = args.renyi_tokens
@@ -91,8 +91,9 @@ def main() -> None:
         variants["gaussian MI (pca 64), block-input view"] = [mi.gaussian_mi(x, y, pca_dim=64) for x, y in pairs]
         advance()
         # MI gain toward the last boundary: how much closer block i brings the state to the output
+        # redundancy = minus the gain: a block that moves the state toward the output matters
         variants["token MI gain to last boundary, raw"] = [
-            float(mi.token_gaussian_mi(raw[i + 1], raw[n]).mean() - mi.token_gaussian_mi(raw[i], raw[n]).mean()) * -1
+            -float(mi.token_gaussian_mi(raw[i + 1], raw[n]).mean() - mi.token_gaussian_mi(raw[i], raw[n]).mean())
             for i in range(n)
         ]
         variants["shortgpt cos (1 - BI), raw"] = [float(mi.cosine_similarity(raw[i], raw[i + 1]).mean()) for i in range(n)]
