@@ -146,20 +146,25 @@ def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     prompts = [SELF_PROMPTS[order[i % len(order)]] for i in range(spec.n_samples)]
     device = next(model.parameters()).device
     torch.manual_seed(spec.seed)
-    rows = []
-    for prompt in prompts:
-        prompt_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        out = model.generate(
-            prompt_ids,
-            do_sample=True,
-            temperature=1.0,
-            top_p=0.95,
-            max_new_tokens=spec.seq_len,
-            min_new_tokens=spec.seq_len,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        rows.append(out[0, : spec.seq_len].cpu())
-    return torch.stack(rows)
+    # One batched generate call (left padding): sequential calls take minutes on a CPU.
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = side
+    out = model.generate(
+        **batch,
+        do_sample=True,
+        temperature=1.0,
+        top_p=0.95,
+        max_new_tokens=spec.seq_len,
+        min_new_tokens=spec.seq_len,
+        pad_token_id=tokenizer.pad_token_id,
+    ).cpu()
+    pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
+    # Drop each row's left padding; prompt + continuation is at least seq_len tokens long.
+    return torch.stack([row[pad : pad + spec.seq_len] for row, pad in zip(out, pads)])
 
 
 def calibration_batches(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
