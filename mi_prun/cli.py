@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -66,8 +65,6 @@ def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, 
 def _load(model, device, dtype, reporter):
     from .load import load_model
 
-    if os.environ.get("CI"):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     reporter.say(f"loading {model or 'the default model (SmolLM2-135M-Instruct Q4_1)'}")
     return load_model(model, device=device, dtype=dtype)
 
