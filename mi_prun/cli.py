@@ -62,11 +62,15 @@ def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, 
     )
 
 
-def _load(model, device, dtype, reporter):
-    from .load import load_model
+def _load(model, device, dtype, reporter, inspected=None):
+    """Load `model`; `inspected` = (source, spec) when the config was already read for early checks."""
+    from .load import inspect_model, load_inspected, resolve_source
 
     reporter.say(f"loading {model or 'the default model (SmolLM2-135M-Instruct Q4_1)'}")
-    return load_model(model, device=device, dtype=dtype)
+    if inspected is None:
+        source = resolve_source(model)
+        inspected = (source, inspect_model(source)[0])
+    return load_inspected(*inspected, device=device, dtype=dtype)
 
 
 METHOD_HELP = "mi-prun, mi-prun-exact, shortgpt, angular, sleb, ppl, random."
@@ -108,10 +112,11 @@ def prune(
     check_target(out, force)
     options = _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k, verify)
     options.calibration.validate()
-    spec, config = inspect_model(resolve_source(model))
+    source = resolve_source(model)
+    spec, config = inspect_model(source)
     blocks_to_remove(getattr(config, spec.layer_count_key), remove, ratio)
     reporter = Reporter(quiet)
-    loaded = _load(model, device, dtype, reporter)
+    loaded = _load(model, device, dtype, reporter, inspected=(source, spec))
     result = run_prune(loaded, options, reporter)
     manifest = save_pruned(loaded, options, result, out, force)
     _print_block_table(manifest.block_scores, manifest.removed)

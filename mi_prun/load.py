@@ -119,6 +119,11 @@ def _first_line(err: BaseException) -> str:
 def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     source = resolve_source(model)
     spec, _ = inspect_model(source)
+    return load_inspected(source, spec, device, dtype)
+
+
+def load_inspected(source: ModelSource, spec: ArchSpec, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load the weights of a source whose config `inspect_model` already read (a GGUF config read takes seconds)."""
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     kwargs = _pretrained_kwargs(source)
