@@ -51,12 +51,40 @@ class CalibrationSpec:
             raise UserError("--seq-len must be at least 8 tokens")
 
 
+FILE_SUFFIXES = {".txt", ".raw", ".tokens", ".jsonl", ".parquet"}
+
+
+def _is_file_source(source: str) -> bool:
+    path = Path(source).expanduser()
+    return path.suffix in FILE_SUFFIXES or path.exists()
+
+
 def read_text_source(source: str) -> str:
     """All text of a file or dataset source, joined by blank lines."""
-    path = Path(source).expanduser()
-    if path.suffix in {".txt", ".raw", ".tokens", ".jsonl", ".parquet"} or path.exists():
-        return _read_file(path)
+    if _is_file_source(source):
+        return _read_file(Path(source).expanduser())
     return _read_dataset(source)
+
+
+def _dataset_parts(spec: str) -> tuple[str, str | None, str]:
+    name, _, split = spec.partition(":")
+    if name in DATASET_PRESETS:
+        path, config, default_split = DATASET_PRESETS[name]
+    else:
+        path, _, config = name.partition("@")
+        default_split = "train"
+    return path, config or None, split or default_split
+
+
+def canonical_source(source: str) -> str:
+    """One spelling per text source (absolute file path, or `path@config:split`), to tell when
+    two sources are the same text: evaluation on calibration text must not pass unnoticed."""
+    if source == "self":
+        return source
+    if _is_file_source(source):
+        return str(Path(source).expanduser().resolve())
+    path, config, split = _dataset_parts(source)
+    return f"{path}@{config or ''}:{split}"
 
 
 def _read_file(path: Path) -> str:
@@ -95,16 +123,11 @@ def _read_file(path: Path) -> str:
 
 def _read_dataset(spec: str) -> str:
     """`PATH[@CONFIG][:SPLIT]` (e.g. `wikitext@wikitext-2-raw-v1:test`) or a preset name."""
-    name, _, split = spec.partition(":")
-    if name in DATASET_PRESETS:
-        path, config, default_split = DATASET_PRESETS[name]
-    else:
-        path, _, config = name.partition("@")
-        default_split = "train"
+    path, config, split = _dataset_parts(spec)
     try:
         import datasets
 
-        data = datasets.load_dataset(path, config or None, split=split or default_split)
+        data = datasets.load_dataset(path, config, split=split)
     except Exception as err:  # network, missing dataset, bad config: all one message for the user
         raise UserError(
             f"cannot load dataset '{spec}' ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "

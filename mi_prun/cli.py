@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .calibration import CalibrationSpec
@@ -40,7 +41,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -67,6 +68,10 @@ def _load(model, device, dtype, reporter, inspected=None):
     from .load import inspect_model, load_inspected, resolve_source
 
     reporter.say(f"loading {model or 'the default model (SmolLM2-135M-Instruct Q4_1)'}")
+    if reporter.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if inspected is None:
         source = resolve_source(model)
         inspected = (source, inspect_model(source)[0])
@@ -161,6 +166,70 @@ def score(
     if json_out is not None:
         payload = {"block_scores": table, "removed": removed, "runs": [r.model_dump() for r in run_scores(scores)]}
         json_out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    data: str = typer.Option(..., "--data", help="Evaluation text: .txt/.jsonl/.parquet file, or a dataset (wikitext2 = its test split, PATH[@CONFIG][:SPLIT])."),
+    model: Optional[str] = ModelOpt,
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Reference (dense) model for KL and top-1 agreement; any --model source."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Strided windows: shift by this many tokens, score only the new ones (default: non-overlapping)."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated lm-eval tasks (e.g. arc_easy,hellaswag); needs the 'tasks' extra."),
+    task_limit: Optional[int] = typer.Option(None, "--task-limit", help="Examples per lm-eval task."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file ('-' for stdout)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    quiet: bool = QuietOpt,
+):
+    """Perplexity on held-out text; with --reference, KL(reference || model) and top-1 agreement."""
+    from .load import inspect_model, resolve_source
+    from .quality import calibration_overlap, run_eval
+
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if task_list:
+        from .tasks import require_lm_eval
+
+        require_lm_eval()
+    source = resolve_source(model)
+    inspect_model(source)
+    if reference is not None:
+        inspect_model(resolve_source(reference))
+    warning = calibration_overlap(source, data)
+    if warning:
+        err_console.print(f"[bold yellow]WARNING:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    reporter = Reporter(quiet)
+    loaded = _load(model, device, dtype, reporter)
+    ref = _load(reference, device, dtype, reporter) if reference is not None else None
+    result = run_eval(loaded, data, seq_len, stride, max_windows, batch_size, ref, reporter)
+    payload = {"model": loaded.source.describe(), "reference": ref.source.describe() if ref else None, "data": data,
+               **result.to_dict(), "warnings": [warning] if warning else []}
+    if task_list:
+        from .tasks import run_tasks
+
+        payload["tasks"] = run_tasks(loaded, task_list, task_limit, batch_size)
+    table = Table(title=f"{payload['model']} on {data}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("perplexity", f"{result.ppl:.3f}"), ("mean NLL (nats)", f"{result.nll:.4f}")]
+    if result.kl is not None:
+        rows += [("KL(reference || model) per token (nats)", f"{result.kl:.4f}"), ("top-1 agreement", f"{result.top1:.2%}")]
+    rows += [("tokens scored", str(result.tokens)), ("windows", f"{result.windows} x {result.seq_len} (stride {result.stride})"),
+             ("wall time (s)", f"{result.wall_s:.1f}")]
+    for task, metrics in payload.get("tasks", {}).items():
+        rows += [(f"{task} {name}", f"{value:.4f}") for name, value in metrics.items()]
+    for row in rows:
+        table.add_row(*row)
+    if json_out is not None and str(json_out) == "-":
+        print(json.dumps(payload, indent=2))
+        return
+    console.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
 
 
 def _print_block_table(table: dict[str, list[float]], removed: list[int]) -> None:

@@ -15,7 +15,7 @@ from . import select
 from .archs import block_count
 from .atomic import atomic_dir, check_target
 from .blockset import apply_keep, blocks_kept, keep_indices
-from .calibration import CalibrationSpec, calibration_batches
+from .calibration import CalibrationSpec, calibration_batches, canonical_source
 from .capture import capture_boundaries
 from .errors import UserError
 from .evaluate import perplexity
@@ -286,7 +286,7 @@ def build_manifest(loaded: LoadedModel, options: PruneOptions, result: PruneResu
         run_scores=run_scores(result.scores),
         selection=result.selection,
         calibration=CalibrationInfo(
-            source=cal.source,
+            source=canonical_source(cal.source),
             n_samples=cal.n_samples,
             seq_len=cal.seq_len,
             tokens_observed=result.scores.tokens,
