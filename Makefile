@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-fast test-all prune-default clean
+.PHONY: install test test-fast test-all prune-default bench-quality clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-fast:
 
 prune-default:
 	$(VENV)/bin/mi-prun-edge prune --remove 4 --out out/smollm2-pruned --force
+
+# Every selection method at N = 2, 4, 6, 8 on the default model (up to an hour on 2 cores; cached in out/bench-cache).
+bench-quality:
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -17,6 +17,17 @@ class UnsupportedArchitectureError(ValueError):
 
 
 @dataclass(frozen=True)
+class GGUFLayerFlag:
+    """A per-layer GGUF bool array (under the architecture's namespace) derived from a per-layer
+    config list: True where the config entry equals `true_value`. Written by our exporter where
+    the converter omits it and llama.cpp would otherwise assume a fixed pattern."""
+
+    config_key: str
+    gguf_key: str
+    true_value: str
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where the transformer blocks of one family live and how to renumber them."""
 
@@ -34,6 +45,9 @@ class ArchSpec:
     per_layer_config_keys: tuple[str, ...] = ("layer_types",)
     # Architecture names in the export formats (used by exporters/).
     gguf_arch: str = "llama"
+    gguf_layer_flags: tuple[GGUFLayerFlag, ...] = ()
+    # Config key of a sliding window that llama.cpp's architecture ignores (outputs differ beyond it).
+    gguf_ignored_window_key: str | None = None
     onnx_genai_supported: bool = True
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -49,12 +63,15 @@ REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
         ArchSpec("llama", gguf_arch="llama", notes="Llama 2/3, SmolLM2", **_LLAMA_LIKE),
-        ArchSpec("mistral", gguf_arch="llama", **_LLAMA_LIKE),
+        ArchSpec("mistral", gguf_arch="llama", gguf_ignored_window_key="sliding_window", **_LLAMA_LIKE),
         ArchSpec("qwen2", gguf_arch="qwen2", **_LLAMA_LIKE),
         ArchSpec("qwen3", gguf_arch="qwen3", **_LLAMA_LIKE),
         ArchSpec(
             "gemma3_text",
             gguf_arch="gemma3",
+            # llama.cpp assumes every 6th layer is global unless this array says otherwise; a pruned
+            # (or any non-standard) layer pattern needs it.
+            gguf_layer_flags=(GGUFLayerFlag("layer_types", "attention.sliding_window_pattern", "sliding_attention"),),
             notes="per-layer layer_types (sliding/full attention), q/k norms, (1+w) RMSNorm",
             **_LLAMA_LIKE,
         ),

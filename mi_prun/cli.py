@@ -130,6 +130,116 @@ def prune(
     console.print(f"wrote {out}")
 
 
+DEFAULT_BUILD_RATIO = 0.125
+
+
+@app.command()
+@_user_errors
+def build(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: the artifact, pruning.json, README.md model card."),
+    target: str = typer.Option("gguf", "--target", "-t", help="Runtime format: gguf (llama.cpp)."),
+    model: Optional[str] = ModelOpt,
+    remove: Optional[int] = typer.Option(None, "--remove", "-n", help="Number of blocks to remove."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help=f"Fraction of blocks to remove (default {DEFAULT_BUILD_RATIO} when neither is given)."),
+    method: str = typer.Option("mi-prun", "--method", help=METHOD_HELP),
+    estimator: Estimator = EstimatorOpt,
+    view: StateView = ViewOpt,
+    calib: str = CalibOpt,
+    n_samples: int = NSamplesOpt,
+    seq_len: int = SeqLenOpt,
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="f32, f16, q8_0, q4_0 (default: a .gguf input keeps its own quantization, others get q8_0)."),
+    keep_hf: bool = typer.Option(False, "--keep-hf", help="Also keep the repacked Hugging Face checkpoint (in hf/)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out text to measure dense vs pruned quality for the model card (same formats as eval --data)."),
+    eval_windows: int = typer.Option(16, "--eval-windows", help="Windows of 512 tokens evaluated with --eval."),
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    quiet: bool = QuietOpt,
+):
+    """Prune, repack and export for an edge runtime in one step (a .gguf input is pruned in place)."""
+    from .atomic import check_target
+    from .build import BuildOptions, Target, build as run_build
+    from .load import inspect_model, resolve_source
+    from .prune import Method, blocks_to_remove
+
+    target_kind = _choice(Target, target, "--target")
+    gtype = _gguf_type(gguf_type)
+    if method not in {m.value for m in Method}:
+        raise UserError(f"unknown --method '{method}'; choose one of {METHOD_HELP}")
+    if remove is None and ratio is None:
+        ratio = DEFAULT_BUILD_RATIO
+    check_target(out, force)
+    options = BuildOptions(
+        target=target_kind,
+        prune=_options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, None),
+        gguf_type=gtype,
+        keep_hf=keep_hf,
+        eval_data=eval_data,
+        eval_windows=eval_windows,
+    )
+    options.prune.calibration.validate()
+    source = resolve_source(model)
+    spec, config = inspect_model(source)
+    blocks_to_remove(getattr(config, spec.layer_count_key), remove, ratio)
+    _require_export_tools(target_kind)
+    reporter = Reporter(quiet)
+    loaded = _load(model, device, dtype, reporter, inspected=(source, spec))
+    manifest = run_build(loaded, options, out, force, reporter)
+    console.print(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
+    for e in manifest.exports:
+        console.print(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
+    if manifest.quality:
+        q = manifest.quality
+        console.print(f"quality on {q.data}: ppl {q.dense_ppl:.2f} -> {q.pruned_ppl:.2f}, KL {q.kl_to_dense:.4f}, top-1 {q.top1_agreement:.1%}")
+    console.print(f"timings (s): {json.dumps(manifest.timings_s)}")
+    console.print(f"wrote {out} (model card: {out / 'README.md'})")
+
+
+@app.command()
+@_user_errors
+def export(
+    model: Path = typer.Option(..., "--model", "-m", help="Hugging Face folder (dense or pruned) to export as is."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    target: str = typer.Option("gguf", "--target", "-t", help="Runtime format: gguf (llama.cpp)."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="f32, f16, q8_0 (default), q4_0."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    quiet: bool = QuietOpt,
+):
+    """Export a Hugging Face folder without pruning (e.g. the dense model, to compare in the same runtime)."""
+    from .atomic import check_target
+    from .build import Target, export_folder
+    from exporters.gguf_export import spec_of_folder
+
+    target_kind = _choice(Target, target, "--target")
+    gtype = _gguf_type(gguf_type)
+    check_target(out, force)
+    spec_of_folder(model)
+    _require_export_tools(target_kind)
+    e = export_folder(model, target_kind, out, gtype, force, Reporter(quiet))
+    console.print(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
+
+
+def _choice(enum, value: str, flag: str):
+    try:
+        return enum(value)
+    except ValueError:
+        raise UserError(f"unknown {flag} '{value}'; choose one of {', '.join(m.value for m in enum)}") from None
+
+
+def _gguf_type(value: Optional[str]):
+    from exporters.gguf_export import GGUFType
+
+    return None if value is None else _choice(GGUFType, value, "--gguf-type")
+
+
+def _require_export_tools(target) -> None:
+    """Missing runtimes are reported before minutes of pruning, not after."""
+    from exporters import llamacpp
+
+    llamacpp.llama_cpp_module()
+
+
 @app.command()
 @_user_errors
 def score(

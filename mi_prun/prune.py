@@ -300,15 +300,20 @@ def build_manifest(loaded: LoadedModel, options: PruneOptions, result: PruneResu
     )
 
 
-def save_pruned(loaded: LoadedModel, options: PruneOptions, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
-    """Physically drop the removed blocks and write a plain transformers checkpoint + pruning.json."""
-    check_target(out, force)
+def write_pruned(loaded: LoadedModel, options: PruneOptions, result: PruneResult, folder: Path) -> PruningManifest:
+    """Physically drop the removed blocks and write a plain transformers checkpoint into `folder`."""
     start = time.perf_counter()
     apply_keep(loaded.model, loaded.spec, result.kept)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    result.timings["repack"] = time.perf_counter() - start
+    return build_manifest(loaded, options, result)
+
+
+def save_pruned(loaded: LoadedModel, options: PruneOptions, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
+    """The pruned checkpoint + pruning.json, written all at once into `out`."""
+    check_target(out, force)
     with atomic_dir(out, force) as tmp:
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        result.timings["repack"] = time.perf_counter() - start
-        manifest = build_manifest(loaded, options, result)
+        manifest = write_pruned(loaded, options, result, tmp)
         manifest.write(tmp)
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,66 @@ def calib_txt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(calibration_text(60_000), encoding="utf-8")
     return path
+
+
+# Export tests: llama.cpp's converter identifies a BPE tokenizer by its pre-tokenizer hash, so
+# models for export carry a real, known tokenizer (SmolLM2's, read from the default GGUF).
+EXPORT_OVERRIDES = {"mistral": dict(sliding_window=4096)}  # llama.cpp runs Mistral without a window
+SPM_FOR_CONVERTER = ("qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from mi_prun.load import default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    folder = tmp_path_factory.mktemp("smol_tokenizer")
+    tok.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def build_export_model(model_type: str, folder: Path, tokenizer, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    settings = dict(TINY_CONFIGS[model_type], vocab_size=len(tokenizer), **EXPORT_OVERRIDES.get(model_type, {}))
+    config = AutoConfig.for_model(
+        model_type, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **settings,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # transformers 5 swaps in the model family's own tokenizer class (Qwen's regex pre-tokenizer for
+    # qwen2/qwen3) unless told to use tokenizer.json as it is; a Llama class with a ByteLevel
+    # tokenizer.json does that, so SmolLM2's tokenizer stays SmolLM2's under every architecture.
+    config_path = folder / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["tokenizer_class"] = "LlamaTokenizerFast"
+    config_path.write_text(json.dumps(tok_config, indent=2))
+    if model_type in SPM_FOR_CONVERTER:
+        # ...but not for qwen2/qwen3, which transformers 5 always loads as Qwen2Tokenizer, whose
+        # pre-tokenizer hash the converter cannot know for SmolLM2's vocabulary. Their converter
+        # tries a SentencePiece tokenizer.model first: give it one, so the weights still convert.
+        write_sentencepiece_model(folder / "tokenizer.model")
+    return folder
+
+
+def write_sentencepiece_model(path: Path) -> None:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(calibration_text(100_000).splitlines()), model_prefix=str(path.with_suffix("")),
+        vocab_size=512, model_type="bpe", minloglevel=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def export_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export_models")
+    return {mt: build_export_model(mt, root / mt, smol_tokenizer) for mt in TINY_CONFIGS}

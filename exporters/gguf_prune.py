@@ -1,0 +1,186 @@
+"""Remove blocks from a GGUF file without touching the rest: tensors keep their bytes and quantization.
+
+The new file is the old one with the removed blocks' `blk.N.*` tensors left out, the kept blocks
+renumbered densely, `{arch}.block_count` set, and every per-layer metadata array (an array under
+the architecture's namespace with one entry per block) sliced by the kept indices. llama.cpp's own
+`--prune-layers` leaves such arrays stale; here they are found by their length, not by a list of
+known keys, and the keys sliced are reported.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import gguf
+
+from mi_prun.errors import UserError
+
+BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
+# Written by GGUFWriter itself, or virtual fields of the reader: never copied.
+WRITER_OWNED_PREFIX = "GGUF."
+
+
+@dataclass(frozen=True)
+class GGUFModelInfo:
+    path: Path
+    arch: str
+    block_count: int
+    tensor_types: dict[str, int]  # quantization type name -> tensor count
+    file_type: int | None
+
+
+@dataclass(frozen=True)
+class KVValue:
+    """A metadata value to set: arrays give `sub_type`."""
+
+    value: object
+    type: gguf.GGUFValueType
+    sub_type: gguf.GGUFValueType | None = None
+
+
+@dataclass
+class GGUFPruneReport:
+    source: Path
+    output: Path
+    removed: list[int]
+    kept: list[int]
+    sliced_keys: list[str] = field(default_factory=list)
+    set_keys: list[str] = field(default_factory=list)
+    tensors_dropped: int = 0
+    tensors_written: int = 0
+    bytes_written: int = 0
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """A reader for `path`, or one clear error for a missing, truncated or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF file {path} does not exist")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # the reader raises ValueError/IndexError/struct errors on bad bytes
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable GGUF file (corrupt or truncated?): {detail}") from err
+
+
+def field_value(reader: gguf.GGUFReader, key: str):
+    f = reader.get_field(key)
+    return None if f is None else f.contents()
+
+
+def model_info(reader: gguf.GGUFReader, path: Path) -> GGUFModelInfo:
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    if not arch:
+        raise UserError(f"{path} has no general.architecture: not a model GGUF")
+    count = field_value(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    if count is None:
+        raise UserError(f"{path} has no {arch}.block_count: not a transformer GGUF this tool can prune")
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return GGUFModelInfo(Path(path), arch, int(count), types, field_value(reader, gguf.Keys.General.FILE_TYPE))
+
+
+def check_arch(info: GGUFModelInfo, supported: Sequence[str]) -> None:
+    if info.arch not in supported:
+        raise UserError(f"GGUF architecture '{info.arch}' is not supported for pruning; supported: {', '.join(sorted(set(supported)))}")
+
+
+def _per_layer(field_: gguf.ReaderField, arch: str, n_blocks: int) -> bool:
+    return (
+        field_.types[0] == gguf.GGUFValueType.ARRAY
+        and field_.name.startswith(f"{arch}.")
+        and len(field_.data) == n_blocks
+    )
+
+
+def prune_gguf(
+    source: Path,
+    output: Path,
+    removed: Sequence[int],
+    supported_archs: Sequence[str] | None = None,
+    on_tensor: Callable[[int], None] | None = None,
+) -> GGUFPruneReport:
+    """Write `output`: `source` without the blocks `removed`. `on_tensor(nbytes)` reports progress."""
+    if not removed:
+        raise UserError("no blocks to remove")
+    return rewrite_gguf(source, output, removed, None, supported_archs, on_tensor)
+
+
+def rewrite_gguf(
+    source: Path,
+    output: Path,
+    removed: Sequence[int] = (),
+    set_kv: dict[str, KVValue] | None = None,
+    supported_archs: Sequence[str] | None = None,
+    on_tensor: Callable[[int], None] | None = None,
+) -> GGUFPruneReport:
+    """Copy `source` to `output` without the blocks `removed` and with the metadata `set_kv` set.
+
+    `set_kv` values describe the model after the removal (they are not sliced)."""
+    set_kv = dict(set_kv or {})
+    reader = open_gguf(source)
+    info = model_info(reader, source)
+    if supported_archs is not None:
+        check_arch(info, supported_archs)
+    n = info.block_count
+    removed_set = set(removed)
+    if any(not 0 <= i < n for i in removed_set) or len(removed_set) >= n:
+        raise UserError(f"cannot remove blocks {sorted(removed_set)} from a GGUF with {n} blocks")
+    kept = [i for i in range(n) if i not in removed_set]
+    new_index = {old: new for new, old in enumerate(kept)}
+    report = GGUFPruneReport(Path(source), Path(output), sorted(removed_set), kept)
+
+    writer = gguf.GGUFWriter(str(output), info.arch, endianess=reader.endianess)
+    alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = int(alignment)  # tensor offsets must follow the copied key
+    block_count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=info.arch)
+    for f in reader.fields.values():
+        if f.name.startswith(WRITER_OWNED_PREFIX) or f.name == gguf.Keys.General.ARCHITECTURE:
+            continue
+        value_type = f.types[0]
+        sub_type = f.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        value = f.contents()
+        if f.name in set_kv:
+            new = set_kv.pop(f.name)
+            writer.add_key_value(f.name, new.value, new.type, sub_type=new.sub_type)
+            report.set_keys.append(f.name)
+            continue
+        if f.name == block_count_key:
+            value = len(kept)
+        elif _per_layer(f, info.arch, n):
+            value = [value[i] for i in kept]
+            report.sliced_keys.append(f.name)
+        writer.add_key_value(f.name, value, value_type, sub_type=sub_type)
+    for key, new in set_kv.items():
+        writer.add_key_value(key, new.value, new.type, sub_type=new.sub_type)
+        report.set_keys.append(key)
+
+    written = []
+    for t in reader.tensors:
+        match = BLOCK_TENSOR.match(t.name)
+        name = t.name
+        if match:
+            block = int(match.group(1))
+            if block in removed_set:
+                report.tensors_dropped += 1
+                continue
+            name = f"blk.{new_index[block]}.{match.group(2)}"
+        # Raw bytes and the original type: no dequantize/requantize round trip.
+        writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        written.append(t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in written:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        report.bytes_written += t.n_bytes
+        if on_tensor is not None:
+            on_tensor(t.n_bytes)
+    writer.close()
+    report.tensors_written = len(written)
+    return report

@@ -1,0 +1,92 @@
+"""llama.cpp through llama-cpp-python: load a GGUF, compute logits, quantize. Imported lazily."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mi_prun.errors import UserError
+
+INSTALL_HINT = "install llama-cpp-python (make install builds it; about 10 minutes on 2 cores)"
+
+
+def llama_cpp_module():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"llama.cpp is needed for this step but llama-cpp-python is not installed: {INSTALL_HINT}") from None
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp logs every tensor to fd 2; keep it for errors only."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+def load(path: Path, n_ctx: int = 512, logits_all: bool = False, n_threads: int | None = None):
+    llama_cpp = llama_cpp_module()
+    try:
+        with _quiet_stderr():
+            return llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
+                n_threads=n_threads, verbose=False,
+            )
+    except (ValueError, RuntimeError, OSError) as err:
+        raise UserError(f"llama.cpp cannot load {path}: {err}") from err
+
+
+def n_layer(llm) -> int:
+    return int(llama_cpp_module().llama_model_n_layer(llm.model))
+
+
+def logits(path: Path, tokens: Sequence[int], n_threads: int | None = None) -> np.ndarray:
+    """(len(tokens), vocab) float32 logits of llama.cpp for every position of one sequence."""
+    llm = load(path, n_ctx=max(64, len(tokens)), logits_all=True, n_threads=n_threads)
+    try:
+        llm.reset()
+        llm.eval(list(tokens))
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def tokenize(path: Path, text: str) -> list[int]:
+    """llama.cpp's own tokenization of `text` (no BOS, specials as text), vocabulary only."""
+    llama_cpp = llama_cpp_module()
+    with _quiet_stderr():
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    finally:
+        llm.close()
+
+
+def quantize(source: Path, output: Path, ftype_name: str, threads: int = 0) -> None:
+    """llama.cpp's own quantizer (`llama-quantize`): `ftype_name` such as LLAMA_FTYPE_MOSTLY_Q4_0."""
+    llama_cpp = llama_cpp_module()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype_name)
+    params.nthread = threads
+    # Pruning an already quantized GGUF into another type goes through dequantization.
+    params.allow_requantize = True
+    with _quiet_stderr():
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
+    if status != 0:
+        raise UserError(f"llama.cpp failed to quantize {source} to {ftype_name} (status {status})")
