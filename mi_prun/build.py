@@ -18,6 +18,7 @@ import gguf
 from exporters.gguf_export import GGUFType, check_gguf, export_gguf, spec_of_folder
 from exporters.gguf_prune import prune_gguf
 from exporters import llamacpp
+from exporters.onnx_export import OnnxPrecision, check_onnx, export_onnx
 
 from .archs import REGISTRY
 from .atomic import atomic_dir, check_target
@@ -35,6 +36,7 @@ from .calibration import read_text_source, tokenize_text
 
 class Target(str, Enum):
     gguf = "gguf"
+    onnx = "onnx"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class BuildOptions:
     target: Target
     prune: PruneOptions
     gguf_type: GGUFType | None = None  # None: a GGUF input keeps its own types; other inputs get q8_0
+    onnx_precision: OnnxPrecision = OnnxPrecision.int4
     keep_hf: bool = False
     eval_data: str | None = None
     eval_windows: int = 16
@@ -50,6 +53,7 @@ class BuildOptions:
 
 DEFAULT_GGUF_TYPE = GGUFType.q8_0
 HF_SUBDIR = "hf"
+ONNX_SUBDIR = "onnx"
 
 
 def file_type_name(file_type: int | None) -> str:
@@ -94,9 +98,8 @@ def gguf_in_place(source: ModelSource, removed: list[int], gguf_type: GGUFType |
     start = time.perf_counter()
     archs = sorted({spec.gguf_arch for spec in REGISTRY.values()})
     pruned_name = f"{stem}-pruned{len(removed)}.gguf"
-    total = src.stat().st_size
-    with reporter.task("pruning the GGUF in place (tensor bytes copied)", total) as advance:
-        report = prune_gguf(src, out_dir / pruned_name, removed, archs, on_tensor=lambda _n: advance())
+    with reporter.task("pruning the GGUF in place (tensor bytes copied)", None):
+        report = prune_gguf(src, out_dir / pruned_name, removed, archs)
     warnings = []
     target = out_dir / pruned_name
     route = "in-place GGUF pruning (original tensor bytes and quantization kept)"
@@ -141,12 +144,30 @@ def gguf_from_folder(folder: Path, gguf_type: GGUFType, out_dir: Path, stem: str
     )
 
 
+def onnx_from_folder(folder: Path, precision: OnnxPrecision, out_dir: Path, expected_blocks: int, reporter: Reporter) -> ExportInfo:
+    start = time.perf_counter()
+    target = out_dir / ONNX_SUBDIR
+    with reporter.task(f"exporting ONNX {precision.value} (onnxruntime-genai model builder)", None):
+        export_onnx(folder, target, precision, cache_dir=out_dir / ".onnx-cache")
+    shutil.rmtree(out_dir / ".onnx-cache", ignore_errors=True)
+    with reporter.task("checking the ONNX export (onnxruntime, onnxruntime-genai)", None):
+        check = check_onnx(target, expected_blocks)
+    return ExportInfo(
+        target="onnx", file=ONNX_SUBDIR, format_type=precision.value, bytes=check.bytes,
+        route="onnxruntime-genai model builder (CPU)", check=check.__dict__, seconds=round(time.perf_counter() - start, 2),
+    )
+
+
 def build(loaded: LoadedModel, options: BuildOptions, out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
     check_target(out, force)
     result = prune(loaded, options.prune, reporter)
     quality = measure_quality(loaded, result, options, reporter) if options.eval_data else None
     stem = artifact_stem(loaded.source)
     in_place = options.target is Target.gguf and loaded.source.kind == "gguf"
+    if options.target is Target.onnx:
+        from exporters.onnx_export import check_supported
+
+        check_supported(loaded.spec)
     with atomic_dir(out, force) as tmp:
         hf = tmp / HF_SUBDIR
         if options.keep_hf or not in_place:
@@ -155,7 +176,9 @@ def build(loaded: LoadedModel, options: BuildOptions, out: Path, force: bool = F
         else:
             manifest = build_manifest(loaded, options.prune, result)
         manifest.quality = quality
-        if in_place:
+        if options.target is Target.onnx:
+            export = onnx_from_folder(hf, options.onnx_precision, tmp, len(result.kept), reporter)
+        elif in_place:
             export = gguf_in_place(loaded.source, result.removed, options.gguf_type, tmp, stem, reporter)
         else:
             gtype = options.gguf_type or DEFAULT_GGUF_TYPE
@@ -170,14 +193,23 @@ def build(loaded: LoadedModel, options: BuildOptions, out: Path, force: bool = F
     return manifest
 
 
-def export_folder(folder: Path, target: Target, out: Path, gguf_type: GGUFType | None, force: bool, reporter: Reporter = QUIET) -> ExportInfo:
+def export_folder(
+    folder: Path, target: Target, out: Path, gguf_type: GGUFType | None, force: bool, reporter: Reporter = QUIET,
+    onnx_precision: OnnxPrecision = OnnxPrecision.int4,
+) -> ExportInfo:
     """Export a Hugging Face folder (dense or pruned) without pruning."""
+    from exporters.onnx_export import check_supported
+
     spec, config = spec_of_folder(folder)
     check_target(out, force)
     blocks = int(config.get(spec.layer_count_key, 0))
     stem = artifact_stem(ModelSource("folder", str(Path(folder).resolve())))
     with atomic_dir(out, force) as tmp:
-        export = gguf_from_folder(Path(folder), gguf_type or DEFAULT_GGUF_TYPE, tmp, stem, blocks, reporter)
+        if target is Target.onnx:
+            check_supported(spec)
+            export = onnx_from_folder(Path(folder), onnx_precision, tmp, blocks, reporter)
+        else:
+            export = gguf_from_folder(Path(folder), gguf_type or DEFAULT_GGUF_TYPE, tmp, stem, blocks, reporter)
         (tmp / "export.json").write_text(export.model_dump_json(indent=2) + "\n")
         manifest_src = Path(folder) / MANIFEST_NAME
         if manifest_src.is_file():

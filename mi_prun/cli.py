@@ -137,7 +137,7 @@ DEFAULT_BUILD_RATIO = 0.125
 @_user_errors
 def build(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: the artifact, pruning.json, README.md model card."),
-    target: str = typer.Option("gguf", "--target", "-t", help="Runtime format: gguf (llama.cpp)."),
+    target: str = typer.Option("gguf", "--target", "-t", help="Runtime format: gguf (llama.cpp) or onnx (onnxruntime-genai)."),
     model: Optional[str] = ModelOpt,
     remove: Optional[int] = typer.Option(None, "--remove", "-n", help="Number of blocks to remove."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help=f"Fraction of blocks to remove (default {DEFAULT_BUILD_RATIO} when neither is given)."),
@@ -148,6 +148,7 @@ def build(
     n_samples: int = NSamplesOpt,
     seq_len: int = SeqLenOpt,
     gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="f32, f16, q8_0, q4_0 (default: a .gguf input keeps its own quantization, others get q8_0)."),
+    onnx_precision: str = typer.Option("int4", "--onnx-precision", help="fp32 or int4 (weight-only) for --target onnx."),
     keep_hf: bool = typer.Option(False, "--keep-hf", help="Also keep the repacked Hugging Face checkpoint (in hf/)."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out text to measure dense vs pruned quality for the model card (same formats as eval --data)."),
     eval_windows: int = typer.Option(16, "--eval-windows", help="Windows of 512 tokens evaluated with --eval."),
@@ -163,8 +164,11 @@ def build(
     from .load import inspect_model, resolve_source
     from .prune import Method, blocks_to_remove
 
+    from exporters.onnx_export import OnnxPrecision
+
     target_kind = _choice(Target, target, "--target")
     gtype = _gguf_type(gguf_type)
+    precision = _choice(OnnxPrecision, onnx_precision, "--onnx-precision")
     if method not in {m.value for m in Method}:
         raise UserError(f"unknown --method '{method}'; choose one of {METHOD_HELP}")
     if remove is None and ratio is None:
@@ -174,6 +178,7 @@ def build(
         target=target_kind,
         prune=_options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, None),
         gguf_type=gtype,
+        onnx_precision=precision,
         keep_hf=keep_hf,
         eval_data=eval_data,
         eval_windows=eval_windows,
@@ -201,8 +206,9 @@ def build(
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Hugging Face folder (dense or pruned) to export as is."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-    target: str = typer.Option("gguf", "--target", "-t", help="Runtime format: gguf (llama.cpp)."),
+    target: str = typer.Option("gguf", "--target", "-t", help="Runtime format: gguf (llama.cpp) or onnx (onnxruntime-genai)."),
     gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="f32, f16, q8_0 (default), q4_0."),
+    onnx_precision: str = typer.Option("int4", "--onnx-precision", help="fp32 or int4 (weight-only) for --target onnx."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     quiet: bool = QuietOpt,
 ):
@@ -211,12 +217,15 @@ def export(
     from .build import Target, export_folder
     from exporters.gguf_export import spec_of_folder
 
+    from exporters.onnx_export import OnnxPrecision
+
     target_kind = _choice(Target, target, "--target")
     gtype = _gguf_type(gguf_type)
+    precision = _choice(OnnxPrecision, onnx_precision, "--onnx-precision")
     check_target(out, force)
     spec_of_folder(model)
     _require_export_tools(target_kind)
-    e = export_folder(model, target_kind, out, gtype, force, Reporter(quiet))
+    e = export_folder(model, target_kind, out, gtype, force, Reporter(quiet), onnx_precision=precision)
     console.print(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
 
 
@@ -235,9 +244,16 @@ def _gguf_type(value: Optional[str]):
 
 def _require_export_tools(target) -> None:
     """Missing runtimes are reported before minutes of pruning, not after."""
-    from exporters import llamacpp
+    if target.value == "gguf":
+        from exporters import llamacpp
 
-    llamacpp.llama_cpp_module()
+        llamacpp.llama_cpp_module()
+        return
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        raise UserError("--target onnx needs onnxruntime and onnxruntime-genai (make install adds them)") from None
 
 
 @app.command()

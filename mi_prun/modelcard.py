@@ -31,6 +31,29 @@ def _run_gguf(file: str) -> list[str]:
     ]
 
 
+def _run_onnx(folder: str) -> list[str]:
+    return [
+        "### Run with onnxruntime-genai",
+        "",
+        "```python",
+        "import onnxruntime_genai as og",
+        f'model = og.Model("{folder}")',
+        "tokenizer = og.Tokenizer(model)",
+        "params = og.GeneratorParams(model)",
+        "params.set_search_options(max_length=256)",
+        "generator = og.Generator(model, params)",
+        'generator.append_tokens(tokenizer.encode("The capital of France is"))',
+        "while not generator.is_done():",
+        "    generator.generate_next_token()",
+        "print(tokenizer.decode(generator.get_sequence(0)))",
+        "```",
+        "",
+        f"`{folder}/model.onnx` also loads in plain `onnxruntime` (inputs: `input_ids`, `attention_mask`,",
+        "`past_key_values.N.key/value`; outputs: `logits`, `present.N.key/value`).",
+        "",
+    ]
+
+
 def model_card(manifest: PruningManifest, keep_hf: bool = False) -> str:
     m = manifest
     lines = [
@@ -75,6 +98,8 @@ def model_card(manifest: PruningManifest, keep_hf: bool = False) -> str:
             lines += [f"> Note: {w}", ""]
         if e.target == "gguf":
             lines += _run_gguf(e.file)
+        elif e.target == "onnx":
+            lines += _run_onnx(e.file)
     if keep_hf:
         lines += [
             "### Run with transformers",

@@ -1,0 +1,354 @@
+"""`make bench`: latency and memory of the dense vs MI-PRUN-pruned model in each edge runtime.
+
+For the model (default: the embedded SmolLM2-135M-Instruct) this builds the dense checkpoint and
+pruned ones (`--remove`, MI-PRUN), exports them for every runtime asked for, then measures:
+
+* prefill latency for 128- and 512-token prompts, time to first token and decode tokens/s over
+  `--decode-tokens` greedy tokens (128-token prompt). One worker process per runtime holds all
+  variants; after a warm-up it runs `--repeats` rounds in alternating order (dense, pruned-4,
+  pruned-8, dense, ...) with `--threads` threads. Medians and min-max spread are reported, and the
+  speedup is the ratio of medians measured in that same process.
+* peak resident memory: a fresh process per runtime and model loads it, prefills 512 tokens and
+  decodes 16 (llama.cpp with use_mmap=False, so weights count in full; RSS before loading is
+  reported as the runtime's own base).
+* artifact size on disk, and the ideal speedup predicted from the FLOPs of what was removed
+  (matmul FLOPs per token: blocks + output head, the head counted at every prompt position where
+  the runtime computes logits there; attention-score FLOPs at the measured context lengths).
+
+    .venv/bin/python benchmarks/latency.py                 # writes reports/bench.{md,json} and two PNG charts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporters.gguf_export import GGUFType, export_gguf  # noqa: E402
+from exporters.onnx_export import OnnxPrecision, export_onnx  # noqa: E402
+from mi_prun.blockset import apply_keep, keep_indices, restore  # noqa: E402
+from mi_prun.calibration import CalibrationSpec, calibration_batches  # noqa: E402
+from mi_prun.load import load_model  # noqa: E402
+from mi_prun.progress import Reporter  # noqa: E402
+from mi_prun.prune import PruneOptions, score_model, select_blocks  # noqa: E402
+
+WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
+WORKER = Path(__file__).with_name("latency_worker.py")
+
+# runtime label -> (worker runtime, artifact format, computes logits at every prompt position)
+RUNTIMES = {
+    "torch-fp32": ("torch", "hf", True),
+    "llama.cpp-f16": ("llama.cpp", GGUFType.f16, False),
+    "llama.cpp-q8_0": ("llama.cpp", GGUFType.q8_0, False),
+    "llama.cpp-q4_0": ("llama.cpp", GGUFType.q4_0, False),
+    "ort-genai-fp32": ("ort-genai", OnnxPrecision.fp32, True),
+    "ort-genai-int4": ("ort-genai", OnnxPrecision.int4, True),
+}
+RUNTIME_MODULES = {"torch": "torch", "llama.cpp": "llama_cpp", "ort-genai": "onnxruntime_genai"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--remove", type=int, nargs="+", default=[4, 8], help="blocks removed in the pruned variants")
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--calib", default=str(WIKI_VALID) if WIKI_VALID.is_file() else "self")
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-work", help="built models and exports (reused)")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
+    return p.parse_args(argv)
+
+
+def machine_line(threads: int) -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    return f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, {threads} threads pinned per runtime"
+
+
+def build_variants(args, reporter) -> tuple[dict[str, Path], dict[str, list[int]]]:
+    """Dense and pruned Hugging Face folders (reused when present)."""
+    work = args.work
+    variants = {"dense": work / "dense"} | {f"pruned-{n}": work / f"pruned-{n}" for n in args.remove}
+    removed_file = work / "removed.json"
+    removed = json.loads(removed_file.read_text()) if removed_file.is_file() else {}
+    if all((p / "config.json").is_file() for p in variants.values()) and all(f"pruned-{n}" in removed for n in args.remove):
+        return variants, removed
+    loaded = load_model(args.model)
+    n_blocks = loaded.model.config.num_hidden_layers
+    variants["dense"].mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(variants["dense"])
+    loaded.tokenizer.save_pretrained(variants["dense"])
+    options = PruneOptions(calibration=CalibrationSpec(args.calib, 16, 256))
+    calib = calibration_batches(loaded.model, loaded.tokenizer, options.calibration)
+    scores = score_model(loaded, calib, options, reporter)
+    for n in args.remove:
+        chosen, _ = select_blocks(loaded, scores, calib, options, n, reporter)
+        removed[f"pruned-{n}"] = chosen
+        saved = apply_keep(loaded.model, loaded.spec, keep_indices(n_blocks, chosen))
+        loaded.model.save_pretrained(variants[f"pruned-{n}"])
+        loaded.tokenizer.save_pretrained(variants[f"pruned-{n}"])
+        restore(loaded.model, loaded.spec, saved)
+    removed_file.write_text(json.dumps(removed))
+    return variants, removed
+
+
+def artifact(label: str, variant: str, hf: Path, work: Path, reporter) -> Path:
+    _, fmt, _ = RUNTIMES[label]
+    if fmt == "hf":
+        return hf
+    if isinstance(fmt, GGUFType):
+        path = work / "gguf" / f"{variant}.{fmt.value}.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            reporter.say(f"exporting {variant} to GGUF {fmt.value}")
+            export_gguf(hf, path, fmt, work / "gguf")
+        return path
+    path = work / "onnx" / f"{variant}.{fmt.value}"
+    if not (path / "model.onnx").is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        reporter.say(f"exporting {variant} to ONNX {fmt.value}")
+        export_onnx(hf, path, fmt, work / "onnx-cache")
+    return path
+
+
+def size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in {".safetensors", ".onnx", ".data", ".bin"})
+
+
+def worker(mode: str, runtime: str, models: list[Path], args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, str(WORKER), mode, "--runtime", runtime, "--models", *map(str, models),
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{runtime} worker failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def flops_model(hf: Path) -> dict:
+    """Parameter counts of a Hugging Face folder, for the ideal speedup."""
+    from safetensors import safe_open
+
+    config = json.loads((hf / "config.json").read_text())
+    block, other = 0, 0
+    for f in hf.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                if ".layers." in key:
+                    block += n
+                else:
+                    other += n
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    heads = config["num_attention_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
+    return {"blocks": config["num_hidden_layers"], "block_params": block, "head_params": hidden * vocab, "attn_width": heads}
+
+
+def ideal_flops(m: dict, prompt: int, logits_everywhere: bool, decode: bool) -> float:
+    """Matmul + attention-score FLOPs for one prefill of `prompt` tokens, or one decode token at that context."""
+    if decode:
+        return 2 * m["block_params"] + 2 * m["head_params"] + 4 * prompt * m["attn_width"] * m["blocks"]
+    head = m["head_params"] * (prompt if logits_everywhere else 1)
+    return prompt * 2 * m["block_params"] + 2 * head + 2 * prompt * prompt * m["attn_width"] * m["blocks"]
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+METRICS = ("prefill_128_s", "prefill_512_s", "ttft_s", "decode_tok_s")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    reporter = Reporter()
+    started = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    variants, removed = build_variants(args, reporter)
+    flops = {v: flops_model(p) for v, p in variants.items()}
+
+    results, skipped = {}, []
+    for label in args.runtimes:
+        runtime, _, logits_everywhere = RUNTIMES[label]
+        try:
+            __import__(RUNTIME_MODULES[runtime])
+        except ImportError:
+            skipped.append(label)
+            reporter.say(f"skipping {label}: {RUNTIME_MODULES[runtime]} is not installed")
+            continue
+        paths = {v: artifact(label, v, hf, args.work, reporter) for v, hf in variants.items()}
+        reporter.say(f"timing {label} ({args.repeats} alternating rounds)")
+        timing = worker("time", runtime, list(paths.values()), args)
+        rows = {}
+        for v, path in paths.items():
+            runs = timing["runs"][str(path)]
+            memory = worker("memory", runtime, [path], args)
+            rows[v] = {
+                "artifact": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+                "bytes": size_on_disk(path),
+                **{m: summarize([r[m] for r in runs]) for m in METRICS},
+                "memory": memory,
+            }
+        dense = rows["dense"]
+        for v, row in rows.items():
+            f, fd = flops[v], flops["dense"]
+            row["speedup"] = {
+                "prefill_512": dense["prefill_512_s"]["median"] / row["prefill_512_s"]["median"],
+                "prefill_128": dense["prefill_128_s"]["median"] / row["prefill_128_s"]["median"],
+                "decode": row["decode_tok_s"]["median"] / dense["decode_tok_s"]["median"],
+                "ttft": dense["ttft_s"]["median"] / row["ttft_s"]["median"],
+            }
+            row["ideal"] = {
+                "prefill_512": ideal_flops(fd, 512, logits_everywhere, False) / ideal_flops(f, 512, logits_everywhere, False),
+                "prefill_128": ideal_flops(fd, 128, logits_everywhere, False) / ideal_flops(f, 128, logits_everywhere, False),
+                "decode": ideal_flops(fd, 192, logits_everywhere, True) / ideal_flops(f, 192, logits_everywhere, True),
+            }
+        results[label] = rows
+        reporter.say(json.dumps({v: (round(r["speedup"]["decode"], 3), round(r["ideal"]["decode"], 3)) for v, r in rows.items()}))
+
+    payload = {
+        "command": " ".join(["python benchmarks/latency.py", *argv]),
+        "machine": machine_line(args.threads),
+        "model": args.model or "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized for the exports)",
+        "removed": removed,
+        "flops": flops,
+        "settings": {"repeats": args.repeats, "threads": args.threads, "decode_tokens": args.decode_tokens, "prompts": [128, 512]},
+        "skipped": skipped,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "results": results,
+    }
+    write_report(payload, args.out)
+    print(args.out.with_suffix(".md").read_text())
+
+
+def fixed_cost_fit(rows: dict, flops: dict) -> tuple[float, float]:
+    """Decode time per token = fixed + per_block * blocks, least squares over the variants (ms)."""
+    xs = [flops[v]["blocks"] for v in rows]
+    ys = [1000.0 / rows[v]["decode_tok_s"]["median"] for v in rows]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def write_report(payload: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    s = payload["settings"]
+    lines = [
+        "# Latency and memory: dense vs pruned, per runtime",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"Machine: {payload['machine']}. Wall time {payload['wall_s']} s.  ",
+        f"Model: {payload['model']}; removed blocks (MI-PRUN): "
+        + ", ".join(f"{k}: {v}" for k, v in payload["removed"].items()) + ".  ",
+        f"Each runtime: one process, warm-up, then {s['repeats']} alternating rounds; median [min-max]. "
+        f"Decode: greedy, {s['decode_tokens']} tokens after a 128-token prompt. Peak RSS: a fresh process per model "
+        "(load, prefill 512, decode 16); 'base' is the process before loading the model.",
+        "",
+    ]
+    if payload["skipped"]:
+        lines += [f"Skipped (not installed): {', '.join(payload['skipped'])}.", ""]
+    lines += [
+        "## Speedup, pruned vs dense (ratio of medians within one run) and the FLOP-predicted ideal",
+        "",
+        "| runtime | model | prefill 128 | prefill 512 (ideal) | TTFT | decode tok/s (ideal) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, rows in payload["results"].items():
+        for v, r in rows.items():
+            if v == "dense":
+                continue
+            sp, ideal = r["speedup"], r["ideal"]
+            lines.append(f"| {label} | {v} | {sp['prefill_128']:.3f}x | {sp['prefill_512']:.3f}x ({ideal['prefill_512']:.3f}x) | "
+                         f"{sp['ttft']:.3f}x | {sp['decode']:.3f}x ({ideal['decode']:.3f}x) |")
+    lines += [
+        "",
+        "## Measurements",
+        "",
+        "| runtime | model | size MiB | prefill 128 ms | prefill 512 ms | TTFT ms | decode tok/s | peak RSS MiB (base) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(d):
+        return f"{d['median'] * 1000:.1f} [{d['min'] * 1000:.1f}-{d['max'] * 1000:.1f}]"
+
+    for label, rows in payload["results"].items():
+        for v, r in rows.items():
+            tps = r["decode_tok_s"]
+            lines.append(f"| {label} | {v} | {r['bytes'] / 2**20:.1f} | {ms(r['prefill_128_s'])} | {ms(r['prefill_512_s'])} | "
+                         f"{ms(r['ttft_s'])} | {tps['median']:.1f} [{tps['min']:.1f}-{tps['max']:.1f}] | "
+                         f"{r['memory']['peak_rss_mib']:.0f} ({r['memory']['base_rss_mib']:.0f}) |")
+    lines += ["", "## Where the gap to the ideal goes", ""]
+    for label, rows in payload["results"].items():
+        fixed, per_block = fixed_cost_fit(rows, payload["flops"])
+        dense_ms = 1000.0 / rows["dense"]["decode_tok_s"]["median"]
+        blocks = payload["flops"]["dense"]["blocks"]
+        head_share = payload["flops"]["dense"]["head_params"] / (payload["flops"]["dense"]["block_params"] + payload["flops"]["dense"]["head_params"])
+        lines.append(
+            f"- {label}: decode time per token fits {fixed:.2f} ms fixed + {per_block:.3f} ms per block "
+            f"(dense: {dense_ms:.2f} ms = {blocks} blocks x {per_block:.3f} + {fixed:.2f}); the fixed part is "
+            f"{fixed / dense_ms:.0%} of the dense token time, against {head_share:.0%} of the matmul FLOPs in the output head. "
+            "Removing blocks shrinks only the per-block part; the rest is the head, sampling and the runtime's per-call overhead."
+        )
+    lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines))
+    charts(payload, out)
+
+
+def charts(payload: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(payload["results"])
+    variants = [v for v in next(iter(payload["results"].values())) if v != "dense"] if labels else []
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(1, 2 * len(variants))
+    x = np.arange(len(labels))
+    for i, v in enumerate(variants):
+        for j, metric in enumerate(("prefill_512", "decode")):
+            vals = [payload["results"][l][v]["speedup"][metric] for l in labels]
+            ax.bar(x + (2 * i + j) * width, vals, width, label=f"{v} {metric}")
+            ideal = [payload["results"][l][v]["ideal"][metric] for l in labels]
+            ax.scatter(x + (2 * i + j) * width, ideal, marker="_", color="black", s=200, zorder=3)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(x + width * (2 * len(variants) - 1) / 2, labels, rotation=20, fontsize=8)
+    ax.set_ylabel("speedup vs dense (black: FLOP ideal)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_speedup.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    all_variants = list(next(iter(payload["results"].values()))) if labels else []
+    width = 0.8 / max(1, len(all_variants))
+    for i, v in enumerate(all_variants):
+        ax.bar(x + i * width, [payload["results"][l][v]["memory"]["peak_rss_mib"] for l in labels], width, label=v)
+    ax.set_xticks(x + width * (len(all_variants) - 1) / 2, labels, rotation=20, fontsize=8)
+    ax.set_ylabel("peak RSS (MiB)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_memory.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

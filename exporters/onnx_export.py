@@ -1,0 +1,184 @@
+"""Hugging Face folder -> ONNX with a KV cache for onnxruntime-genai (and plain onnxruntime).
+
+The export is onnxruntime-genai's own model builder (`python -m onnxruntime_genai.models.builder`),
+run as a subprocess for the CPU execution provider in fp32 or int4 (weight-only MatMulNBits).
+`optimum-onnx` is not an option: it requires transformers < 4.58.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from mi_prun.archs import ArchSpec
+from mi_prun.errors import UserError
+
+from .gguf_export import spec_of_folder
+from .onnx_builder_compat import builder_config
+
+ONNX_MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+
+
+class OnnxPrecision(str, Enum):
+    fp32 = "fp32"
+    int4 = "int4"
+
+
+def check_supported(spec: ArchSpec) -> None:
+    if not spec.onnx_genai_supported:
+        raise UserError(f"onnxruntime-genai's model builder does not support '{spec.model_type}'; use --target gguf")
+
+
+def _builder_error(output: str) -> str:
+    lines = [l for l in output.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if re.search(r"Error|error:|Exception|not supported", l)]
+    return (errors or lines or ["no output"])[-1].strip()[:400]
+
+
+def stage_for_builder(folder: Path, cache_dir: Path) -> Path:
+    """The folder itself, or a staged copy (files linked, config.json rewritten) when a shim applies."""
+    config = json.loads((folder / "config.json").read_text())
+    patched = builder_config(config)
+    if patched is None:
+        return folder
+    staged = cache_dir / "staged-input"
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir(parents=True)
+    for f in folder.iterdir():
+        if f.name != "config.json":
+            (staged / f.name).symlink_to(f.resolve())
+    (staged / "config.json").write_text(json.dumps(patched, indent=2))
+    return staged
+
+
+def export_onnx(folder: Path, output: Path, precision: OnnxPrecision, cache_dir: Path) -> None:
+    """Run the model builder: `output` becomes an onnxruntime-genai model folder."""
+    spec, _ = spec_of_folder(folder)
+    check_supported(spec)
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        raise UserError("ONNX export needs onnxruntime-genai (with onnx-ir and onnxscript): make install adds them") from None
+    source = stage_for_builder(Path(folder), Path(cache_dir))
+    cmd = [sys.executable, "-m", "exporters.onnx_builder_compat", "-i", str(source), "-o", str(output),
+           "-p", precision.value, "-e", "cpu", "-c", str(cache_dir),
+           # A full-length KV cache on sliding-window layers too: the windowed (ring) cache is
+           # only fed correctly by onnxruntime-genai, and plain onnxruntime must run the model.
+           "--extra_options", "windowed_kv_cache=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    if done.returncode != 0 or not (Path(output) / ONNX_MODEL_FILE).is_file():
+        raise UserError(f"onnxruntime-genai's model builder failed on {folder}: {_builder_error(done.stderr + done.stdout)}")
+
+
+@dataclass
+class OnnxCheck:
+    layers: int  # decoder layers seen through the KV-cache inputs
+    inputs: int
+    outputs: int
+    bytes: int
+    genai_loads: bool
+    matmul_nbits: int  # int4 weight-only matmuls in the graph
+
+
+class OnnxSession:
+    """Plain onnxruntime over the exported decoder: full-sequence logits with an empty KV cache."""
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(Path(folder) / ONNX_MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise UserError(f"onnxruntime cannot load {folder}: {str(err).splitlines()[0]}") from err
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = sorted((n for n in self.inputs if n.startswith("past_key_values.")), key=_layer_order)
+        # The graph leaves the head size symbolic; the builder's genai_config.json states it.
+        decoder = json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]["decoder"]
+        self.head_dim = int(decoder["head_size"])
+
+    @property
+    def layers(self) -> int:
+        return len(self.past) // 2
+
+    def logits(self, tokens: list[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+        for name in self.past:
+            shape = self.inputs[name].shape  # [batch, kv_heads, past_len, head_dim]
+            dtype = np.float16 if "float16" in self.inputs[name].type else np.float32
+            feed[name] = np.zeros((1, shape[1], 0, self.head_dim), dtype=dtype)
+        return self.session.run(["logits"], feed)[0][0].astype(np.float32)
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return int(parts[1]), parts[2]
+
+
+def count_matmul_nbits(folder: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(Path(folder) / ONNX_MODEL_FILE), load_external_data=False)
+    return sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+
+
+def check_onnx(folder: Path, expected_layers: int) -> OnnxCheck:
+    """Load the export in plain onnxruntime (count its KV layers) and in onnxruntime-genai."""
+    session = OnnxSession(folder)
+    if session.layers != expected_layers:
+        raise UserError(f"ONNX export {folder} has {session.layers} KV-cache layers, expected {expected_layers}")
+    import onnxruntime_genai as og
+
+    try:
+        og.Model(str(folder))
+    except Exception as err:
+        raise UserError(f"onnxruntime-genai cannot load {folder}: {str(err).splitlines()[0]}") from err
+    size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+    return OnnxCheck(session.layers, len(session.inputs), len(session.session.get_outputs()), size, True, count_matmul_nbits(folder))
+
+
+def genai_greedy(folder: Path, tokens: list[int], new_tokens: int) -> list[int]:
+    """Greedy generation of exactly `new_tokens` tokens with onnxruntime-genai (KV cache in use)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    total = len(tokens) + new_tokens
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    generator = og.Generator(model, params)
+    generator.append_tokens(list(tokens))
+    out = []
+    while not generator.is_done() and len(out) < new_tokens:
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def onnx_perplexity(folder: Path, windows: np.ndarray) -> float:
+    """Perplexity of the export over token windows (n, seq_len), every token but the first predicted."""
+    session = OnnxSession(folder)
+    total, count = 0.0, 0
+    for window in np.asarray(windows):
+        logits = session.logits(window).astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    mean = total / count
+    return math.exp(mean) if mean < 700 else math.inf

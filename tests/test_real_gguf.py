@@ -1,0 +1,102 @@
+"""The headline command on the real default model: `build --target gguf` prunes the Q4_1 GGUF in place,
+and llama.cpp runs the result like transformers runs the same blocks removed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from exporters import llamacpp
+from exporters.gguf_prune import open_gguf
+from exporters.parity import compare_logits, transformers_logits
+from mi_prun.blockset import blocks_kept
+from mi_prun.cli import app
+from mi_prun.load import default_model_path, load_model
+from mi_prun.manifest import PruningManifest
+
+from .conftest import WIKI_TEST
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def headline_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("headline") / "smollm2-gguf"
+    # exactly the README's main job, plus --keep-hf for the export checks below
+    result = runner.invoke(app, ["build", "--target", "gguf", "--keep-hf", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out, PruningManifest.read(out)
+
+
+@pytest.fixture(scope="module")
+def dense_default():
+    return load_model()
+
+
+def wiki_tokens(tokenizer, n=256):
+    return tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:5000], add_special_tokens=False)["input_ids"][:n]
+
+
+def test_headline_build_prunes_the_q4_1_gguf_in_place(headline_build, dense_default, record_property):
+    out, manifest = headline_build
+    [e] = manifest.exports
+    assert manifest.blocks_before == 30 and len(manifest.removed) == 4 and manifest.calibration.source == "self"
+    assert e.format_type == "q4_1" and e.check["block_count"] == 26 and e.check["llama_cpp_layers"] == 26
+    assert (out / "README.md").read_text().count(e.file) >= 2
+    src = {t.name: t for t in open_gguf(default_model_path()).tensors}
+    dst = {t.name: t for t in open_gguf(out / e.file).tensors}
+    assert len(src) - len(dst) == 4 * 9  # nine tensors per Llama block
+    kept = manifest.kept
+    for name, t in dst.items():
+        original = name
+        if name.startswith("blk."):
+            _, new, rest = name.split(".", 2)
+            original = f"blk.{kept[int(new)]}.{rest}"
+        assert src[original].tensor_type == t.tensor_type and np.array_equal(src[original].data, t.data), name
+
+    loaded = dense_default
+    tokens = wiki_tokens(loaded.tokenizer)
+    dense_parity = compare_logits(transformers_logits(loaded.model, tokens), llamacpp.logits(default_model_path(), tokens))
+    with blocks_kept(loaded.model, loaded.spec, kept):
+        reference = transformers_logits(loaded.model, tokens)
+    parity = compare_logits(reference, llamacpp.logits(out / e.file, tokens))
+    # llama.cpp's Q4_1 kernels quantize activations to 8 bits, transformers runs the dequantized
+    # weights in fp32: even the unpruned file agrees on the top-1 token only ~95% of the time. To
+    # check the pruned file itself at >= 99%, llama.cpp dequantizes it to F32 (exact) and runs that.
+    exact = out.parent / "pruned-dequantized.f32.gguf"
+    llamacpp.quantize(out / e.file, exact, "LLAMA_FTYPE_ALL_F32")
+    exact_parity = compare_logits(reference, llamacpp.logits(exact, tokens))
+    exact.unlink()
+    record = {"removed": manifest.removed, "q4_1_dense": dense_parity.__dict__, "q4_1_pruned": parity.__dict__,
+              "pruned_dequantized_f32": exact_parity.__dict__}
+    record_property("gguf_in_place", json.dumps(record))
+    print("\nin-place GGUF parity:", json.dumps(record))
+    assert exact_parity.top1 >= 0.99 and exact_parity.mean_kl < 1e-3, exact_parity
+    # Running quantized, pruning adds little to the kernels' own disagreement.
+    assert parity.top1 >= dense_parity.top1 - 0.05 and parity.mean_kl < 3 * dense_parity.mean_kl, (parity, dense_parity)
+
+
+def test_pruned_checkpoint_exports_f16_and_q8_0(headline_build, dense_default, tmp_path, record_property):
+    out, manifest = headline_build
+    loaded = dense_default
+    tokens = wiki_tokens(loaded.tokenizer)
+    with blocks_kept(loaded.model, loaded.spec, manifest.kept):
+        reference = transformers_logits(loaded.model, tokens)
+    record = {}
+    for gtype in ("f16", "q8_0"):
+        target = tmp_path / gtype
+        result = runner.invoke(app, ["export", "--target", "gguf", "--model", str(out / "hf"), "--gguf-type", gtype, "--out", str(target), "--quiet"])
+        assert result.exit_code == 0, result.output
+        info = json.loads((target / "export.json").read_text())
+        assert info["check"]["block_count"] == 26
+        assert llamacpp.tokenize(target / info["file"], loaded.tokenizer.decode(tokens))[:200] == tokens[:200]
+        parity = compare_logits(reference, llamacpp.logits(target / info["file"], tokens))
+        record[gtype] = {**parity.__dict__, "bytes": info["bytes"]}
+    record_property("gguf_exports", json.dumps(record))
+    print("\nexport parity:", json.dumps(record))
+    assert record["f16"]["top1"] >= 0.99 and record["f16"]["mean_kl"] < 0.01
+    assert record["q8_0"]["top1"] >= 0.95
