@@ -182,3 +182,10 @@ def test_build_cli_prunes_a_gguf_in_place(export_models, calib_txt, tmp_path):
     after = {t.name: t for t in open_gguf(out / e.file).tensors}
     assert np.array_equal(before["token_embd.weight"].data, after["token_embd.weight"].data)
     assert before["token_embd.weight"].tensor_type == after["token_embd.weight"].tensor_type
+    # asking for another type re-encodes through llama.cpp, and says that it costs quality
+    out2 = tmp_path / "build-f16"
+    result = invoke("build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4,
+                    "--seq-len", 64, "--remove", 3, "--gguf-type", "f16", "--out", out2, "--quiet")
+    assert result.exit_code == 0, result.output
+    [e2] = PruningManifest.read(out2).exports
+    assert e2.format_type == "f16" and e2.check["block_count"] == 5 and e2.warnings and "quantize" in e2.route

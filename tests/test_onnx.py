@@ -66,3 +66,14 @@ def test_onnx_build_and_export_cli(export_models, calib_txt, tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads((dense / "export.json").read_text())
     assert info["format_type"] == "int4" and info["check"]["layers"] == TINY_BLOCKS and info["check"]["matmul_nbits"] > 0
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    from dataclasses import replace
+
+    from exporters.onnx_export import check_supported
+    from mi_prun.archs import spec_for
+    from mi_prun.errors import UserError
+
+    with pytest.raises(UserError, match="does not support 'llama'.*--target gguf"):
+        check_supported(replace(spec_for("llama"), onnx_genai_supported=False))
