@@ -259,7 +259,7 @@ def write_report(payload: dict, out: Path) -> None:
         + ", ".join(f"{k}: {v}" for k, v in payload["removed"].items()) + ".  ",
         f"Each runtime: one process, warm-up, then {s['repeats']} alternating rounds; median [min-max]. "
         f"Decode: greedy, {s['decode_tokens']} tokens after a 128-token prompt. Peak RSS: a fresh process per model "
-        "(load, prefill 512, decode 16); 'base' is the process before loading the model.",
+        "(load, prefill 512, decode 16); 'base' is the process before importing the runtime and loading the model.",
         "",
     ]
     if payload["skipped"]:

@@ -79,6 +79,8 @@ def _load(model, device, dtype, reporter, inspected=None):
 
 
 METHOD_HELP = "mi-prun, mi-prun-exact, shortgpt, angular, sleb, ppl, random."
+RemoveOpt = typer.Option(None, "--remove", "-n", help="Number of blocks to remove.")
+MethodOpt = typer.Option("mi-prun", "--method", help=METHOD_HELP)
 
 
 @app.command()
@@ -86,9 +88,9 @@ METHOD_HELP = "mi-prun, mi-prun-exact, shortgpt, angular, sleb, ppl, random."
 def prune(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the pruned Hugging Face checkpoint."),
     model: Optional[str] = ModelOpt,
-    remove: Optional[int] = typer.Option(None, "--remove", "-n", help="Number of blocks to remove."),
+    remove: Optional[int] = RemoveOpt,
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of blocks to remove (instead of --remove)."),
-    method: str = typer.Option("mi-prun", "--method", help=METHOD_HELP),
+    method: str = MethodOpt,
     estimator: Estimator = EstimatorOpt,
     view: StateView = ViewOpt,
     calib: str = CalibOpt,
@@ -139,9 +141,9 @@ def build(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: the artifact, pruning.json, README.md model card."),
     target: str = typer.Option("gguf", "--target", "-t", help="Runtime format: gguf (llama.cpp) or onnx (onnxruntime-genai)."),
     model: Optional[str] = ModelOpt,
-    remove: Optional[int] = typer.Option(None, "--remove", "-n", help="Number of blocks to remove."),
+    remove: Optional[int] = RemoveOpt,
     ratio: Optional[float] = typer.Option(None, "--ratio", help=f"Fraction of blocks to remove (default {DEFAULT_BUILD_RATIO} when neither is given)."),
-    method: str = typer.Option("mi-prun", "--method", help=METHOD_HELP),
+    method: str = MethodOpt,
     estimator: Estimator = EstimatorOpt,
     view: StateView = ViewOpt,
     calib: str = CalibOpt,

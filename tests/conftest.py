@@ -58,14 +58,14 @@ def tiny_tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
-def build_tiny_model(model_type: str, folder: Path, tokenizer, seed: int = 0) -> Path:
+def build_tiny_model(model_type: str, folder: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
         model_type,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TINY_CONFIGS[model_type],
+        **{**TINY_CONFIGS[model_type], **overrides},
     )
     model = AutoModelForCausalLM.from_config(config)
     # Random init makes every block nearly the identity; larger weights give blocks distinct roles.
@@ -111,19 +111,7 @@ def smol_tokenizer(tmp_path_factory):
 
 
 def build_export_model(model_type: str, folder: Path, tokenizer, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    settings = dict(TINY_CONFIGS[model_type], vocab_size=len(tokenizer), **EXPORT_OVERRIDES.get(model_type, {}))
-    config = AutoConfig.for_model(
-        model_type, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **settings,
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.08)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    build_tiny_model(model_type, folder, tokenizer, seed, vocab_size=len(tokenizer), **EXPORT_OVERRIDES.get(model_type, {}))
     # transformers 5 swaps in the model family's own tokenizer class (Qwen's regex pre-tokenizer for
     # qwen2/qwen3) unless told to use tokenizer.json as it is; a Llama class with a ByteLevel
     # tokenizer.json does that, so SmolLM2's tokenizer stays SmolLM2's under every architecture.
