@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
@@ -152,12 +151,16 @@ def run_timing(args) -> dict:
     return {"runtime": args.runtime, "threads": args.threads, "runs": runs}
 
 
-def rss_mib() -> float:
+def status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mib() -> float:
+    return status_mib("VmRSS")
 
 
 def run_memory(args) -> dict:
@@ -167,7 +170,9 @@ def run_memory(args) -> dict:
     loaded = rss_mib()
     rt.prefill(prompt_tokens(512, rt.vocab))
     rt.generate(prompt_tokens(128, rt.vocab), 16)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a worker started
+    # by a large parent would report the parent's peak.
+    peak = status_mib("VmHWM")
     return {"runtime": args.runtime, "model": args.models[0], "base_rss_mib": base, "after_load_rss_mib": loaded, "peak_rss_mib": peak}
 
 
