@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow test-all prune-default build-default bench-quality clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ build-default:
 
 prune-default:
 	$(VENV)/bin/mi-prun-edge prune --remove 4 --out out/smollm2-pruned --force
+
+# Latency and memory, dense vs pruned (4 and 8 blocks), in PyTorch, llama.cpp and onnxruntime-genai
+# (about 17 minutes on 2 cores; built models and exports are reused from out/bench-work).
+bench:
+	$(PY) benchmarks/latency.py
 
 # Every selection method at N = 2, 4, 6, 8 on the default model (up to an hour on 2 cores; cached in out/bench-cache).
 bench-quality:
