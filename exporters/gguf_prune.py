@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import gguf
 
@@ -102,12 +102,11 @@ def prune_gguf(
     output: Path,
     removed: Sequence[int],
     supported_archs: Sequence[str] | None = None,
-    on_tensor: Callable[[int], None] | None = None,
 ) -> GGUFPruneReport:
-    """Write `output`: `source` without the blocks `removed`. `on_tensor(nbytes)` reports progress."""
+    """Write `output`: `source` without the blocks `removed`."""
     if not removed:
         raise UserError("no blocks to remove")
-    return rewrite_gguf(source, output, removed, None, supported_archs, on_tensor)
+    return rewrite_gguf(source, output, removed, None, supported_archs)
 
 
 def rewrite_gguf(
@@ -116,7 +115,6 @@ def rewrite_gguf(
     removed: Sequence[int] = (),
     set_kv: dict[str, KVValue] | None = None,
     supported_archs: Sequence[str] | None = None,
-    on_tensor: Callable[[int], None] | None = None,
 ) -> GGUFPruneReport:
     """Copy `source` to `output` without the blocks `removed` and with the metadata `set_kv` set.
 
@@ -179,8 +177,6 @@ def rewrite_gguf(
     for t in written:
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
         report.bytes_written += t.n_bytes
-        if on_tensor is not None:
-            on_tensor(t.n_bytes)
     writer.close()
     report.tensors_written = len(written)
     return report

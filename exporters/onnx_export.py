@@ -8,8 +8,6 @@ run as a subprocess for the CPU execution provider in fp32 or int4 (weight-only 
 from __future__ import annotations
 
 import json
-import math
-import re
 import shutil
 import subprocess
 import sys
@@ -21,8 +19,9 @@ import numpy as np
 
 from mi_prun.archs import ArchSpec
 from mi_prun.errors import UserError
+from mi_prun.evaluate import ppl_from_nll
 
-from .gguf_export import spec_of_folder
+from .gguf_export import spec_of_folder, tool_error_line
 from .onnx_builder_compat import builder_config
 
 ONNX_MODEL_FILE = "model.onnx"
@@ -37,12 +36,6 @@ class OnnxPrecision(str, Enum):
 def check_supported(spec: ArchSpec) -> None:
     if not spec.onnx_genai_supported:
         raise UserError(f"onnxruntime-genai's model builder does not support '{spec.model_type}'; use --target gguf")
-
-
-def _builder_error(output: str) -> str:
-    lines = [l for l in output.strip().splitlines() if l.strip()]
-    errors = [l for l in lines if re.search(r"Error|error:|Exception|not supported", l)]
-    return (errors or lines or ["no output"])[-1].strip()[:400]
 
 
 def stage_for_builder(folder: Path, cache_dir: Path) -> Path:
@@ -78,7 +71,7 @@ def export_onnx(folder: Path, output: Path, precision: OnnxPrecision, cache_dir:
            "--extra_options", "windowed_kv_cache=false"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
     if done.returncode != 0 or not (Path(output) / ONNX_MODEL_FILE).is_file():
-        raise UserError(f"onnxruntime-genai's model builder failed on {folder}: {_builder_error(done.stderr + done.stdout)}")
+        raise UserError(f"onnxruntime-genai's model builder failed on {folder}: {tool_error_line(done.stderr + done.stdout, r'Error|error:|Exception|not supported')[:400]}")
 
 
 @dataclass
@@ -180,5 +173,4 @@ def onnx_perplexity(folder: Path, windows: np.ndarray) -> float:
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         total -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
         count += len(window) - 1
-    mean = total / count
-    return math.exp(mean) if mean < 700 else math.inf
+    return ppl_from_nll(total / count)

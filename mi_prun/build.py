@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gguf
 
-from exporters.gguf_export import GGUFType, check_gguf, export_gguf, spec_of_folder
+from exporters.gguf_export import GGUF_TYPES, GGUFType, check_gguf, export_gguf, spec_of_folder
 from exporters.gguf_prune import prune_gguf
 from exporters import llamacpp
 from exporters.onnx_export import OnnxPrecision, check_onnx, export_onnx
@@ -78,11 +78,11 @@ def measure_quality(loaded: LoadedModel, result: PruneResult, options: BuildOpti
         windows = strided_windows(ids, options.eval_seq_len, max_windows=options.eval_windows)
     except ValueError:
         raise UserError(f"--eval text has {ids.numel()} tokens, fewer than one window of {options.eval_seq_len}") from None
-    reference = Reference(loaded.model)
+    # The dense pass keeps its log-probs: they are the reference for the pruned pass (one dense forward).
+    reference = Reference(loaded.model, keep=True)
     n_batches = -(-len(windows) // 4)
     with reporter.task("evaluating the dense model on --eval text", n_batches) as advance:
-        dense = evaluate(loaded.model, windows, on_batch=advance)
-        reference.fill(windows, 4)
+        dense = evaluate(reference, windows, on_batch=advance)
     with blocks_kept(loaded.model, loaded.spec, result.kept):
         with reporter.task("evaluating the pruned model on --eval text", n_batches) as advance:
             pruned = evaluate(loaded.model, windows, reference, on_batch=advance)
@@ -105,11 +105,8 @@ def gguf_in_place(source: ModelSource, removed: list[int], gguf_type: GGUFType |
     route = "in-place GGUF pruning (original tensor bytes and quantization kept)"
     if gguf_type is not None:
         final = out_dir / f"{stem}-pruned{len(removed)}.{gguf_type.value}.gguf"
-        from exporters.gguf_export import GGUF_TYPES
-
-        info = GGUF_TYPES[gguf_type]
         reporter.say(f"requantizing to {gguf_type.value} with llama.cpp")
-        llamacpp.quantize(target, final, info.llama_ftype or ("LLAMA_FTYPE_ALL_F32" if gguf_type is GGUFType.f32 else "LLAMA_FTYPE_MOSTLY_F16"))
+        llamacpp.quantize(target, final, GGUF_TYPES[gguf_type].llama_ftype)
         target.unlink()
         target = final
         route += f", then llama.cpp quantize to {gguf_type.value}"
@@ -138,7 +135,7 @@ def gguf_from_folder(folder: Path, gguf_type: GGUFType, out_dir: Path, stem: str
         reporter.say(f"[yellow]warning:[/] {warning}")
     return ExportInfo(
         target="gguf", file=target.name, format_type=gguf_type.value, bytes=target.stat().st_size,
-        route="llama.cpp convert_hf_to_gguf" + (" + llama.cpp quantize" if gguf_type in (GGUFType.q8_0, GGUFType.q4_0) else ""),
+        route="llama.cpp convert_hf_to_gguf" + (" + llama.cpp quantize" if GGUF_TYPES[gguf_type].converter_outtype != gguf_type.value else ""),
         check={**check.__dict__, "set_keys": export.set_keys}, warnings=export.warnings,
         seconds=round(time.perf_counter() - start, 2),
     )

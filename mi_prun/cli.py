@@ -322,16 +322,19 @@ def eval_(
         from .tasks import require_lm_eval
 
         require_lm_eval()
+    # Configs are read once, up front (seconds for a GGUF), and reused for loading.
     source = resolve_source(model)
-    inspect_model(source)
+    inspected = (source, inspect_model(source)[0])
+    ref_inspected = None
     if reference is not None:
-        inspect_model(resolve_source(reference))
+        ref_source = resolve_source(reference)
+        ref_inspected = (ref_source, inspect_model(ref_source)[0])
     warning = calibration_overlap(source, data)
     if warning:
         err_console.print(f"[bold yellow]WARNING:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     reporter = Reporter(quiet)
-    loaded = _load(model, device, dtype, reporter)
-    ref = _load(reference, device, dtype, reporter) if reference is not None else None
+    loaded = _load(model, device, dtype, reporter, inspected=inspected)
+    ref = _load(reference, device, dtype, reporter, inspected=ref_inspected) if reference is not None else None
     result = run_eval(loaded, data, seq_len, stride, max_windows, batch_size, ref, reporter)
     payload = {"model": loaded.source.describe(), "reference": ref.source.describe() if ref else None, "data": data,
                **result.to_dict(), "warnings": [warning] if warning else []}

@@ -94,7 +94,8 @@ class EvalResult:
         return asdict(self)
 
 
-def _ppl(mean_nll: float) -> float:
+def ppl_from_nll(mean_nll: float) -> float:
+    """exp(NLL), infinite for a collapsed model instead of an overflow."""
     return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
@@ -137,12 +138,14 @@ def evaluate(
     batch_size: int = 4,
     on_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
-    """Perplexity of `model` on `windows`; with a reference, mean KL(reference || model) and top-1 agreement."""
+    """Perplexity of `model` on `windows`; with a reference, mean KL(reference || model) and top-1 agreement.
+
+    `model` may be a `Reference`: its (kept) log-probs are scored, so a dense pass fills the reference."""
     start = time.perf_counter()
     total_nll = total_kl = 0.0
     agree = tokens = 0
     for index, (batch, mask) in enumerate(windows.batches(batch_size)):
-        lp = log_probs(model, batch)
+        lp = model(index, batch) if isinstance(model, Reference) else log_probs(model, batch)
         targets = batch[:, 1:]
         nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         total_nll += float(nll[mask].sum())
@@ -156,7 +159,7 @@ def evaluate(
             on_batch()
     mean = total_nll / tokens
     return EvalResult(
-        ppl=_ppl(mean),
+        ppl=ppl_from_nll(mean),
         nll=mean,
         tokens=tokens,
         windows=len(windows),
@@ -188,4 +191,4 @@ def perplexity(
         if on_batch is not None:
             on_batch()
     mean = total_nll / total_tokens
-    return Perplexity(ppl=_ppl(mean), nll=mean, tokens=total_tokens, windows=windows.shape[0])
+    return Perplexity(ppl=ppl_from_nll(mean), nll=mean, tokens=total_tokens, windows=windows.shape[0])
