@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,9 +32,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
 
 from exporters.gguf_export import GGUFType, export_gguf  # noqa: E402
 from exporters.onnx_export import OnnxPrecision, export_onnx  # noqa: E402
+from machine import machine_line  # noqa: E402
 from mi_prun.blockset import apply_keep, keep_indices, restore  # noqa: E402
 from mi_prun.calibration import CalibrationSpec, calibration_batches  # noqa: E402
 from mi_prun.load import load_model  # noqa: E402
@@ -69,11 +70,6 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-work", help="built models and exports (reused)")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     return p.parse_args(argv)
-
-
-def machine_line(threads: int) -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
-    return f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, {threads} threads pinned per runtime"
 
 
 def build_variants(args, reporter) -> tuple[dict[str, Path], dict[str, list[int]]]:
@@ -239,7 +235,7 @@ def main(argv=None) -> None:
 
     payload = {
         "command": " ".join(["python benchmarks/latency.py", *argv]),
-        "machine": machine_line(args.threads),
+        "machine": machine_line(f"{args.threads} threads pinned per runtime"),
         "model": args.model or "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized for the exports)",
         "removed": removed,
         "flops": flops,

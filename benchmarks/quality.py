@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -28,7 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
 
+from machine import machine_line  # noqa: E402
 from mi_prun import select  # noqa: E402
 from mi_prun.blockset import blocks_kept, keep_indices  # noqa: E402
 from mi_prun.calibration import CalibrationSpec, calibration_batches, tokenize_text  # noqa: E402
@@ -77,13 +78,6 @@ class Cache:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data))
         tmp.replace(self.path)
-
-
-def machine_line() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
-    import os
-
-    return f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def run(args, argv) -> dict:
@@ -207,7 +201,7 @@ def run(args, argv) -> dict:
                        f"(sleb, ppl: {args.eval_calib_samples} of those windows, one forward pass per candidate)",
         "evaluation": f"first {len(windows)} windows x {windows.seq_len} tokens of {Path(args.eval_data).name} "
                       f"({windows.target_mask().sum().item()} scored tokens)",
-        "machine": machine_line(),
+        "machine": machine_line(f"{torch.get_num_threads()} torch threads"),
         "wall_s": round(time.perf_counter() - started, 1),
         "rows": rows,
     }
