@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import gguf
+import numpy as np
 
 from mi_prun.errors import UserError
 
@@ -52,6 +53,8 @@ class GGUFPruneReport:
     tensors_dropped: int = 0
     tensors_written: int = 0
     bytes_written: int = 0
+    # Tensors given new values (original names), with the type they were written in.
+    replaced: dict[str, str] = field(default_factory=dict)
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
@@ -102,11 +105,24 @@ def prune_gguf(
     output: Path,
     removed: Sequence[int],
     supported_archs: Sequence[str] | None = None,
+    replace: Mapping[str, np.ndarray] | None = None,
 ) -> GGUFPruneReport:
-    """Write `output`: `source` without the blocks `removed`."""
+    """Write `output`: `source` without the blocks `removed` (and with the tensors in `replace`
+    given new float values, named as in `source`)."""
     if not removed:
         raise UserError("no blocks to remove")
-    return rewrite_gguf(source, output, removed, None, supported_archs)
+    return rewrite_gguf(source, output, removed, None, supported_archs, replace)
+
+
+def encode_like(values: np.ndarray, original: gguf.ReaderTensor) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """`values` (float, the tensor's numpy shape) in the original tensor's type, or F16 where
+    gguf-py has no quantizer for that type."""
+    if tuple(values.shape) != tuple(int(d) for d in reversed(original.shape)):
+        raise ValueError(f"{original.name}: new values have shape {values.shape}, the file has {tuple(reversed(original.shape))}")
+    try:
+        return gguf.quants.quantize(values.astype(np.float32), original.tensor_type), original.tensor_type
+    except NotImplementedError:
+        return values.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
 def rewrite_gguf(
@@ -115,10 +131,13 @@ def rewrite_gguf(
     removed: Sequence[int] = (),
     set_kv: dict[str, KVValue] | None = None,
     supported_archs: Sequence[str] | None = None,
+    replace: Mapping[str, np.ndarray] | None = None,
 ) -> GGUFPruneReport:
     """Copy `source` to `output` without the blocks `removed` and with the metadata `set_kv` set.
 
-    `set_kv` values describe the model after the removal (they are not sliced)."""
+    `set_kv` values describe the model after the removal (they are not sliced). Tensors named in
+    `replace` (original names) are encoded from the new values; all others keep their bytes."""
+    replace = dict(replace or {})
     set_kv = dict(set_kv or {})
     reader = open_gguf(source)
     info = model_info(reader, source)
@@ -168,15 +187,22 @@ def rewrite_gguf(
                 report.tensors_dropped += 1
                 continue
             name = f"blk.{new_index[block]}.{match.group(2)}"
-        # Raw bytes and the original type: no dequantize/requantize round trip.
-        writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        written.append(t)
+        if t.name in replace:
+            data, qtype = encode_like(replace.pop(t.name), t)
+            report.replaced[t.name] = qtype.name
+        else:
+            # Raw bytes and the original type: no dequantize/requantize round trip.
+            data, qtype = t.data, t.tensor_type
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
+        written.append(data)
+    if replace:
+        raise ValueError(f"tensors to replace are not in {source} (or belong to removed blocks): {sorted(replace)}")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for t in written:
-        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-        report.bytes_written += t.n_bytes
+    for data in written:
+        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+        report.bytes_written += data.nbytes
     writer.close()
     report.tensors_written = len(written)
     return report

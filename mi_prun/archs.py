@@ -41,6 +41,10 @@ class ArchSpec:
     # Attributes inside a block that hold the block's own index (used by the KV cache).
     layer_index_attrs: tuple[str, ...] = ("self_attn.layer_idx",)
     layer_count_key: str = "num_hidden_layers"
+    # The last linear map of a block whose output is added straight to the residual stream: linear
+    # compensation of a removed run folds into it (None: a norm follows it, nothing to fold into).
+    residual_projection: str | None = "mlp.down_proj"
+    gguf_residual_projection: str | None = "ffn_down"
     # Config lists with one entry per block: sliced by the kept indices on repack.
     per_layer_config_keys: tuple[str, ...] = ("layer_types",)
     # Architecture names in the export formats (used by exporters/).
@@ -72,6 +76,9 @@ REGISTRY: dict[str, ArchSpec] = {
             # llama.cpp assumes every 6th layer is global unless this array says otherwise; a pruned
             # (or any non-standard) layer pattern needs it.
             gguf_layer_flags=(GGUFLayerFlag("layer_types", "attention.sliding_window_pattern", "sliding_attention"),),
+            # post_feedforward_layernorm follows down_proj: a linear map cannot be folded through it.
+            residual_projection=None,
+            gguf_residual_projection=None,
             notes="per-layer layer_types (sliding/full attention), q/k norms, (1+w) RMSNorm",
             **_LLAMA_LIKE,
         ),

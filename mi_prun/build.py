@@ -14,13 +14,15 @@ from enum import Enum
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from exporters.gguf_export import GGUF_TYPES, GGUFType, check_gguf, export_gguf, spec_of_folder
 from exporters.gguf_prune import prune_gguf
 from exporters import llamacpp
 from exporters.onnx_export import OnnxPrecision, check_onnx, export_onnx
 
-from .archs import REGISTRY
+from .archs import REGISTRY, ArchSpec
+from .compensate import RunCompensation, applied
 from .atomic import atomic_dir, check_target
 from .blockset import blocks_kept
 from .errors import UserError
@@ -83,7 +85,7 @@ def measure_quality(loaded: LoadedModel, result: PruneResult, options: BuildOpti
     n_batches = -(-len(windows) // 4)
     with reporter.task("evaluating the dense model on --eval text", n_batches) as advance:
         dense = evaluate(reference, windows, on_batch=advance)
-    with blocks_kept(loaded.model, loaded.spec, result.kept):
+    with applied(loaded.model, loaded.spec, result.compensation), blocks_kept(loaded.model, loaded.spec, result.kept):
         with reporter.task("evaluating the pruned model on --eval text", n_batches) as advance:
             pruned = evaluate(loaded.model, windows, reference, on_batch=advance)
     return QualityInfo(
@@ -92,17 +94,35 @@ def measure_quality(loaded: LoadedModel, result: PruneResult, options: BuildOpti
     )
 
 
-def gguf_in_place(source: ModelSource, removed: list[int], gguf_type: GGUFType | None, out_dir: Path, stem: str, reporter: Reporter) -> ExportInfo:
-    """Prune the source GGUF itself: its tensors keep their bytes and quantization."""
+def compensated_gguf_tensors(spec: ArchSpec, runs: list[RunCompensation]) -> dict[str, np.ndarray]:
+    """The weights rewritten by compensation, under their GGUF names (original block indices)."""
+    return {
+        f"blk.{r.prev}.{spec.gguf_residual_projection}.weight": r.weight.float().numpy()
+        for r in runs
+        if r.weight is not None
+    }
+
+
+def gguf_in_place(
+    source: ModelSource, removed: list[int], gguf_type: GGUFType | None, out_dir: Path, stem: str, reporter: Reporter,
+    replace: dict[str, np.ndarray] | None = None,
+) -> ExportInfo:
+    """Prune the source GGUF itself: its tensors keep their bytes and quantization, except the
+    ones in `replace` (compensated weights), which are encoded in their original type."""
     src = Path(source.location) / source.gguf_file
     start = time.perf_counter()
     archs = sorted({spec.gguf_arch for spec in REGISTRY.values()})
     pruned_name = f"{stem}-pruned{len(removed)}.gguf"
     with reporter.task("pruning the GGUF in place (tensor bytes copied)", None):
-        report = prune_gguf(src, out_dir / pruned_name, removed, archs)
+        report = prune_gguf(src, out_dir / pruned_name, removed, archs, replace)
     warnings = []
     target = out_dir / pruned_name
     route = "in-place GGUF pruning (original tensor bytes and quantization kept)"
+    if report.replaced:
+        route = (
+            f"in-place GGUF pruning (original tensor bytes and quantization kept, except {len(report.replaced)} "
+            "compensated tensors re-encoded in their original type)"
+        )
     if gguf_type is not None:
         final = out_dir / f"{stem}-pruned{len(removed)}.{gguf_type.value}.gguf"
         reporter.say(f"requantizing to {gguf_type.value} with llama.cpp")
@@ -119,7 +139,10 @@ def gguf_in_place(source: ModelSource, removed: list[int], gguf_type: GGUFType |
         target = final
     return ExportInfo(
         target="gguf", file=target.name, format_type=fmt, bytes=target.stat().st_size, route=route,
-        check={**check.__dict__, "sliced_keys": report.sliced_keys, "tensors_dropped": report.tensors_dropped},
+        check={
+            **check.__dict__, "sliced_keys": report.sliced_keys, "tensors_dropped": report.tensors_dropped,
+            "tensors_replaced": report.replaced,
+        },
         warnings=warnings, seconds=round(time.perf_counter() - start, 2),
     )
 
@@ -176,7 +199,8 @@ def build(loaded: LoadedModel, options: BuildOptions, out: Path, force: bool = F
         if options.target is Target.onnx:
             export = onnx_from_folder(hf, options.onnx_precision, tmp, len(result.kept), reporter)
         elif in_place:
-            export = gguf_in_place(loaded.source, result.removed, options.gguf_type, tmp, stem, reporter)
+            replace = compensated_gguf_tensors(loaded.spec, result.compensation)
+            export = gguf_in_place(loaded.source, result.removed, options.gguf_type, tmp, stem, reporter, replace)
         else:
             gtype = options.gguf_type or DEFAULT_GGUF_TYPE
             export = gguf_from_folder(hf, gtype, tmp, f"{stem}-pruned{len(result.removed)}", len(result.kept), reporter)

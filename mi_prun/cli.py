@@ -31,6 +31,14 @@ SeedOpt = typer.Option(0, "--seed", help="Seed for calibration sampling, token s
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+CompensateOpt = typer.Option(
+    True, "--compensate/--no-compensate",
+    help="Fold a linear map fitted on the calibration text into the block before each removed run (plain weights, any runtime).",
+)
+CompensationSamplesOpt = typer.Option(
+    None, "--compensation-samples",
+    help="Calibration sequences for the final compensation fit (default: --n-samples); more fit better, each run costs a pass.",
+)
 
 
 def _user_errors(fn):
@@ -47,7 +55,8 @@ def _user_errors(fn):
     return wrapper
 
 
-def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k, verify=True):
+def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k, verify=True, compensate=True,
+             compensation_samples=None):
     from .prune import Method, PruneOptions
 
     return PruneOptions(
@@ -59,6 +68,8 @@ def _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, 
         calibration=CalibrationSpec(calib, n_samples, seq_len, seed),
         top_k=top_k,
         verify=verify,
+        compensate=compensate,
+        compensation_samples=compensation_samples,
         seed=seed,
     )
 
@@ -98,6 +109,8 @@ def prune(
     seq_len: int = SeqLenOpt,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Fast-Block-Select candidate runs (default 3N)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Score differing MI-PRUN proposals by calibration perplexity (one pass each)."),
+    compensate: bool = CompensateOpt,
+    compensation_samples: Optional[int] = CompensationSamplesOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -113,12 +126,14 @@ def prune(
     if remove is None and ratio is None:
         raise UserError("say how many blocks to remove: --remove N or --ratio R")
     from .load import inspect_model, resolve_source
-    from .prune import blocks_to_remove
+    from .prune import blocks_to_remove, check_compensation_samples
 
     # Everything that can be checked without the weights is checked before minutes of work.
     check_target(out, force)
-    options = _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k, verify)
+    options = _options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, top_k, verify, compensate,
+                       compensation_samples)
     options.calibration.validate()
+    check_compensation_samples(compensation_samples)
     source = resolve_source(model)
     spec, config = inspect_model(source)
     blocks_to_remove(getattr(config, spec.layer_count_key), remove, ratio)
@@ -154,6 +169,8 @@ def build(
     keep_hf: bool = typer.Option(False, "--keep-hf", help="Also keep the repacked Hugging Face checkpoint (in hf/)."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out text to measure dense vs pruned quality for the model card (same formats as eval --data)."),
     eval_windows: int = typer.Option(16, "--eval-windows", help="Windows of 512 tokens evaluated with --eval."),
+    compensate: bool = CompensateOpt,
+    compensation_samples: Optional[int] = CompensationSamplesOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -164,7 +181,7 @@ def build(
     from .atomic import check_target
     from .build import BuildOptions, Target, build as run_build
     from .load import inspect_model, resolve_source
-    from .prune import Method, blocks_to_remove
+    from .prune import Method, blocks_to_remove, check_compensation_samples
 
     from exporters.onnx_export import OnnxPrecision
 
@@ -178,7 +195,8 @@ def build(
     check_target(out, force)
     options = BuildOptions(
         target=target_kind,
-        prune=_options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, None),
+        prune=_options(method, estimator, view, remove, ratio, calib, n_samples, seq_len, seed, None, compensate=compensate,
+                       compensation_samples=compensation_samples),
         gguf_type=gtype,
         onnx_precision=precision,
         keep_hf=keep_hf,
@@ -186,6 +204,7 @@ def build(
         eval_windows=eval_windows,
     )
     options.prune.calibration.validate()
+    check_compensation_samples(compensation_samples)
     source = resolve_source(model)
     spec, config = inspect_model(source)
     blocks_to_remove(getattr(config, spec.layer_count_key), remove, ratio)

@@ -53,6 +53,25 @@ class SelectionInfo(BaseModel):
     candidates: list[Candidate] = Field(default_factory=list)
 
 
+class CompensationRun(BaseModel):
+    """The linear map fitted for one removed run and folded into block `folded_into`."""
+
+    first: int
+    last: int
+    folded_into: int | None  # original index of the kept block before the run; None: nothing before it
+    weight: str | None = None  # the rewritten weight, e.g. mlp.down_proj.weight
+    ridge: float | None = None  # chosen by cross-validation over calibration windows
+    heldout_error_ratio: float | None = None  # held-out error / plain-removal error (1 = no gain)
+    fit_error_ratio: float | None = None  # the same on all calibration tokens
+
+
+class CompensationInfo(BaseModel):
+    enabled: bool
+    samples: int | None = None  # calibration windows of the final fit (seq_len as calibration)
+    runs: list[CompensationRun] = Field(default_factory=list)
+    note: str | None = None  # why some or all runs are not compensated
+
+
 class ExportInfo(BaseModel):
     """One artifact written by `build` / `export`, with what its read-back check found."""
 
@@ -95,6 +114,7 @@ class PruningManifest(BaseModel):
     block_scores: dict[str, list[float]]
     run_scores: list[RunScore]
     selection: SelectionInfo
+    compensation: CompensationInfo | None = None
     calibration: CalibrationInfo
     device: str
     dtype: str

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Sequence
@@ -17,10 +17,20 @@ from .atomic import atomic_dir, check_target
 from .blockset import apply_keep, blocks_kept, keep_indices
 from .calibration import CalibrationSpec, calibration_batches, canonical_source
 from .capture import capture_boundaries
+from .compensate import RunCompensation, applied, fit_compensation, fold_in
 from .errors import UserError
 from .evaluate import perplexity
 from .load import LoadedModel
-from .manifest import Candidate, CalibrationInfo, PruningManifest, RunScore, SelectionInfo, package_versions
+from .manifest import (
+    Candidate,
+    CalibrationInfo,
+    CompensationInfo,
+    CompensationRun,
+    PruningManifest,
+    RunScore,
+    SelectionInfo,
+    package_versions,
+)
 from .progress import QUIET, Reporter
 from .scoring import BoundaryMI, CapturePlan, Estimator, StateView
 
@@ -46,8 +56,17 @@ class PruneOptions:
     max_tokens: int = 2048  # token sample kept for the population estimators
     top_k: int | None = None  # Fast-Block-Select candidate runs (default 3N)
     verify: bool = True  # score differing MI-PRUN proposals by calibration NLL
+    compensate: bool = True  # fold a fitted linear map for each removed run into the block before it
+    # Calibration windows for the final compensation fit (same source); None: the scoring windows.
+    # A fit of d x d maps gains from more tokens than scoring needs (verification still uses those).
+    compensation_samples: int | None = None
     batch_size: int = 4
     seed: int = 0
+
+
+def check_compensation_samples(samples: int | None) -> None:
+    if samples is not None and samples < 1:
+        raise UserError(f"--compensation-samples must be at least 1, got {samples}")
 
 
 def blocks_to_remove(n_blocks: int, remove: int | None, ratio: float | None) -> int:
@@ -101,6 +120,7 @@ class PruneResult:
     selection: SelectionInfo
     calibration_ids: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
+    compensation: list[RunCompensation] = field(default_factory=list)
 
 
 def score_model(loaded: LoadedModel, calib_ids: torch.Tensor, options: PruneOptions, reporter: Reporter = QUIET) -> Scores:
@@ -117,22 +137,52 @@ def score_model(loaded: LoadedModel, calib_ids: torch.Tensor, options: PruneOpti
     )
 
 
-class CalibrationEvaluator:
-    """Calibration perplexity of the model with some blocks removed; counts its forward passes."""
+def can_compensate(loaded: LoadedModel) -> bool:
+    return loaded.spec.residual_projection is not None
 
-    def __init__(self, loaded: LoadedModel, calib_ids: torch.Tensor, batch_size: int, advance=None) -> None:
+
+def compensation_for(loaded: LoadedModel, removed: Sequence[int], calib_ids: torch.Tensor, batch_size: int) -> list[RunCompensation]:
+    """Fitted maps for `removed` (empty when the architecture has nowhere to fold them)."""
+    if not can_compensate(loaded):
+        return []
+    return fit_compensation(loaded.model, loaded.spec, removed, list(calib_ids.split(batch_size)))
+
+
+def capture_passes(runs: Sequence[RunCompensation]) -> int:
+    return sum(r.prev is not None for r in runs)
+
+
+class CalibrationEvaluator:
+    """Calibration perplexity of the model with some blocks removed; counts its forward passes.
+
+    With `compensate`, each removal is scored as it will be shipped: its runs' linear maps fitted
+    (one capture pass per run, kept in `fitted`) and folded in."""
+
+    def __init__(self, loaded: LoadedModel, calib_ids: torch.Tensor, batch_size: int, advance=None, compensate: bool = False) -> None:
         self.loaded, self.calib_ids, self.batch_size = loaded, calib_ids, batch_size
         self.passes = 0
         self.advance = advance
+        self.compensate = compensate
+        self.fitted: dict[tuple[int, ...], list[RunCompensation]] = {}
+        self.nll: dict[tuple[int, ...], float] = {}
 
     def __call__(self, removed: Sequence[int]) -> float:
+        key = tuple(sorted(removed))
+        if key in self.nll:
+            return self.nll[key]
         n = block_count(self.loaded.model, self.loaded.spec)
-        with blocks_kept(self.loaded.model, self.loaded.spec, keep_indices(n, removed)):
+        runs: list[RunCompensation] = []
+        if self.compensate:
+            runs = compensation_for(self.loaded, removed, self.calib_ids, self.batch_size)
+            self.fitted[key] = runs
+            self.passes += capture_passes(runs)
+        with applied(self.loaded.model, self.loaded.spec, runs), blocks_kept(self.loaded.model, self.loaded.spec, keep_indices(n, removed)):
             result = perplexity(self.loaded.model, self.calib_ids, self.batch_size)
         self.passes += 1
         if self.advance is not None:
             self.advance()
         # NLL rather than perplexity: exp() overflows for a collapsed model, NLL stays comparable.
+        self.nll[key] = result.nll
         return result.nll
 
 
@@ -143,12 +193,15 @@ def select_blocks(
     options: PruneOptions,
     n_remove: int,
     reporter: Reporter = QUIET,
+    verifier: CalibrationEvaluator | None = None,
 ) -> tuple[list[int], SelectionInfo]:
+    """`verifier` scores MI-PRUN's proposals (default: calibration NLL without compensation)."""
     n = scores.n_blocks
     info = SelectionInfo(forward_passes=1)  # the capture pass
     method = options.method
     if method in (Method.mi_prun, Method.mi_prun_exact):
-        removed = _mi_prun_select(loaded, scores, calib_ids, options, n_remove, info, reporter)
+        verifier = verifier or CalibrationEvaluator(loaded, calib_ids, options.batch_size)
+        removed = _mi_prun_select(scores, options, n_remove, info, verifier, reporter)
     elif method is Method.shortgpt:
         removed = select.lowest_scores([1.0 - scores.cosine[i, i + 1] for i in range(n)], n_remove)
     elif method is Method.angular:
@@ -186,7 +239,7 @@ def objective_cost(objective: Objective, bmi: BoundaryMI, n_blocks: int) -> sele
     return select.length_penalized(bmi.run_cost, 1.0 if objective is Objective.length else 0.0)
 
 
-def _mi_prun_select(loaded, scores: Scores, calib_ids, options: PruneOptions, n_remove: int, info: SelectionInfo, reporter) -> list[int]:
+def _mi_prun_select(scores: Scores, options: PruneOptions, n_remove: int, info: SelectionInfo, evaluator: CalibrationEvaluator, reporter) -> list[int]:
     """Propose the optimum of each form of the MI objective; verify on calibration text.
 
     Fast-Block-Select (or the exact DP for mi-prun-exact) solves each objective. When the
@@ -223,7 +276,6 @@ def _mi_prun_select(loaded, scores: Scores, calib_ids, options: PruneOptions, n_
     distinct = {tuple(c.removed) for c in info.candidates}
     chosen = info.candidates[0]
     if options.verify and len(distinct) > 1:
-        evaluator = CalibrationEvaluator(loaded, calib_ids, options.batch_size)
         nll: dict[tuple[int, ...], float] = {}
         with reporter.task("verifying MI-PRUN proposals on calibration text", len(distinct)) as advance:
             for candidate in info.candidates:
@@ -253,9 +305,28 @@ def prune(loaded: LoadedModel, options: PruneOptions, reporter: Reporter = QUIET
     timings["capture"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    removed, info = select_blocks(loaded, scores, calib_ids, options, n_remove, reporter)
+    compensate = options.compensate and can_compensate(loaded)
+    verifier = CalibrationEvaluator(loaded, calib_ids, options.batch_size, compensate=compensate)
+    removed, info = select_blocks(loaded, scores, calib_ids, options, n_remove, reporter, verifier)
     timings["select"] = time.perf_counter() - start
-    return PruneResult(removed, keep_indices(n, removed), scores, info, calib_ids, timings)
+
+    runs: list[RunCompensation] = []
+    if compensate:
+        start = time.perf_counter()
+        fit_ids = calib_ids
+        if options.compensation_samples is not None and options.compensation_samples != options.calibration.n_samples:
+            spec = replace(options.calibration, n_samples=options.compensation_samples)
+            reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
+            fit_ids = calibration_batches(loaded.model, loaded.tokenizer, spec)
+            runs = None
+        else:
+            runs = verifier.fitted.get(tuple(sorted(removed)))
+        if runs is None:
+            with reporter.task("fitting linear compensation for the removed runs", None):
+                runs = compensation_for(loaded, removed, fit_ids, options.batch_size)
+            info.forward_passes += capture_passes(runs)
+        timings["compensate"] = time.perf_counter() - start
+    return PruneResult(removed, keep_indices(n, removed), scores, info, calib_ids, timings, runs)
 
 
 def run_scores(scores: Scores) -> list[RunScore]:
@@ -267,6 +338,26 @@ def run_scores(scores: Scores) -> list[RunScore]:
         for a in range(scores.n_blocks)
         for b in range(a, scores.n_blocks)
     ]
+
+
+def compensation_info(loaded: LoadedModel, options: PruneOptions, result: PruneResult) -> CompensationInfo:
+    if not options.compensate:
+        return CompensationInfo(enabled=False, note="disabled (--no-compensate)")
+    if not can_compensate(loaded):
+        return CompensationInfo(
+            enabled=False, note=f"{loaded.spec.model_type}: a norm follows the MLP output, no linear weight to fold a map into"
+        )
+    weight = f"{loaded.spec.residual_projection}.weight"
+    runs = [
+        CompensationRun(
+            first=r.first, last=r.last, folded_into=r.prev, weight=weight if r.prev is not None else None,
+            ridge=r.ridge, heldout_error_ratio=r.heldout_ratio, fit_error_ratio=r.fit_ratio,
+        )
+        for r in result.compensation
+    ]
+    note = "a run starting at block 0 has no block before it: removed without compensation" if any(r.prev is None for r in result.compensation) else None
+    samples = options.compensation_samples or options.calibration.n_samples
+    return CompensationInfo(enabled=True, samples=samples, runs=runs, note=note)
 
 
 def build_manifest(loaded: LoadedModel, options: PruneOptions, result: PruneResult) -> PruningManifest:
@@ -285,6 +376,7 @@ def build_manifest(loaded: LoadedModel, options: PruneOptions, result: PruneResu
         block_scores=result.scores.block_table(),
         run_scores=run_scores(result.scores),
         selection=result.selection,
+        compensation=compensation_info(loaded, options, result),
         calibration=CalibrationInfo(
             source=canonical_source(cal.source),
             n_samples=cal.n_samples,
@@ -303,6 +395,8 @@ def build_manifest(loaded: LoadedModel, options: PruneOptions, result: PruneResu
 def write_pruned(loaded: LoadedModel, options: PruneOptions, result: PruneResult, folder: Path) -> PruningManifest:
     """Physically drop the removed blocks and write a plain transformers checkpoint into `folder`."""
     start = time.perf_counter()
+    # The fitted maps go in by original block index, so before the blocks are renumbered.
+    fold_in(loaded.model, loaded.spec, result.compensation)
     apply_keep(loaded.model, loaded.spec, result.kept)
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)

@@ -26,6 +26,28 @@ def test_prune_writes_checkpoint_and_manifest(tiny_models, calib_txt, tmp_path):
     assert not list(tmp_path.glob(".pruned.partial-*"))
     # the table names the removed blocks
     assert "removed blocks" in result.output
+    # Gemma 3 has a norm after its MLP: nothing to fold a map into, and the manifest says so
+    assert not manifest.compensation.enabled and "norm" in manifest.compensation.note
+
+
+def test_compensation_switch_and_its_own_calibration_size(tiny_models, calib_txt, tmp_path):
+    from safetensors.numpy import load_file
+
+    common = ["prune", "--model", tiny_models["llama"], "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64,
+              "--remove", 3, "--method", "angular", "--quiet"]
+    plain, comp = tmp_path / "plain", tmp_path / "comp"
+    assert invoke(*common, "--no-compensate", "--out", plain).exit_code == 0
+    result = invoke(*common, "--compensation-samples", 6, "--out", comp)
+    assert result.exit_code == 0, result.output
+    a, b = PruningManifest.read(plain), PruningManifest.read(comp)
+    assert a.removed == b.removed and not a.compensation.enabled and a.compensation.runs == []
+    assert b.compensation.enabled and b.compensation.samples == 6
+    [run] = b.compensation.runs  # angular removes one contiguous run
+    assert run.folded_into == run.first - 1 and run.weight == "mlp.down_proj.weight" and run.fit_error_ratio < 1
+    wa, wb = load_file(plain / "model.safetensors"), load_file(comp / "model.safetensors")
+    new = b.kept.index(run.folded_into)
+    changed = {k for k in wa if not (wa[k] == wb[k]).all()}
+    assert changed == {f"model.layers.{new}.mlp.down_proj.weight"}
 
 
 def test_score_prints_table_and_writes_heatmap(tiny_models, calib_txt, tmp_path):
@@ -49,6 +71,7 @@ def test_score_prints_table_and_writes_heatmap(tiny_models, calib_txt, tmp_path)
         (["--remove", "2", "--method", "magic"], "unknown --method"),
         (["--remove", "2", "--calib", "/nonexistent/file.txt"], "does not exist"),
         (["--remove", "2", "--n-samples", "0"], "--n-samples"),
+        (["--remove", "2", "--compensation-samples", "0"], "--compensation-samples"),
     ],
 )
 def test_bad_input_is_one_line_and_no_output(extra, message, tiny_models, calib_txt, tmp_path):

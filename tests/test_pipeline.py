@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from mi_prun.archs import blocks
 from mi_prun.calibration import CalibrationSpec
+from mi_prun.compensate import runs_of
 from mi_prun.capture import TokenSample, capture_boundaries
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
@@ -105,19 +106,27 @@ def test_every_method_selects_and_records(method, tiny_models, calib_txt, tmp_pa
     assert set(again.timings_s) >= {"calibrate", "capture", "select", "repack"}
     assert again.versions["torch"] == torch.__version__
     assert again.calibration.tokens_observed == 4 * 63
+    # Compensation: one map per removed run (none for a run at block 0), one capture pass each.
+    comp = again.compensation
+    assert comp.enabled and [(r.first, r.last) for r in comp.runs] == runs_of(result.removed)
+    assert all((r.folded_into is None) == (r.first == 0) for r in comp.runs)
+    assert all(r.fit_error_ratio <= 1.0 + 1e-9 for r in comp.runs if r.folded_into is not None)
+    fit_passes = lambda removed: sum(first > 0 for first, _ in runs_of(removed))  # noqa: E731
     if method in (Method.sleb, Method.ppl):
         assert again.selection.forward_passes > 1
     if method is Method.sleb:
-        assert again.selection.forward_passes == 1 + TINY_BLOCKS + (TINY_BLOCKS - 1)
+        assert again.selection.forward_passes == 1 + TINY_BLOCKS + (TINY_BLOCKS - 1) + fit_passes(result.removed)
     if method in (Method.mi_prun, Method.mi_prun_exact):
         candidates = again.selection.candidates
         assert [c.objective for c in candidates] == ["channel", "per-block", "length-penalized"]
         assert all(c.objective_cost >= c.exact_cost - 1e-12 for c in candidates)
         if len({tuple(c.removed) for c in candidates}) > 1:
-            # verified: the kept proposal has the lowest calibration NLL, one pass per distinct proposal
+            # verified: the kept proposal has the lowest calibration NLL (compensated, as shipped):
+            # per distinct proposal one pass, plus one capture pass per compensated run
             best = min(candidates, key=lambda c: c.calibration_nll)
             assert again.removed == best.removed
-            assert again.selection.forward_passes == 1 + len({tuple(c.removed) for c in candidates})
+            distinct = {tuple(c.removed) for c in candidates}
+            assert again.selection.forward_passes == 1 + len(distinct) + sum(fit_passes(d) for d in distinct)
         if method is Method.mi_prun_exact:
             assert all(c.objective_cost == pytest.approx(c.exact_cost) for c in candidates)
 

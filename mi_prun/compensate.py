@@ -1,0 +1,214 @@
+"""Linear compensation of a removed run of blocks, folded into a weight the model already has.
+
+Removing blocks i..j makes block j+1 read h_{i-1} where it used to read h_j. Block i-1 (kept)
+ends by adding its MLP update M to the residual stream: h_{i-1} = Y + M. A map T fitted so that
+Y + M T ~ h_j carries the linearly predictable part of the run's work; T folds into the MLP's
+output projection (W <- T^T W), so the checkpoint keeps its architecture and loads anywhere.
+(ReplaceMe, Shopkhoev et al. 2025, fits the same form; here the fit is a ridge regression shrunk
+toward T = I, i.e. toward plain removal, with the strength chosen by cross-validation over
+calibration windows, so a run with nothing linear to recover stays a plain removal.)
+
+The maths (fit, residual, choice of ridge) are pure functions of streamed moments; `capture_run`
+is the one function that runs the model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .archs import ArchSpec, blocks, get_path
+from .blockset import blocks_kept
+
+# Ridge strengths, relative to the mean diagonal of M^T M; the largest is almost plain removal.
+RIDGE_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0)
+FOLDS = 2
+
+
+@dataclass
+class RunMoments:
+    """Sufficient statistics of one run's regression R ~ M T, with R = h_j - Y (R - M = h_j - h_{i-1}).
+
+    mm = M^T M, mr = M^T R, rr = sum |R|^2, ee = sum |R - M|^2 (the plain-removal error)."""
+
+    mm: np.ndarray
+    mr: np.ndarray
+    rr: float
+    ee: float
+    tokens: int
+
+    @classmethod
+    def zeros(cls, dim: int) -> "RunMoments":
+        return cls(np.zeros((dim, dim)), np.zeros((dim, dim)), 0.0, 0.0, 0)
+
+    def add(self, m: np.ndarray, r: np.ndarray) -> None:
+        self.mm += m.T @ m
+        self.mr += m.T @ r
+        self.rr += float((r * r).sum())
+        self.ee += float(((r - m) ** 2).sum())
+        self.tokens += m.shape[0]
+
+    def __add__(self, other: "RunMoments") -> "RunMoments":
+        return RunMoments(self.mm + other.mm, self.mr + other.mr, self.rr + other.rr, self.ee + other.ee, self.tokens + other.tokens)
+
+
+def fit_map(moments: RunMoments, ridge: float) -> np.ndarray:
+    """argmin_T |M T - R|^2 + lam |T - I|^2, lam = ridge * mean diag(M^T M)."""
+    dim = moments.mm.shape[0]
+    lam = ridge * float(np.trace(moments.mm)) / dim
+    eye = np.eye(dim)
+    return np.linalg.solve(moments.mm + lam * eye, moments.mr + lam * eye)
+
+
+def residual(moments: RunMoments, t: np.ndarray) -> float:
+    """sum |M T - R|^2 from the moments alone (T = I gives the plain-removal error `ee`)."""
+    return float(np.einsum("ij,ik,kj->", t, moments.mm, t) - 2.0 * np.einsum("ij,ij->", t, moments.mr) + moments.rr)
+
+
+@dataclass(frozen=True)
+class RidgeChoice:
+    ridge: float
+    # Held-out error of the fitted map relative to plain removal (1.0 = no gain), per grid value.
+    heldout_ratio: dict[float, float]
+
+
+def choose_ridge(folds: Sequence[RunMoments], grid: Sequence[float] = RIDGE_GRID) -> RidgeChoice:
+    """Cross-validate the ridge strength: fit on all folds but one, measure on that one."""
+    total = sum(folds[1:], folds[0])
+    ratios = {}
+    for ridge in grid:
+        err = plain = 0.0
+        for k, held in enumerate(folds):
+            t = fit_map(_minus(total, held), ridge)
+            err += residual(held, t)
+            plain += held.ee
+        ratios[ridge] = err / plain if plain > 0 else 1.0
+    best = min(ratios, key=ratios.get)
+    return RidgeChoice(best, ratios)
+
+
+def _minus(a: RunMoments, b: RunMoments) -> RunMoments:
+    return RunMoments(a.mm - b.mm, a.mr - b.mr, a.rr - b.rr, a.ee - b.ee, a.tokens - b.tokens)
+
+
+def runs_of(removed: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal contiguous runs (first, last) of the removed indices, in order."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(removed):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture_run(model, spec: ArchSpec, keep: Sequence[int], prev: int, last: int, batches: Sequence[torch.Tensor]) -> list[RunMoments]:
+    """Moments for replacing blocks prev+1..last, per fold of calibration windows, in the model
+    reduced to `keep` (original indices). The first token of each window (the attention sink,
+    whose huge activations would dominate a least-squares fit) is left out."""
+    layers = blocks(model, spec)
+    projection = get_path(layers[prev], spec.residual_projection)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        projection.register_forward_hook(lambda _m, _i, out: seen.__setitem__("m", out)),
+        layers[prev].register_forward_hook(lambda _m, _i, out: seen.__setitem__("h", _block_output(out))),
+        layers[last].register_forward_hook(lambda _m, _i, out: seen.__setitem__("t", _block_output(out))),
+    ]
+    dim = model.config.hidden_size
+    folds = [RunMoments.zeros(dim) for _ in range(FOLDS)]
+    device = next(model.parameters()).device
+    try:
+        with blocks_kept(model, spec, keep):
+            window = 0
+            for batch in batches:
+                model(input_ids=batch.to(device), use_cache=False)
+                m, h, t = (seen[k][:, 1:].double().cpu().numpy() for k in ("m", "h", "t"))
+                for row in range(m.shape[0]):
+                    # R = h_last - Y with Y = h_prev - M.
+                    folds[window % FOLDS].add(m[row], t[row] - h[row] + m[row])
+                    window += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return folds
+
+
+@dataclass
+class RunCompensation:
+    first: int  # first removed block of the run
+    last: int
+    prev: int | None  # kept block whose projection absorbs T; None: the run starts at block 0
+    ridge: float | None = None
+    heldout_ratio: float | None = None  # held-out error / plain-removal error at the chosen ridge
+    fit_ratio: float | None = None  # the same on all calibration tokens with the final map
+    weight: torch.Tensor | None = None  # the new projection weight (original dtype)
+
+
+def fit_compensation(model, spec: ArchSpec, removed: Sequence[int], batches: Sequence[torch.Tensor], on_run=None) -> list[RunCompensation]:
+    """Fit one map per removed run, in order, each in the model with the earlier runs already
+    removed and compensated (so later fits see the states the pruned model really produces).
+    The model's weights are left as they were; the new weights are returned."""
+    n = len(blocks(model, spec))
+    layers = blocks(model, spec)
+    out: list[RunCompensation] = []
+    originals: dict[int, torch.Tensor] = {}
+    done: list[int] = []
+    try:
+        for first, last in runs_of(removed):
+            record = RunCompensation(first, last, first - 1 if first > 0 else None)
+            if record.prev is not None:
+                keep = [i for i in range(n) if i not in set(done)]
+                folds = capture_run(model, spec, keep, record.prev, last, batches)
+                choice = choose_ridge(folds)
+                total = sum(folds[1:], folds[0])
+                t = fit_map(total, choice.ridge)
+                projection = get_path(layers[record.prev], spec.residual_projection)
+                w = projection.weight.data
+                originals.setdefault(record.prev, w.clone())
+                new = (torch.from_numpy(t.T) @ w.double().cpu()).to(w.dtype)
+                w.copy_(new.to(w.device))
+                record.ridge = choice.ridge
+                record.heldout_ratio = choice.heldout_ratio[choice.ridge]
+                record.fit_ratio = residual(total, t) / total.ee if total.ee > 0 else 1.0
+                record.weight = new
+            out.append(record)
+            done += range(first, last + 1)
+            if on_run is not None:
+                on_run()
+    finally:
+        for prev, w in originals.items():
+            get_path(layers[prev], spec.residual_projection).weight.data.copy_(w)
+    return out
+
+
+def fold_in(model, spec: ArchSpec, runs: Sequence[RunCompensation]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Write the fitted weights into the model (original block indices); return (weight, original) pairs."""
+    layers = blocks(model, spec)
+    saved = []
+    for r in runs:
+        if r.weight is None:
+            continue
+        w = get_path(layers[r.prev], spec.residual_projection).weight.data
+        saved.append((w, w.clone()))
+        w.copy_(r.weight.to(w.device))
+    return saved
+
+
+@contextmanager
+def applied(model, spec: ArchSpec, runs: Sequence[RunCompensation]) -> Iterator[None]:
+    """The fitted weights in place for the duration, the originals back afterwards."""
+    saved = fold_in(model, spec, runs)
+    try:
+        yield
+    finally:
+        for w, original in saved:
+            w.copy_(original)

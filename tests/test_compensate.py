@@ -1,0 +1,126 @@
+"""Linear compensation of removed runs: the closed-form fit, its moments, and folding into a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mi_prun.archs import blocks, get_path
+from mi_prun.blockset import blocks_kept, keep_indices
+from mi_prun.compensate import (
+    RunMoments,
+    applied,
+    capture_run,
+    choose_ridge,
+    fit_compensation,
+    fit_map,
+    residual,
+    runs_of,
+)
+from mi_prun.load import load_model
+
+from .conftest import TINY_BLOCKS
+
+
+def moments_of(m: np.ndarray, r: np.ndarray) -> RunMoments:
+    mo = RunMoments.zeros(m.shape[1])
+    mo.add(m, r)
+    return mo
+
+
+def test_runs_of():
+    assert runs_of([]) == []
+    assert runs_of([5, 3, 4, 9]) == [(3, 5), (9, 9)]
+    assert runs_of([0, 2]) == [(0, 0), (2, 2)]
+
+
+def test_fit_recovers_a_linear_map_and_ridge_shrinks_to_identity():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(4000, 8))
+    t_true = np.eye(8) + 0.5 * rng.normal(size=(8, 8))
+    r = m @ t_true + 0.01 * rng.normal(size=(4000, 8))
+    mo = moments_of(m, r)
+    np.testing.assert_allclose(fit_map(mo, 1e-9), t_true, atol=1e-3)
+    np.testing.assert_allclose(fit_map(mo, 1e9), np.eye(8), atol=1e-6)
+    # the moment formula equals the direct residual, and T = I is plain removal
+    t = fit_map(mo, 0.1)
+    assert residual(mo, t) == pytest.approx(((m @ t - r) ** 2).sum(), rel=1e-9)
+    assert residual(mo, np.eye(8)) == pytest.approx(mo.ee, rel=1e-9)
+
+
+def test_choose_ridge_follows_the_held_out_error():
+    rng = np.random.default_rng(1)
+    m = rng.normal(size=(2000, 16))
+    # A real linear relation: cross-validation picks a weak ridge and beats plain removal by far.
+    r = m @ (0.3 * rng.normal(size=(16, 16))) + 0.1 * rng.normal(size=(2000, 16))
+    folds = [moments_of(m[:1000], r[:1000]), moments_of(m[1000:], r[1000:])]
+    choice = choose_ridge(folds)
+    assert choice.ridge <= 1e-2 and choice.heldout_ratio[choice.ridge] < 0.1
+    # Nothing to recover beyond the identity (R = M + independent noise), few samples: the strongest
+    # ridge (closest to plain removal) wins and the gain is nil.
+    m = rng.normal(size=(40, 16))
+    r = m + rng.normal(size=(40, 16))
+    choice = choose_ridge([moments_of(m[:20], r[:20]), moments_of(m[20:], r[20:])])
+    assert choice.ridge == 10.0
+    assert choice.heldout_ratio[choice.ridge] == pytest.approx(1.0, abs=0.05)
+    assert choice.heldout_ratio[1e-3] > 1.0
+
+
+def test_moments_add_up():
+    rng = np.random.default_rng(2)
+    m, r = rng.normal(size=(30, 4)), rng.normal(size=(30, 4))
+    whole = moments_of(m, r)
+    parts = moments_of(m[:10], r[:10]) + moments_of(m[10:], r[10:])
+    np.testing.assert_allclose(parts.mm, whole.mm)
+    np.testing.assert_allclose(parts.mr, whole.mr)
+    assert parts.ee == pytest.approx(whole.ee) and parts.tokens == 30
+
+
+def test_capture_run_matches_hidden_states(tiny_models):
+    loaded = load_model(str(tiny_models["llama"]))
+    model, spec = loaded.model, loaded.spec
+    ids = torch.randint(0, 384, (2, 24))
+    folds = capture_run(model, spec, list(range(TINY_BLOCKS)), 2, 4, [ids])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    # ee = |R - M|^2 = |h_4 - h_2| over tokens 1.. (hidden_states[k + 1] is block k's output)
+    direct = float(((hidden[5][:, 1:] - hidden[3][:, 1:]).double() ** 2).sum())
+    assert sum(f.ee for f in folds) == pytest.approx(direct, rel=1e-5)
+    assert [f.tokens for f in folds] == [23, 23]  # windows alternate between the two folds
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fit_compensation_lowers_the_error_and_leaves_the_model_alone(model_type, tiny_models):
+    loaded = load_model(str(tiny_models[model_type]))
+    model, spec = loaded.model, loaded.spec
+    before = [get_path(b, spec.residual_projection).weight.clone() for b in blocks(model, spec)]
+    torch.manual_seed(0)
+    batches = [torch.randint(0, 384, (4, 48)) for _ in range(4)]
+    removed = [0, 3, 4, 6]
+    runs = fit_compensation(model, spec, removed, batches)
+    assert [(r.first, r.last, r.prev) for r in runs] == [(0, 0, None), (3, 4, 2), (6, 6, 5)]
+    assert runs[0].weight is None  # nothing before block 0 to fold into
+    for r in runs[1:]:
+        assert r.fit_ratio < 1.0 and r.ridge is not None
+        assert r.weight.shape == before[r.prev].shape
+    for w, b in zip(before, blocks(model, spec)):
+        assert torch.equal(w, get_path(b, spec.residual_projection).weight)
+
+
+    # The folded weight realizes the fit: for a single run, the error of the state entering the
+    # next kept block, relative to plain removal, is exactly the fitted error ratio.
+    (run,) = fit_compensation(model, spec, [3, 4], batches)
+    ids = torch.cat(batches)
+    errors = {}
+    with torch.no_grad():
+        dense = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for label, runs_in in (("plain", []), ("compensated", [run])):
+            with applied(model, spec, runs_in), blocks_kept(model, spec, keep_indices(TINY_BLOCKS, [3, 4])):
+                pruned = model(input_ids=ids, output_hidden_states=True).hidden_states
+            # block 5's input: pruned hidden_states[3] (kept blocks 0, 1, 2 before it), dense [5]
+            errors[label] = float(((pruned[3][:, 1:] - dense[5][:, 1:]).double() ** 2).sum())
+    assert errors["compensated"] / errors["plain"] == pytest.approx(run.fit_ratio, rel=1e-3)
+    assert run.fit_ratio < 1.0
+    for w, b in zip(before, blocks(model, spec)):
+        assert torch.equal(w, get_path(b, spec.residual_projection).weight)
