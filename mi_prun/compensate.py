@@ -106,6 +106,10 @@ def runs_of(removed: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the states a fit needs are seen."""
+
+
 def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -118,10 +122,15 @@ def capture_run(model, spec: ArchSpec, keep: Sequence[int], prev: int, last: int
     layers = blocks(model, spec)
     projection = get_path(layers[prev], spec.residual_projection)
     seen: dict[str, torch.Tensor] = {}
+
+    def stop_after_last(_m, _i, out):
+        seen["t"] = _block_output(out)
+        raise _StopForward  # nothing after block `last` is needed: skip the rest and the LM head
+
     hooks = [
         projection.register_forward_hook(lambda _m, _i, out: seen.__setitem__("m", out)),
         layers[prev].register_forward_hook(lambda _m, _i, out: seen.__setitem__("h", _block_output(out))),
-        layers[last].register_forward_hook(lambda _m, _i, out: seen.__setitem__("t", _block_output(out))),
+        layers[last].register_forward_hook(stop_after_last),
     ]
     dim = model.config.hidden_size
     folds = [RunMoments.zeros(dim) for _ in range(FOLDS)]
@@ -130,7 +139,10 @@ def capture_run(model, spec: ArchSpec, keep: Sequence[int], prev: int, last: int
         with blocks_kept(model, spec, keep):
             window = 0
             for batch in batches:
-                model(input_ids=batch.to(device), use_cache=False)
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
                 m, h, t = (seen[k][:, 1:].double().cpu().numpy() for k in ("m", "h", "t"))
                 for row in range(m.shape[0]):
                     # R = h_last - Y with Y = h_prev - M.

@@ -54,6 +54,19 @@ def _run_onnx(folder: str) -> list[str]:
     ]
 
 
+def _compensation(m: PruningManifest) -> str:
+    c = m.compensation
+    if c is None or not c.enabled:
+        return f"none ({c.note})" if c is not None and c.note else "none"
+    folded = [r for r in c.runs if r.folded_into is not None]
+    text = "none needed"
+    if folded:
+        text = f"a linear map per removed run, folded into `{folded[0].weight}` of the block before it: " + "; ".join(
+            f"blocks {r.first}-{r.last} -> block {r.folded_into}" for r in folded
+        )
+    return text + (f" ({c.note})" if c.note else "")
+
+
 def model_card(manifest: PruningManifest, keep_hf: bool = False) -> str:
     m = manifest
     lines = [
@@ -68,6 +81,7 @@ def model_card(manifest: PruningManifest, keep_hf: bool = False) -> str:
         f"| source model | `{m.source_model}` ({m.architecture}) |",
         f"| blocks | {m.blocks_before} -> {m.blocks_after} |",
         f"| removed blocks (original indices) | {m.removed} |",
+        f"| compensation | {_compensation(m)} |",
         f"| decision record | [`{MANIFEST_NAME}`]({MANIFEST_NAME}) |",
         "",
         "## Quality",

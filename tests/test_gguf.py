@@ -205,6 +205,7 @@ def test_in_place_build_writes_compensated_weights(export_models, calib_txt, smo
     folded = [r.folded_into for r in manifest.compensation.runs if r.folded_into is not None]
     assert folded, manifest.compensation
     assert e.check["tensors_replaced"] == {f"blk.{p}.ffn_down.weight": "Q8_0" for p in folded}
+    assert "folded into `mlp.down_proj.weight`" in (out / "README.md").read_text()
     before = {t.name: t for t in open_gguf(src).tensors}
     after = {t.name: t for t in open_gguf(out / e.file).tensors}
     hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from exporters import llamacpp
 from exporters.gguf_prune import open_gguf
 from exporters.parity import compare_logits, transformers_logits
-from mi_prun.blockset import blocks_kept
 from mi_prun.cli import app
 from mi_prun.load import default_model_path, load_model
 from mi_prun.manifest import PruningManifest
@@ -41,6 +43,11 @@ def wiki_tokens(tokenizer, n=256):
     return tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:5000], add_special_tokens=False)["input_ids"][:n]
 
 
+def repacked(out):
+    """The repacked checkpoint the build kept in hf/ (blocks removed, compensation folded in)."""
+    return AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+
+
 def test_headline_build_prunes_the_q4_1_gguf_in_place(headline_build, dense_default, record_property):
     out, manifest = headline_build
     [e] = manifest.exports
@@ -51,18 +58,32 @@ def test_headline_build_prunes_the_q4_1_gguf_in_place(headline_build, dense_defa
     dst = {t.name: t for t in open_gguf(out / e.file).tensors}
     assert len(src) - len(dst) == 4 * 9  # nine tensors per Llama block
     kept = manifest.kept
+    folded = {r.folded_into for r in manifest.compensation.runs if r.folded_into is not None}
+    assert manifest.compensation.enabled and folded
+    assert e.check["tensors_replaced"] == {f"blk.{p}.ffn_down.weight": "Q4_1" for p in folded}
+    model = repacked(out)
     for name, t in dst.items():
         original = name
         if name.startswith("blk."):
             _, new, rest = name.split(".", 2)
             original = f"blk.{kept[int(new)]}.{rest}"
-        assert src[original].tensor_type == t.tensor_type and np.array_equal(src[original].data, t.data), name
+        assert src[original].tensor_type == t.tensor_type, name
+        if original in e.check["tensors_replaced"]:
+            # the compensated weight, re-encoded in Q4_1: within one quantization step of the checkpoint's
+            # (Q4_1: 16 levels per 32-weight block), and written into the model below
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            weight = model.model.layers[int(new)].mlp.down_proj.weight
+            step = (np.ptp(weight.detach().numpy().reshape(-1, 32), axis=1) / 15).max()
+            np.testing.assert_allclose(values, weight.detach().numpy(), atol=step)
+            with torch.no_grad():
+                weight.copy_(torch.from_numpy(values))
+        else:
+            assert np.array_equal(src[original].data, t.data), name
 
     loaded = dense_default
     tokens = wiki_tokens(loaded.tokenizer)
     dense_parity = compare_logits(transformers_logits(loaded.model, tokens), llamacpp.logits(default_model_path(), tokens))
-    with blocks_kept(loaded.model, loaded.spec, kept):
-        reference = transformers_logits(loaded.model, tokens)
+    reference = transformers_logits(model, tokens)
     parity = compare_logits(reference, llamacpp.logits(out / e.file, tokens))
     # llama.cpp's Q4_1 kernels quantize activations to 8 bits, transformers runs the dequantized
     # weights in fp32: even the unpruned file agrees on the top-1 token only ~95% of the time. To
@@ -84,8 +105,7 @@ def test_pruned_checkpoint_exports_f16_and_q8_0(headline_build, dense_default, t
     out, manifest = headline_build
     loaded = dense_default
     tokens = wiki_tokens(loaded.tokenizer)
-    with blocks_kept(loaded.model, loaded.spec, manifest.kept):
-        reference = transformers_logits(loaded.model, tokens)
+    reference = transformers_logits(repacked(out), tokens)
     record = {}
     for gtype in ("f16", "q8_0"):
         target = tmp_path / gtype

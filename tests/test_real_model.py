@@ -61,6 +61,7 @@ def test_default_model_prunes_reloads_and_generates(pruned_default, record_prope
         "dense_ppl": round(dense.ppl, 3),
         "pruned_ppl": round(reloaded.ppl, 3),
         "timings_s": manifest.timings_s,
+        "compensation": [r.model_dump() for r in manifest.compensation.runs],
         "generation": text,
     }
     record_property("real_model", json.dumps(record))
