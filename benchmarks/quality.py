@@ -3,14 +3,17 @@
 Calibration: windows of `wiki.valid.tokens`. Evaluation: the first 24 windows of 512 tokens of
 `wiki.test.raw` (the engine issue's evaluation), perplexity plus KL(dense || pruned) and top-1
 agreement with the dense model. Also: the MI estimators compared (token / gaussian / renyi, each
-driving MI-PRUN) and Fast-Block-Select's gap to the exact optimum of each objective.
+driving MI-PRUN) and Fast-Block-Select's gap to the exact optimum of each objective. The main
+methods' selections are also evaluated with linear compensation (`mi_prun/compensate.py`, fitted on
+`--comp-samples` calibration windows), on wikitext and on other held-out text (`--heldout`,
+default: the licence texts Debian ships), to check the ordering beyond wikitext.
 
 SLEB is greedy, so one run to the largest N gives every smaller N as a prefix; its cost for N is
 read at the moment its N-th removal was decided (forward passes and wall time so far). The `ppl`
 baseline scores each block once, so one scoring serves every N. Selections and evaluations are
 cached (`--cache`), so an interrupted run resumes where it stopped.
 
-    .venv/bin/python benchmarks/quality.py            # writes reports/quality.{md,json,png}; ~1 h on 2 cores
+    .venv/bin/python benchmarks/quality.py            # writes reports/quality.{md,json,png}; ~2 h on 2 cores
 """
 
 from __future__ import annotations
