@@ -143,6 +143,7 @@ def prune(
     manifest = save_pruned(loaded, options, result, out, force)
     _print_block_table(manifest.block_scores, manifest.removed)
     console.print(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
+    _print_compensation(manifest)
     console.print(f"timings (s): {json.dumps(manifest.timings_s)}")
     console.print(f"wrote {out}")
 
@@ -213,6 +214,7 @@ def build(
     loaded = _load(model, device, dtype, reporter, inspected=(source, spec))
     manifest = run_build(loaded, options, out, force, reporter)
     console.print(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
+    _print_compensation(manifest)
     for e in manifest.exports:
         console.print(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
     if manifest.quality:
@@ -380,6 +382,19 @@ def eval_(
     if json_out is not None:
         json_out.write_text(json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {json_out}")
+
+
+def _print_compensation(manifest) -> None:
+    c = manifest.compensation
+    if c is None or not c.enabled:
+        console.print(f"compensation: off{f' ({c.note})' if c is not None and c.note else ''}")
+        return
+    parts = [
+        f"blocks {r.first}-{r.last} -> block {r.folded_into} (held-out error x{r.heldout_error_ratio:.2f} of plain removal)"
+        if r.folded_into is not None else f"blocks {r.first}-{r.last}: none (nothing before block 0)"
+        for r in c.runs
+    ]
+    console.print("compensation: " + "; ".join(parts), highlight=False)
 
 
 def _print_block_table(table: dict[str, list[float]], removed: list[int]) -> None:

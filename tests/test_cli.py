@@ -42,6 +42,7 @@ def test_compensation_switch_and_its_own_calibration_size(tiny_models, calib_txt
     a, b = PruningManifest.read(plain), PruningManifest.read(comp)
     assert a.removed == b.removed and not a.compensation.enabled and a.compensation.runs == []
     assert b.compensation.enabled and b.compensation.samples == 6
+    assert "compensation: blocks" in result.output and "held-out error" in result.output
     [run] = b.compensation.runs  # angular removes one contiguous run
     assert run.folded_into == run.first - 1 and run.weight == "mlp.down_proj.weight" and run.fit_error_ratio < 1
     wa, wb = load_file(plain / "model.safetensors"), load_file(comp / "model.safetensors")
