@@ -124,3 +124,25 @@ def test_fit_compensation_lowers_the_error_and_leaves_the_model_alone(model_type
     assert run.fit_ratio < 1.0
     for w, b in zip(before, blocks(model, spec)):
         assert torch.equal(w, get_path(b, spec.residual_projection).weight)
+
+
+def test_the_sink_rows_land_on_their_targets():
+    """An outlying first token (attention sink) is mapped onto its target; ordinary ones are left alone."""
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(3000, 8))
+    r = m @ (np.eye(8) + 0.3 * rng.normal(size=(8, 8))) + 0.05 * rng.normal(size=(3000, 8))
+    mo = moments_of(m, r)
+    sink = np.zeros((1, 8))
+    sink[0, 2] = 300.0  # one massive activation
+    sink_target = sink.copy()
+    sink_target[0, 5] = 40.0
+    free = fit_map(mo, 1e-3)
+    assert np.abs(sink @ free - sink_target).max() > 1.0  # unconstrained, the sink goes astray
+    mo.add_sink(sink + 1e-3 * rng.normal(size=(1, 8)), sink_target)
+    mo.add_sink(sink + 1e-3 * rng.normal(size=(1, 8)), sink_target)
+    constrained = fit_map(mo, 1e-3)
+    np.testing.assert_allclose(sink @ constrained, sink_target, atol=1e-2)
+    # first tokens of ordinary size are no outliers: no constraint, the plain ridge fit
+    plain = moments_of(m, r)
+    plain.add_sink(m[:16], r[:16] + 5.0)
+    np.testing.assert_array_equal(fit_map(plain, 1e-3), free)
