@@ -96,8 +96,11 @@ def fit_map(moments: RunMoments, ridge: float) -> np.ndarray:
     """argmin_T |M T - R|^2 + lam |T - I|^2, lam = ridge * mean diag(M^T M), then the least change
     of T that maps outlying sink rows onto their targets."""
     dim = moments.mm.shape[0]
-    lam = ridge * float(np.trace(moments.mm)) / dim
     eye = np.eye(dim)
+    scale = float(np.trace(moments.mm)) / dim
+    if moments.tokens == 0 or scale <= 0.0:
+        return eye  # nothing observed: plain removal
+    lam = ridge * scale
     t = np.linalg.solve(moments.mm + lam * eye, moments.mr + lam * eye)
     return t + _sink_correction(moments, t)
 
@@ -125,7 +128,8 @@ def choose_ridge(folds: Sequence[RunMoments], grid: Sequence[float] = RIDGE_GRID
             err += residual(held, t)
             plain += held.ee
         ratios[ridge] = err / plain if plain > 0 else 1.0
-    best = min(ratios, key=ratios.get)
+    # Ties (e.g. a fold with no windows) go to the stronger ridge, the one closer to plain removal.
+    best = min(ratios, key=lambda ridge: (ratios[ridge], -ridge))
     return RidgeChoice(best, ratios)
 
 

@@ -146,3 +146,13 @@ def test_the_sink_rows_land_on_their_targets():
     plain = moments_of(m, r)
     plain.add_sink(m[:16], r[:16] + 5.0)
     np.testing.assert_array_equal(fit_map(plain, 1e-3), free)
+
+
+def test_too_few_windows_fall_back_to_plain_removal():
+    """One calibration window: one fold is empty, nothing is cross-validated, the strongest ridge wins."""
+    rng = np.random.default_rng(4)
+    m = rng.normal(size=(20, 8))
+    empty = RunMoments.zeros(8)
+    np.testing.assert_array_equal(fit_map(empty, 0.1), np.eye(8))
+    choice = choose_ridge([moments_of(m, m + 1.0), empty])
+    assert choice.ridge == max(choice.heldout_ratio)
