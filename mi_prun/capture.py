@@ -24,7 +24,8 @@ class BoundaryObserver(Protocol):
         """states[b]: (tokens, hidden) float32 tensor at boundary b for one batch."""
 
 
-def _hidden(output) -> torch.Tensor:
+def block_output(output) -> torch.Tensor:
+    """The hidden state a decoder block returns (some return a tuple)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -46,7 +47,7 @@ def capture_boundaries(
 
     def make_output_hook(index: int):
         def hook(_module, _args, output):
-            states[index + 1] = _hidden(output)
+            states[index + 1] = block_output(output)
 
         return hook
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .archs import ArchSpec, blocks, get_path
-from .blockset import blocks_kept
+from .blockset import blocks_kept, keep_indices
+from .capture import block_output
 
 # Ridge strengths, relative to the mean diagonal of M^T M; the largest is almost plain removal.
 RIDGE_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0)
@@ -148,10 +149,6 @@ class _StopForward(Exception):
     """Raised by a hook once the states a fit needs are seen."""
 
 
-def _block_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def capture_run(model, spec: ArchSpec, keep: Sequence[int], prev: int, last: int, batches: Sequence[torch.Tensor]) -> list[RunMoments]:
     """Moments for replacing blocks prev+1..last, per fold of calibration windows, in the model
@@ -161,12 +158,12 @@ def capture_run(model, spec: ArchSpec, keep: Sequence[int], prev: int, last: int
     seen: dict[str, torch.Tensor] = {}
 
     def stop_after_last(_m, _i, out):
-        seen["t"] = _block_output(out)
+        seen["t"] = block_output(out)
         raise _StopForward  # nothing after block `last` is needed: skip the rest and the LM head
 
     hooks = [
         projection.register_forward_hook(lambda _m, _i, out: seen.__setitem__("m", out)),
-        layers[prev].register_forward_hook(lambda _m, _i, out: seen.__setitem__("h", _block_output(out))),
+        layers[prev].register_forward_hook(lambda _m, _i, out: seen.__setitem__("h", block_output(out))),
         layers[last].register_forward_hook(stop_after_last),
     ]
     dim = model.config.hidden_size
@@ -204,40 +201,34 @@ class RunCompensation:
     weight: torch.Tensor | None = None  # the new projection weight (original dtype)
 
 
-def fit_compensation(model, spec: ArchSpec, removed: Sequence[int], batches: Sequence[torch.Tensor], on_run=None) -> list[RunCompensation]:
+def fit_compensation(model, spec: ArchSpec, removed: Sequence[int], batches: Sequence[torch.Tensor]) -> list[RunCompensation]:
     """Fit one map per removed run, in order, each in the model with the earlier runs already
     removed and compensated (so later fits see the states the pruned model really produces).
     The model's weights are left as they were; the new weights are returned."""
     n = len(blocks(model, spec))
     layers = blocks(model, spec)
     out: list[RunCompensation] = []
-    originals: dict[int, torch.Tensor] = {}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     done: list[int] = []
     try:
         for first, last in runs_of(removed):
             record = RunCompensation(first, last, first - 1 if first > 0 else None)
             if record.prev is not None:
-                keep = [i for i in range(n) if i not in set(done)]
-                folds = capture_run(model, spec, keep, record.prev, last, batches)
+                folds = capture_run(model, spec, keep_indices(n, done), record.prev, last, batches)
                 choice = choose_ridge(folds)
                 total = sum(folds[1:], folds[0])
                 t = fit_map(total, choice.ridge)
-                projection = get_path(layers[record.prev], spec.residual_projection)
-                w = projection.weight.data
-                originals.setdefault(record.prev, w.clone())
-                new = (torch.from_numpy(t.T) @ w.double().cpu()).to(w.dtype)
-                w.copy_(new.to(w.device))
+                w = get_path(layers[record.prev], spec.residual_projection).weight.data
+                record.weight = (torch.from_numpy(t.T) @ w.double().cpu()).to(w.dtype)
                 record.ridge = choice.ridge
                 record.heldout_ratio = choice.heldout_ratio[choice.ridge]
                 record.fit_ratio = residual(total, t) / total.ee if total.ee > 0 else 1.0
-                record.weight = new
+                saved += fold_in(model, spec, [record])  # the next runs are fitted with this one in place
             out.append(record)
             done += range(first, last + 1)
-            if on_run is not None:
-                on_run()
     finally:
-        for prev, w in originals.items():
-            get_path(layers[prev], spec.residual_projection).weight.data.copy_(w)
+        for w, original in reversed(saved):
+            w.copy_(original)
     return out
 
 
