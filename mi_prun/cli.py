@@ -143,6 +143,7 @@ def prune(
     manifest = save_pruned(loaded, options, result, out, force)
     _print_block_table(manifest.block_scores, manifest.removed)
     console.print(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
+    _print_proposals(manifest)
     _print_compensation(manifest)
     console.print(f"timings (s): {json.dumps(manifest.timings_s)}")
     console.print(f"wrote {out}")
@@ -214,6 +215,7 @@ def build(
     loaded = _load(model, device, dtype, reporter, inspected=(source, spec))
     manifest = run_build(loaded, options, out, force, reporter)
     console.print(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
+    _print_proposals(manifest)
     _print_compensation(manifest)
     for e in manifest.exports:
         console.print(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
@@ -382,6 +384,17 @@ def eval_(
     if json_out is not None:
         json_out.write_text(json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {json_out}")
+
+
+def _print_proposals(manifest) -> None:
+    """MI-PRUN's proposals and what decided between them (nothing when no verification ran)."""
+    sel = manifest.selection
+    if sel.verification is None:
+        return
+    console.print(f"MI-PRUN proposals, scored by {sel.verification}:", highlight=False, soft_wrap=True)
+    for c in sel.candidates:
+        kept = "  <- kept" if c.removed == manifest.removed else ""
+        console.print(f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}{kept}", highlight=False, soft_wrap=True)
 
 
 def _print_compensation(manifest) -> None:

@@ -51,6 +51,20 @@ def test_compensation_switch_and_its_own_calibration_size(tiny_models, calib_txt
     assert changed == {f"model.layers.{new}.mlp.down_proj.weight"}
 
 
+def test_prune_prints_the_verified_proposals(tiny_models, calib_txt, tmp_path):
+    result = invoke("prune", "--model", tiny_models["llama"], "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64,
+                    "--remove", 3, "--compensation-samples", 6, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(tmp_path / "out")
+    lines = result.output.splitlines()
+    at = next(i for i, l in enumerate(lines) if l.startswith("MI-PRUN proposals, scored by "))
+    assert "compensated calibration NLL" in lines[at] and "6 windows" in lines[at]
+    shown = lines[at + 1 : at + 4]
+    for c, line in zip(manifest.selection.candidates, shown):
+        assert line == f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}" + ("  <- kept" if c.removed == manifest.removed else "")
+    assert sum(l.endswith("<- kept") for l in shown) >= 1
+
+
 def test_score_prints_table_and_writes_heatmap(tiny_models, calib_txt, tmp_path):
     png, js = tmp_path / "h.png", tmp_path / "s.json"
     result = invoke("score", "--model", tiny_models["qwen2"], "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64,

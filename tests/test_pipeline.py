@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -157,3 +158,24 @@ def test_self_generated_calibration(tiny_models):
     assert result.calibration_ids.shape == (3, 16)
     again = prune(load_model(str(tiny_models["llama"])), opts)
     assert torch.equal(result.calibration_ids, again.calibration_ids)
+
+
+def test_compensated_verification_uses_the_compensation_windows(tiny_models, calib_txt):
+    """Proposals are scored with maps fitted like the shipped ones: on the --compensation-samples windows."""
+    from mi_prun.calibration import calibration_batches
+    from mi_prun.prune import CalibrationEvaluator
+
+    loaded = load_model(str(tiny_models["llama"]))
+    opts = options(calib_txt, method=Method.mi_prun, remove=3, compensation_samples=6)
+    result = prune(loaded, opts)
+    candidates = result.selection.candidates
+    distinct = {tuple(c.removed) for c in candidates}
+    assert len(distinct) > 1, "this setting must give differing proposals, or nothing is verified"
+    assert "6 windows" in result.selection.verification
+    fit_ids = calibration_batches(loaded.model, loaded.tokenizer, replace(opts.calibration, n_samples=6))
+    again = CalibrationEvaluator(loaded, fit_ids, opts.batch_size, compensate=True)
+    for c in candidates:
+        assert c.calibration_nll == pytest.approx(again(c.removed), rel=1e-6)
+    # scored on the 4 scoring windows instead, the numbers differ
+    scoring = CalibrationEvaluator(loaded, result.calibration_ids, opts.batch_size, compensate=True)
+    assert any(c.calibration_nll != pytest.approx(scoring(c.removed), rel=1e-6) for c in candidates)
