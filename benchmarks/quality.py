@@ -119,13 +119,18 @@ def run(args, argv) -> dict:
             comp_ids = calibration_batches(model, loaded.tokenizer, replace(base.calibration, n_samples=args.comp_samples))
         return comp_ids
 
-    def quality(removed: list[int], compensate: bool = False) -> dict:
+    def quality(removed: list[int], compensate: bool = False, heldout: bool = False) -> dict:
+        """`heldout`: also perplexity on the other held-out text (always, when compensated)."""
         nonlocal reference_ready
         key = ("comp:" if compensate else "") + json.dumps(sorted(removed))
         if compensate:
             key += f"/{args.comp_samples}"
         hit = cache.get("eval", key)
         if hit is not None:
+            if heldout and heldout_windows is not None and "ppl_heldout" not in hit:
+                with blocks_kept(model, spec, keep_indices(n_blocks, removed)):
+                    hit["ppl_heldout"] = evaluate(model, heldout_windows).ppl
+                cache.put("eval", key, hit)
             return hit
         if not reference_ready:
             reporter.say("dense reference log-probs")
@@ -142,8 +147,8 @@ def run(args, argv) -> dict:
             if compensate:
                 value["fit_s"] = round(fit_s, 1)
                 value["runs"] = [{"first": c.first, "last": c.last, "ridge": c.ridge, "heldout_ratio": c.heldout_ratio} for c in runs]
-                if heldout_windows is not None:
-                    value["ppl_heldout"] = evaluate(model, heldout_windows).ppl
+            if (compensate or heldout) and heldout_windows is not None:
+                value["ppl_heldout"] = evaluate(model, heldout_windows).ppl
         cache.put("eval", key, value)
         return value
 
@@ -240,7 +245,7 @@ def run(args, argv) -> dict:
         ]
         for label, compute in plan:
             chosen = selection(label, n, compute)
-            row = {"method": label, "n": n, **chosen, **quality(chosen["removed"])}
+            row = {"method": label, "n": n, **chosen, **quality(chosen["removed"], heldout=label in COMPENSATED)}
             if label in COMPENSATED:
                 row["compensated"] = quality(chosen["removed"], compensate=True)
             rows.append(row)
@@ -321,13 +326,19 @@ def write_report(payload: dict, out: Path) -> None:
             "| goal | " + " | ".join(str(GOAL.get(n, "")) for n in ns) + " |",
         ]
         if payload.get("heldout"):
+            def plain_cell(m, n):
+                r = by.get((m, n))
+                return f"{r['ppl_heldout']:.2f}" if r and "ppl_heldout" in r else ""
+
             lines += [
                 "",
-                f"Compensated, on other held-out text ({payload['heldout']}; dense {dense.get('ppl_heldout', float('nan')):.2f}):",
+                f"On other held-out text ({payload['heldout']}; dense {dense.get('ppl_heldout', float('nan')):.2f}),"
+                " compensated (the tool's default) and plain removal:",
                 "",
                 "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
                 "|---|" + "---|" * len(ns),
                 *[f"| {m} | " + " | ".join(comp_cell(m, n, "ppl_heldout") for n in ns) + " |" for m in comp_methods],
+                *[f"| {m}, plain removal | " + " | ".join(plain_cell(m, n) for n in ns) + " |" for m in comp_methods],
             ]
     lines += [
         "",

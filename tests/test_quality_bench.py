@@ -37,11 +37,13 @@ def test_quality_benchmark_small(tiny_models, calib_txt, tmp_path):
         if "compensated" in r:
             c = r["compensated"]
             assert c["ppl"] > 0 and c["ppl_heldout"] > 0 and len(c["runs"]) >= 1
+    # plain removal of the same methods is measured on the held-out text too
+    assert all(r["ppl_heldout"] > 0 for r in payload["rows"] if r["method"] in quality.COMPENSATED)
     sleb = next(r for r in payload["rows"] if r["method"] == "sleb")
     assert sleb["forward_passes"] == 8 + 7  # two greedy steps over 8 blocks
     md = out.with_suffix(".md").read_text()
     assert "| mi-prun |" in md and "Fast-Block-Select" in md and "scored tokens" in md
-    assert "with linear compensation" in md and "other held-out text" in md
+    assert "with linear compensation" in md and "other held-out text" in md and "| shortgpt, plain removal |" in md
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     # A rerun reads every selection and evaluation from the cache: same rows.
     quality.main(argv)
