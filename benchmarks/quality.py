@@ -279,6 +279,18 @@ def fbs_gaps(rows: list[dict]) -> list[str]:
     return lines
 
 
+def proposal_lines(rows: list[dict]) -> list[str]:
+    """MI-PRUN's proposals and the calibration NLL that decided between them (token estimator rows)."""
+    lines = []
+    for r in rows:
+        if r["method"].startswith("mi-prun") and "[" not in r["method"]:
+            for c in r.get("candidates", []):
+                nll = "" if c.get("calibration_nll") is None else f"{c['calibration_nll']:.4f}"
+                kept = "yes" if c["removed"] == r["removed"] else ""
+                lines.append(f"| {r['method']} | {r['n']} | {c['objective']} | {c['removed']} | {nll} | {kept} |")
+    return lines
+
+
 def write_report(payload: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -355,6 +367,15 @@ def write_report(payload: dict, out: Path) -> None:
         "",
         "Select s includes the capture pass for the engine methods (MI estimators, shortgpt, angular share one capture in the",
         "tool; here each reports it). SLEB's cost for N is read from one greedy run at the moment its N-th block was fixed.",
+        "",
+        "## MI-PRUN's proposals and their verification (calibration text only)",
+        "",
+        "`mi-prun` and `mi-prun-exact`: compensated NLL, maps fitted on one half of the compensation windows and scored on",
+        "the other, both ways. `--no-compensate`: plain NLL on the selection calibration windows.",
+        "",
+        "| method | N | objective | proposal | calibration NLL | kept |",
+        "|---|---|---|---|---|---|",
+        *proposal_lines(rows),
         "",
         "## Fast-Block-Select against the exact optimum of each objective (token estimator)",
         "",

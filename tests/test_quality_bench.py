@@ -42,7 +42,7 @@ def test_quality_benchmark_small(tiny_models, calib_txt, tmp_path):
     sleb = next(r for r in payload["rows"] if r["method"] == "sleb")
     assert sleb["forward_passes"] == 8 + 7  # two greedy steps over 8 blocks
     md = out.with_suffix(".md").read_text()
-    assert "| mi-prun |" in md and "Fast-Block-Select" in md and "scored tokens" in md
+    assert "| mi-prun |" in md and "Fast-Block-Select" in md and "scored tokens" in md and "| mi-prun | 2 | channel |" in md
     assert "with linear compensation" in md and "other held-out text" in md and "| shortgpt, plain removal |" in md
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     # A rerun reads every selection and evaluation from the cache: same rows.
