@@ -155,7 +155,7 @@ def gguf_from_folder(folder: Path, gguf_type: GGUFType, out_dir: Path, stem: str
     with reporter.task("checking the GGUF (read back, load in llama.cpp)", None):
         check = check_gguf(target, expected_blocks)
     for warning in export.warnings:
-        reporter.say(f"[yellow]warning:[/] {warning}")
+        reporter.say(f"warning: {warning}", style="yellow")
     return ExportInfo(
         target="gguf", file=target.name, format_type=gguf_type.value, bytes=target.stat().st_size,
         route="llama.cpp convert_hf_to_gguf" + (" + llama.cpp quantize" if GGUF_TYPES[gguf_type].converter_outtype != gguf_type.value else ""),

@@ -26,9 +26,10 @@ class Reporter:
             task_id = progress.add_task(description, total=total)
             yield lambda: progress.advance(task_id)
 
-    def say(self, message: str) -> None:
+    def say(self, message: str, style: str | None = None) -> None:
+        # Plain text: messages carry paths and lists such as "mi-prun[renyi]" that rich would read as markup.
         if not self.quiet:
-            self.console.print(message)
+            self.console.print(message, style=style, markup=False, highlight=False)
 
 
 QUIET = Reporter(quiet=True)

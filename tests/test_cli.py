@@ -129,3 +129,14 @@ def test_unknown_architecture_and_bad_model_paths(tmp_path):
     corrupt.write_bytes(b"GGUF" + b"\x00" * 20)
     result = invoke("prune", "--model", corrupt, "--remove", 1, "--out", tmp_path / "o", "--quiet")
     assert result.exit_code == 2 and "GGUF" in result.output and "Traceback" not in result.output
+
+
+def test_progress_messages_are_plain_text(capsys):
+    """Bracketed names in messages (e.g. a method label like mi-prun[renyi]) are printed as they are."""
+    from rich.console import Console
+
+    from mi_prun.progress import Reporter
+
+    console = Console(stderr=True, width=200)
+    Reporter(console=console).say("N=2 mi-prun[renyi]: removed [4, 5] from /tmp/[a]/x")
+    assert "N=2 mi-prun[renyi]: removed [4, 5] from /tmp/[a]/x" in capsys.readouterr().err
