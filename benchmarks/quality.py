@@ -300,7 +300,8 @@ def write_report(payload: dict, out: Path) -> None:
         "# Quality after block removal, by selection method",
         "",
         f"Command: `{payload['command']}`  ",
-        f"Model: {payload['model']} ({payload['blocks']} blocks). Machine: {payload['machine']}. Wall time {payload['wall_s']} s.  ",
+        f"Model: {payload['model']} ({payload['blocks']} blocks). Machine: {payload['machine']}. Wall time {payload['wall_s']} s "
+        "(this invocation; results cached by earlier invocations with the same settings are reused, see `--cache`).  ",
         f"Calibration: {payload['calibration']}.  ",
         f"Evaluation: {payload['evaluation']}; KL = mean KL(dense || pruned) per token, nats; top-1 = agreement of argmax with dense.",
         "",
