@@ -51,7 +51,7 @@ class SelectionInfo(BaseModel):
     history: list[list[int]] = Field(default_factory=list)
     exact_cost: float | None = None  # the exact optimum of the chosen candidate's objective
     candidates: list[Candidate] = Field(default_factory=list)
-    # What scored the candidates: e.g. "calibration NLL, 16 windows" or "compensated NLL, 2-fold over 64 windows".
+    # What scored the candidates (CalibrationEvaluator.describe), e.g. "calibration NLL on 16 windows x 256 tokens".
     verification: str | None = None
 
 
