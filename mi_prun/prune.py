@@ -172,9 +172,14 @@ class CalibrationEvaluator:
         self.compensate = compensate
         self.nll: dict[tuple[int, ...], float] = {}
 
+    @property
+    def cross_fitted(self) -> bool:
+        """Whether removals are scored compensated (needs a weight to fold into and two halves)."""
+        return self.compensate and can_compensate(self.loaded) and len(self.calib_ids) >= 2
+
     def describe(self) -> str:
         windows = f"{len(self.calib_ids)} windows x {self.calib_ids.shape[1]} tokens"
-        if self.compensate and can_compensate(self.loaded) and len(self.calib_ids) >= 2:
+        if self.cross_fitted:
             return f"compensated calibration NLL, maps fitted on one half of {windows} and scored on the other, both ways"
         return f"calibration NLL on {windows}"
 
@@ -184,7 +189,7 @@ class CalibrationEvaluator:
             return self.nll[key]
         n = block_count(self.loaded.model, self.loaded.spec)
         keep = keep_indices(n, removed)
-        if self.compensate and can_compensate(self.loaded) and len(self.calib_ids) >= 2:
+        if self.cross_fitted:
             halves = (self.calib_ids[0::2], self.calib_ids[1::2])
             total = 0.0
             for fit_ids, score_ids in (halves, halves[::-1]):
