@@ -205,8 +205,8 @@ def fit_compensation(model, spec: ArchSpec, removed: Sequence[int], batches: Seq
     """Fit one map per removed run, in order, each in the model with the earlier runs already
     removed and compensated (so later fits see the states the pruned model really produces).
     The model's weights are left as they were; the new weights are returned."""
-    n = len(blocks(model, spec))
     layers = blocks(model, spec)
+    n = len(layers)
     out: list[RunCompensation] = []
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     done: list[int] = []
