@@ -17,9 +17,8 @@ from pathlib import Path
 
 import gguf
 
-from mi_prun.archs import ArchSpec, spec_for, UnsupportedArchitectureError
+from mi_prun.archs import ArchSpec, UnsupportedArchitectureError, read_config, spec_for
 from mi_prun.errors import UserError
-from mi_prun.load import read_config_dict
 
 from . import llamacpp
 from .gguf_prune import BLOCK_TENSOR, KVValue, model_info, open_gguf, rewrite_gguf
@@ -49,7 +48,7 @@ GGUF_TYPES: dict[GGUFType, GGUFTypeInfo] = {
 def spec_of_folder(folder: Path) -> tuple[ArchSpec, dict]:
     if not (Path(folder) / "config.json").is_file():
         raise UserError(f"{folder} has no config.json: not a Hugging Face model folder")
-    config = read_config_dict(Path(folder))
+    config = read_config(Path(folder))
     try:
         return spec_for(config.get("model_type", "?")), config
     except UnsupportedArchitectureError as err:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import gguf
 import numpy as np
 
-from mi_prun.errors import UserError
+from mi_prun.errors import UserError, first_line
 
 BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 # Written by GGUFWriter itself, or virtual fields of the reader: never copied.
@@ -65,8 +65,18 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises ValueError/IndexError/struct errors on bad bytes
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a readable GGUF file (corrupt or truncated?): {detail}") from err
+        if _truncated(err):
+            raise UserError(
+                f"{path} is truncated: it ends ({path.stat().st_size} bytes) before the tensor data its header "
+                "describes; copy or download it again"
+            ) from err
+        raise UserError(f"{path} is not a readable GGUF file (corrupt?): {first_line(err)}") from err
+
+
+def _truncated(err: Exception) -> bool:
+    """gguf-py memory-maps the file and slices each tensor from it: a slice cut short by the end
+    of the file cannot take the tensor's shape ("cannot reshape array of size ...")."""
+    return isinstance(err, ValueError) and "cannot reshape array" in str(err)
 
 
 def field_value(reader: gguf.GGUFReader, key: str):
@@ -106,21 +116,28 @@ def prune_gguf(
     removed: Sequence[int],
     supported_archs: Sequence[str] | None = None,
     replace: Mapping[str, np.ndarray] | None = None,
+    set_kv: dict[str, KVValue] | None = None,
+    replace_type: gguf.GGMLQuantizationType | None = None,
 ) -> GGUFPruneReport:
     """Write `output`: `source` without the blocks `removed` (and with the tensors in `replace`
-    given new float values, named as in `source`)."""
+    given new float values, named as in `source`, encoded in `replace_type` or their own type)."""
     if not removed:
         raise UserError("no blocks to remove")
-    return rewrite_gguf(source, output, removed, None, supported_archs, replace)
+    return rewrite_gguf(source, output, removed, set_kv, supported_archs, replace, replace_type)
 
 
-def encode_like(values: np.ndarray, original: gguf.ReaderTensor) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """`values` (float, the tensor's numpy shape) in the original tensor's type, or F16 where
-    gguf-py has no quantizer for that type."""
+def encode_like(
+    values: np.ndarray, original: gguf.ReaderTensor, qtype: gguf.GGMLQuantizationType | None = None
+) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """`values` (float, the tensor's numpy shape) in `qtype` (default: the original tensor's type),
+    or F16 where gguf-py has no quantizer for that type."""
     if tuple(values.shape) != tuple(int(d) for d in reversed(original.shape)):
         raise ValueError(f"{original.name}: new values have shape {values.shape}, the file has {tuple(reversed(original.shape))}")
+    qtype = original.tensor_type if qtype is None else qtype
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return values.astype(np.float32), qtype
     try:
-        return gguf.quants.quantize(values.astype(np.float32), original.tensor_type), original.tensor_type
+        return gguf.quants.quantize(values.astype(np.float32), qtype), qtype
     except NotImplementedError:
         return values.astype(np.float16), gguf.GGMLQuantizationType.F16
 
@@ -132,6 +149,7 @@ def rewrite_gguf(
     set_kv: dict[str, KVValue] | None = None,
     supported_archs: Sequence[str] | None = None,
     replace: Mapping[str, np.ndarray] | None = None,
+    replace_type: gguf.GGMLQuantizationType | None = None,
 ) -> GGUFPruneReport:
     """Copy `source` to `output` without the blocks `removed` and with the metadata `set_kv` set.
 
@@ -188,7 +206,7 @@ def rewrite_gguf(
                 continue
             name = f"blk.{new_index[block]}.{match.group(2)}"
         if t.name in replace:
-            data, qtype = encode_like(replace.pop(t.name), t)
+            data, qtype = encode_like(replace.pop(t.name), t, replace_type)
             report.replaced[t.name] = qtype.name
         else:
             # Raw bytes and the original type: no dequantize/requantize round trip.

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from mi_prun.archs import ArchSpec
-from mi_prun.errors import UserError
-from mi_prun.evaluate import ppl_from_nll
+from mi_prun.errors import UserError, first_line
+from mi_prun.metrics import ppl_from_nll
 
 from .gguf_export import spec_of_folder, tool_error_line
 from .onnx_builder_compat import builder_config
@@ -96,7 +96,7 @@ class OnnxSession:
         try:
             self.session = ort.InferenceSession(str(Path(folder) / ONNX_MODEL_FILE), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise UserError(f"onnxruntime cannot load {folder}: {str(err).splitlines()[0]}") from err
+            raise UserError(f"onnxruntime cannot load {folder}: {first_line(err)}") from err
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = sorted((n for n in self.inputs if n.startswith("past_key_values.")), key=_layer_order)
         # The graph leaves the head size symbolic; the builder's genai_config.json states it.
@@ -141,7 +141,7 @@ def check_onnx(folder: Path, expected_layers: int) -> OnnxCheck:
     try:
         og.Model(str(folder))
     except Exception as err:
-        raise UserError(f"onnxruntime-genai cannot load {folder}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"onnxruntime-genai cannot load {folder}: {first_line(err)}") from err
     size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
     return OnnxCheck(session.layers, len(session.inputs), len(session.session.get_outputs()), size, True, count_matmul_nbits(folder))
 

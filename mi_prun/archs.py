@@ -1,15 +1,19 @@
 """The architecture registry: everything that differs between supported model families, as data.
 
 Nothing outside this module spells a module path or a config key of a particular architecture.
-Adding a family means adding one `ArchSpec` row, not touching the pipeline.
+Adding a family means adding one `ArchSpec` row, not touching the pipeline. Torch-free: the
+exporters and the plan read it without loading a model library.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # this table is plain data: importing it must not import torch
+    from torch import nn
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -129,3 +133,8 @@ def input_norm_of_block(model: nn.Module, spec: ArchSpec, index: int) -> nn.Modu
     if index < len(layers):
         return get_path(layers[index], spec.block_input_norm)
     return get_path(model, spec.final_norm_path)
+
+
+def read_config(folder: Path) -> dict:
+    """A Hugging Face folder's config.json as a dict (no model library involved)."""
+    return json.loads((Path(folder) / "config.json").read_text())

@@ -8,12 +8,13 @@ text the model generates from seeded prompts, for when no data is at hand.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
+from .plan import CalibrationSpec
 
 DATASET_PRESETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "validation"),
@@ -37,20 +38,6 @@ SELF_PROMPTS = (
 )
 
 
-@dataclass(frozen=True)
-class CalibrationSpec:
-    source: str = "self"
-    n_samples: int = 16
-    seq_len: int = 256
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.n_samples < 1:
-            raise UserError("--n-samples must be at least 1")
-        if self.seq_len < 8:
-            raise UserError("--seq-len must be at least 8 tokens")
-
-
 FILE_SUFFIXES = {".txt", ".raw", ".tokens", ".jsonl", ".parquet"}
 
 
@@ -59,11 +46,29 @@ def _is_file_source(source: str) -> bool:
     return path.suffix in FILE_SUFFIXES or path.exists()
 
 
-def read_text_source(source: str) -> str:
+def read_text_source(source: str, what: str = "calibration") -> str:
     """All text of a file or dataset source, joined by blank lines."""
     if _is_file_source(source):
-        return _read_file(Path(source).expanduser())
+        return _read_file(Path(source).expanduser(), what)
     return _read_dataset(source)
+
+
+def check_text_source(source: str, flag: str) -> None:
+    """A file source exists and is a readable file (checked before any model loads); `self` and
+    dataset specs are checked when read."""
+    if source == "self" or not _is_file_source(source):
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"{flag} file {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{flag} {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{flag} file {path} is not readable")
+    if path.suffix not in FILE_SUFFIXES:
+        return
+    if path.stat().st_size == 0:
+        raise UserError(f"{flag} file {path} is empty")
 
 
 def _dataset_parts(spec: str) -> tuple[str, str | None, str]:
@@ -87,9 +92,9 @@ def canonical_source(source: str) -> str:
     return f"{path}@{config or ''}:{split}"
 
 
-def _read_file(path: Path) -> str:
+def _read_file(path: Path, what: str = "calibration") -> str:
     if not path.is_file():
-        raise UserError(f"calibration file {path} does not exist")
+        raise UserError(f"{what} file {path} does not exist")
     try:
         if path.suffix == ".jsonl":
             texts = []
@@ -118,7 +123,7 @@ def _read_file(path: Path) -> str:
     except Exception as err:  # pyarrow raises its own error types for corrupt files
         if isinstance(err, UserError):
             raise
-        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"cannot read {path}: {first_line(err)}") from err
 
 
 def _read_dataset(spec: str) -> str:
@@ -130,7 +135,7 @@ def _read_dataset(spec: str) -> str:
         data = datasets.load_dataset(path, config, split=split)
     except Exception as err:  # network, missing dataset, bad config: all one message for the user
         raise UserError(
-            f"cannot load dataset '{spec}' ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            f"cannot load dataset '{spec}' ({first_line(err)}); "
             "give a local .txt/.jsonl/.parquet file, or `self`"
         ) from err
     if "text" not in data.column_names:

@@ -254,3 +254,20 @@ def applied(model, spec: ArchSpec, runs: Sequence[RunCompensation]) -> Iterator[
     finally:
         for w, original in saved:
             w.copy_(original)
+
+
+def can_compensate(spec: ArchSpec) -> bool:
+    """Whether the family has a linear weight right before the residual add to fold a map into."""
+    return spec.residual_projection is not None
+
+
+def compensation_for(loaded, removed: Sequence[int], calib_ids: torch.Tensor, batch_size: int) -> list[RunCompensation]:
+    """Fitted maps for `removed` in a loaded model (empty when the family has nowhere to fold them)."""
+    if not can_compensate(loaded.spec):
+        return []
+    return fit_compensation(loaded.model, loaded.spec, removed, list(calib_ids.split(batch_size)))
+
+
+def capture_passes(runs: Sequence[RunCompensation]) -> int:
+    """Forward passes a fit of `runs` took: one per run with a block before it."""
+    return sum(r.prev is not None for r in runs)

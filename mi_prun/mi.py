@@ -128,17 +128,6 @@ def token_gaussian_mi(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return mi_from_rho2(token_correlation(x, y) ** 2)
 
 
-def pooled_channel_mi(per_token_mi: np.ndarray) -> float:
-    """Pool per-token MI through the channel's lost-variance fraction 1 - rho^2 = exp(-2 I).
-
-    Averaging the lost fraction (then mapping back to nats) lets the tokens a block really
-    rewrites dominate; a plain mean of MI would be dominated by near-identity tokens, whose MI
-    diverges as rho -> 1.
-    """
-    lost = np.mean(np.exp(-2.0 * np.asarray(per_token_mi, dtype=np.float64)))
-    return float(-0.5 * np.log(lost))
-
-
 def lost_fraction(mi: float | np.ndarray, dims: int = 1) -> float | np.ndarray:
     """Fraction of signal variance a Gaussian channel of MI `mi` nats (over `dims` dims) loses."""
     return np.exp(-2.0 * np.asarray(mi, dtype=np.float64) / dims)

@@ -1,14 +1,20 @@
-"""`mi-prun-edge eval`: perplexity of a model on held-out text, KL and top-1 agreement to a reference."""
+"""Quality on held-out text: `eval` (a model, optionally against a reference) and `build --eval`
+(dense vs pruned, the pruned model being the dense one with blocks skipped and maps folded in)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Sequence
+
+from .blockset import blocks_kept
 from .calibration import canonical_source, read_text_source, tokenize_text
+from .compensate import RunCompensation, applied
 from .errors import UserError
 from .evaluate import EvalResult, Reference, evaluate, strided_windows
 from .load import LoadedModel, ModelSource
-from .manifest import MANIFEST_NAME, PruningManifest
+from .manifest import MANIFEST_NAME, PruningManifest, QualityInfo
+from .plan import EvalPlan
 from .progress import QUIET, Reporter
 
 # For evaluation a dataset preset means its test split (calibration presets mean validation).
@@ -32,6 +38,13 @@ def calibration_overlap(model_source: ModelSource, data: str) -> str | None:
     return None
 
 
+def check_windows(seq_len: int, stride: int | None) -> None:
+    if seq_len < 2:
+        raise UserError("--seq-len must be at least 2 tokens")
+    if stride is not None and not 0 < stride <= seq_len:
+        raise UserError(f"--stride must lie between 1 and --seq-len ({seq_len}), got {stride}")
+
+
 def check_same_vocabulary(model: LoadedModel, reference: LoadedModel) -> None:
     if model.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
         raise UserError("--reference uses a different tokenizer than --model; KL and top-1 need the same vocabulary")
@@ -47,13 +60,10 @@ def run_eval(
     reference: LoadedModel | None = None,
     reporter: Reporter = QUIET,
 ) -> EvalResult:
-    if seq_len < 2:
-        raise UserError("--seq-len must be at least 2 tokens")
-    if stride is not None and not 0 < stride <= seq_len:
-        raise UserError(f"--stride must lie between 1 and --seq-len ({seq_len}), got {stride}")
+    check_windows(seq_len, stride)
     if reference is not None:
         check_same_vocabulary(loaded, reference)
-    ids = tokenize_text(loaded.tokenizer, read_text_source(eval_source(data)))
+    ids = tokenize_text(loaded.tokenizer, read_text_source(eval_source(data), "evaluation"))
     try:
         windows = strided_windows(ids, seq_len, stride, max_windows)
     except ValueError:
@@ -62,3 +72,37 @@ def run_eval(
     n_batches = -(-len(windows) // batch_size)
     with reporter.task(f"evaluating {len(windows)} windows x {seq_len} tokens", n_batches) as advance:
         return evaluate(loaded.model, windows, ref, batch_size, on_batch=advance)
+
+
+def eval_rows(result: EvalResult, tasks: dict | None = None) -> list[tuple[str, str]]:
+    """The `eval` table: (metric, value) rows."""
+    rows = [("perplexity", f"{result.ppl:.3f}"), ("mean NLL (nats)", f"{result.nll:.4f}")]
+    if result.kl is not None:
+        rows += [("KL(reference || model) per token (nats)", f"{result.kl:.4f}"), ("top-1 agreement", f"{result.top1:.2%}")]
+    rows += [("tokens scored", str(result.tokens)), ("windows", f"{result.windows} x {result.seq_len} (stride {result.stride})"),
+             ("wall time (s)", f"{result.wall_s:.1f}")]
+    for task, metrics in (tasks or {}).items():
+        rows += [(f"{task} {name}", f"{value:.4f}") for name, value in metrics.items()]
+    return rows
+
+
+def measure_quality(loaded: LoadedModel, kept: Sequence[int], runs: Sequence[RunCompensation], evaluation: EvalPlan,
+                    reporter: Reporter = QUIET) -> QualityInfo:
+    """Perplexity of dense and pruned, KL and top-1 to dense, on the --eval text."""
+    ids = tokenize_text(loaded.tokenizer, read_text_source(eval_source(evaluation.data), "--eval"))
+    try:
+        windows = strided_windows(ids, evaluation.seq_len, max_windows=evaluation.windows)
+    except ValueError:
+        raise UserError(f"--eval text has {ids.numel()} tokens, fewer than one window of {evaluation.seq_len}") from None
+    # The dense pass keeps its log-probs: they are the reference for the pruned pass (one dense forward).
+    reference = Reference(loaded.model, keep=True)
+    n_batches = -(-len(windows) // 4)
+    with reporter.task("evaluating the dense model on --eval text", n_batches) as advance:
+        dense = evaluate(reference, windows, on_batch=advance)
+    with applied(loaded.model, loaded.spec, runs), blocks_kept(loaded.model, loaded.spec, kept):
+        with reporter.task("evaluating the pruned model on --eval text", n_batches) as advance:
+            pruned = evaluate(loaded.model, windows, reference, on_batch=advance)
+    return QualityInfo(
+        data=evaluation.data, windows=len(windows), seq_len=windows.seq_len, tokens=pruned.tokens,
+        dense_ppl=dense.ppl, pruned_ppl=pruned.ppl, kl_to_dense=pruned.kl, top1_agreement=pruned.top1,
+    )

@@ -8,35 +8,19 @@ Fast-Block-Select's "measure only the best candidates" is visible in the manifes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import mi
-from .capture import TokenSample
+from . import mi, select
+from .archs import block_count
+from .capture import TokenSample, capture_boundaries
+from .manifest import RunScore
+from .plan import Estimator, Plan, StateView
+from .progress import QUIET, Reporter
 
 RMS_EPS = 1e-6
-
-
-class Estimator(str, Enum):
-    """`token`: per-token Gaussian channel (default). `gaussian`, `renyi`: across the token population."""
-
-    token = "token"
-    gaussian = "gaussian"
-    renyi = "renyi"
-
-
-class StateView(str, Enum):
-    """What the estimators see of a state: as captured, or RMS-normalized per token.
-
-    Per-token RMS normalization removes the norm growth with depth; the per-token estimator and
-    cosine are invariant to it, the population estimators are not.
-    """
-
-    raw = "raw"
-    rms = "rms"
 
 
 def _view(states: torch.Tensor, view: StateView) -> torch.Tensor:
@@ -48,7 +32,9 @@ def _view(states: torch.Tensor, view: StateView) -> torch.Tensor:
 class PairwiseTokenStats:
     """Streams, for every boundary pair, token means of per-token MI, cosine and angular distance.
 
-    Memory is O(boundaries^2), independent of the number of calibration tokens.
+    The same quantities as `mi.token_gaussian_mi`, `mi.cosine_similarity` and `mi.angular_distance`
+    (tests hold them equal on random states), computed for all pairs at once. Memory is
+    O(boundaries^2), independent of the number of calibration tokens.
     """
 
     def __init__(self) -> None:
@@ -151,3 +137,57 @@ class _ViewedObserver:
 
     def observe(self, states: Sequence[torch.Tensor]) -> None:
         self.inner.observe([_view(s, self.view) for s in states])
+
+
+@dataclass
+class Scores:
+    """Everything measured on the captured states."""
+
+    n_blocks: int
+    boundary_mi: BoundaryMI
+    cosine: np.ndarray  # (B, B) token-mean cosine between boundaries
+    angular: np.ndarray  # (B, B) token-mean angular distance
+    tokens: int
+
+    def block_table(self) -> dict[str, list[float]]:
+        n = self.n_blocks
+        return {
+            "mi": self.boundary_mi.block_scores(n),
+            "cost": [self.boundary_mi.run_cost(i, i) for i in range(n)],
+            "shortgpt_bi": [float(1.0 - self.cosine[i, i + 1]) for i in range(n)],
+            "angular": [float(self.angular[i, i + 1]) for i in range(n)],
+        }
+
+    def run_matrix(self) -> np.ndarray:
+        """MI of every run as a (start, end) matrix, NaN below the diagonal."""
+        n = self.n_blocks
+        out = np.full((n, n), np.nan)
+        for a in range(n):
+            for b in range(a, n):
+                out[a, b] = self.boundary_mi(a, b + 1)
+        return out
+
+    def run_scores(self) -> list[RunScore]:
+        """Every run's MI, cost and DPI bound (runs up to the whole depth)."""
+        bi = self.boundary_mi
+        block_cost = [bi.run_cost(i, i) for i in range(self.n_blocks)]
+        return [
+            RunScore(start=a, end=b, mi=bi(a, b + 1), cost=bi.run_cost(a, b), dpi_bound=select.dpi_bound(block_cost, a, b))
+            for a in range(self.n_blocks)
+            for b in range(a, self.n_blocks)
+        ]
+
+
+def score_model(loaded, calib_ids: torch.Tensor, plan: Plan, reporter: Reporter = QUIET) -> Scores:
+    """One capture pass over the calibration windows; every score the methods need."""
+    capture = CapturePlan(plan.estimator, plan.view, plan.max_tokens, plan.seed)
+    batches = list(calib_ids.split(plan.batch_size))
+    with reporter.task("capturing block boundaries", len(batches)) as advance:
+        tokens = capture_boundaries(loaded.model, loaded.spec, batches, capture.observers, on_batch=advance)
+    return Scores(
+        n_blocks=block_count(loaded.model, loaded.spec),
+        boundary_mi=capture.boundary_mi(),
+        cosine=capture.stats.mean("cosine"),
+        angular=capture.stats.mean("angular"),
+        tokens=tokens,
+    )

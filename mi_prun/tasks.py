@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .load import LoadedModel
 
 INSTALL_HINT = "pip install 'mi-prun-edge[tasks]' (lm-eval)"
@@ -26,8 +26,7 @@ def run_tasks(loaded: LoadedModel, tasks: list[str], limit: int | None = None, b
     try:
         output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit)
     except Exception as err:  # unknown task, task data unreachable (no hub): one line for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"lm-eval could not run tasks {', '.join(tasks)}: {first}") from err
+        raise UserError(f"lm-eval could not run tasks {', '.join(tasks)}: {first_line(err)}") from err
     return {
         task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for task, metrics in output["results"].items()

@@ -83,7 +83,7 @@ def test_score_prints_table_and_writes_heatmap(tiny_models, calib_txt, tmp_path)
         (["--ratio", "1.0"], "--ratio must lie"),
         (["--remove", "2", "--ratio", "0.2"], "exactly one"),
         ([], "--remove N or --ratio R"),
-        (["--remove", "2", "--method", "magic"], "unknown --method"),
+        (["--remove", "2", "--method", "magic"], "Invalid value for '--method'"),
         (["--remove", "2", "--calib", "/nonexistent/file.txt"], "does not exist"),
         (["--remove", "2", "--n-samples", "0"], "--n-samples"),
         (["--remove", "2", "--compensation-samples", "0"], "--compensation-samples"),

@@ -162,7 +162,7 @@ def test_build_cli_from_hf_folder_and_export(export_models, calib_txt, tmp_path)
     assert result.exit_code == 0, result.output
     info = json.loads((dense / "export.json").read_text())
     assert info["check"]["block_count"] == TINY_BLOCKS and info["format_type"] == "q8_0"
-    for bad, message in [(["--target", "tflite"], "unknown --target"), (["--gguf-type", "q2_k"], "unknown --gguf-type")]:
+    for bad, message in [(["--target", "tflite"], "Invalid value for '--target'"), (["--gguf-type", "q2_k"], "Invalid value for '--gguf-type'")]:
         result = invoke("build", "--model", export_models["gemma3_text"], "--out", tmp_path / "x", "--quiet", *bad)
         assert result.exit_code == 2 and message in result.output
 

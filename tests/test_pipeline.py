@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,12 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from mi_prun.archs import blocks
 from mi_prun.calibration import CalibrationSpec
-from mi_prun.compensate import runs_of
+from mi_prun.blockset import blocks_kept
+from mi_prun.compensate import applied, runs_of
 from mi_prun.capture import TokenSample, capture_boundaries
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
-from mi_prun.prune import Method, PruneOptions, prune, save_pruned
-from mi_prun.scoring import Estimator, StateView
+from mi_prun.pipeline import prune, save_pruned
+from mi_prun.plan import Estimator, Method, Plan, StateView
 
 from .conftest import TINY_BLOCKS, TINY_CONFIGS
 
@@ -25,7 +25,7 @@ from .conftest import TINY_BLOCKS, TINY_CONFIGS
 def options(calib, **kw):
     base = dict(remove=3, calibration=CalibrationSpec(str(calib), n_samples=4, seq_len=64), batch_size=2)
     base.update(kw)
-    return PruneOptions(**base)
+    return Plan(**base)
 
 
 def test_capture_matches_hidden_states(tiny_models):
@@ -67,9 +67,13 @@ def test_prune_repack_reload_parity(model_type, tiny_models, calib_txt, tmp_path
     out = tmp_path / "pruned"
     manifest = save_pruned(loaded, opts, result, out)
 
+    # Repacking leaves the loaded model as it was; the same decision applied in memory is the reference.
+    assert len(blocks(loaded.model, loaded.spec)) == TINY_BLOCKS
     ids = result.calibration_ids[:2, :48]
-    with torch.no_grad():
+    prompt = ids[:1, :10]
+    with torch.no_grad(), applied(loaded.model, loaded.spec, result.compensation), blocks_kept(loaded.model, loaded.spec, result.kept):
         expected = loaded.model(input_ids=ids).logits
+        b = loaded.model.generate(prompt, max_new_tokens=8, do_sample=False)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
@@ -83,9 +87,7 @@ def test_prune_repack_reload_parity(model_type, tiny_models, calib_txt, tmp_path
     for new_index, block in enumerate(blocks(reloaded, loaded.spec)):
         assert block.self_attn.layer_idx == new_index
     # KV-cached generation works and matches the in-memory pruned model
-    prompt = ids[:1, :10]
     a = reloaded.generate(prompt, max_new_tokens=8, do_sample=False)
-    b = loaded.model.generate(prompt, max_new_tokens=8, do_sample=False)
     assert a.shape == (1, 18) and torch.equal(a, b)
 
 
@@ -153,7 +155,7 @@ def test_same_seed_same_selection(tiny_models, calib_txt):
 
 def test_self_generated_calibration(tiny_models):
     loaded = load_model(str(tiny_models["llama"]))
-    opts = PruneOptions(remove=2, calibration=CalibrationSpec("self", n_samples=3, seq_len=16, seed=5))
+    opts = Plan(remove=2, calibration=CalibrationSpec("self", n_samples=3, seq_len=16, seed=5))
     result = prune(loaded, opts)
     assert result.calibration_ids.shape == (3, 16)
     again = prune(load_model(str(tiny_models["llama"])), opts)
@@ -163,7 +165,7 @@ def test_self_generated_calibration(tiny_models):
 def test_compensated_verification_uses_the_compensation_windows(tiny_models, calib_txt):
     """Proposals are scored with maps fitted like the shipped ones: on the --compensation-samples windows."""
     from mi_prun.calibration import calibration_batches
-    from mi_prun.prune import CalibrationEvaluator
+    from mi_prun.verify import RemovalScorer
 
     loaded = load_model(str(tiny_models["llama"]))
     opts = options(calib_txt, method=Method.mi_prun, remove=3, compensation_samples=6)
@@ -172,10 +174,10 @@ def test_compensated_verification_uses_the_compensation_windows(tiny_models, cal
     distinct = {tuple(c.removed) for c in candidates}
     assert len(distinct) > 1, "this setting must give differing proposals, or nothing is verified"
     assert "6 windows" in result.selection.verification
-    fit_ids = calibration_batches(loaded.model, loaded.tokenizer, replace(opts.calibration, n_samples=6))
-    again = CalibrationEvaluator(loaded, fit_ids, opts.batch_size, compensate=True)
+    fit_ids = calibration_batches(loaded.model, loaded.tokenizer, opts.calibration.model_copy(update={"n_samples": 6}))
+    again = RemovalScorer(loaded, fit_ids, opts.batch_size, compensate=True)
     for c in candidates:
         assert c.calibration_nll == pytest.approx(again(c.removed), rel=1e-6)
     # scored on the 4 scoring windows instead, the numbers differ
-    scoring = CalibrationEvaluator(loaded, result.calibration_ids, opts.batch_size, compensate=True)
+    scoring = RemovalScorer(loaded, result.calibration_ids, opts.batch_size, compensate=True)
     assert any(c.calibration_nll != pytest.approx(scoring(c.removed), rel=1e-6) for c in candidates)

@@ -13,7 +13,8 @@ from mi_prun.calibration import CalibrationSpec, tokenize_text
 from mi_prun.evaluate import eval_windows, perplexity
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
-from mi_prun.prune import PruneOptions, prune, save_pruned
+from mi_prun.pipeline import prune, save_pruned
+from mi_prun.plan import Plan
 
 from .conftest import WIKI_TEST, WIKI_VALID
 
@@ -26,7 +27,7 @@ def pruned_default(tmp_path_factory):
     assert loaded.spec.model_type == "llama" and loaded.model.config.num_hidden_layers == 30
     windows = eval_windows(tokenize_text(loaded.tokenizer, WIKI_TEST.read_text(encoding="utf-8")), 512, 4)
     dense = perplexity(loaded.model, windows)
-    opts = PruneOptions(remove=4, calibration=CalibrationSpec(str(WIKI_VALID), n_samples=8, seq_len=256))
+    opts = Plan(remove=4, calibration=CalibrationSpec(str(WIKI_VALID), n_samples=8, seq_len=256))
     result = prune(loaded, opts)
     out = tmp_path_factory.mktemp("real") / "smollm2-pruned"
     manifest = save_pruned(loaded, opts, result, out)

@@ -1,7 +1,8 @@
-"""`build`: prune, repack, export for an edge runtime, check the artifact, describe it — one output folder.
+"""Artifacts for the edge runtimes, each checked where it will run: a pruned GGUF (in place from a
+GGUF source, else through llama.cpp's converter) or an ONNX folder (onnxruntime-genai's builder).
 
-`export`: the export step alone, for any Hugging Face folder (dense or pruned), so the dense model
-can be compared in the same runtime.
+`export_folder` is the export step alone, for any Hugging Face folder (dense or pruned), so the
+dense model can be compared in the same runtime.
 """
 
 from __future__ import annotations
@@ -9,48 +10,23 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from exporters.gguf_export import GGUF_TYPES, GGUFType, check_gguf, export_gguf, spec_of_folder
-from exporters.gguf_prune import prune_gguf
 from exporters import llamacpp
-from exporters.onnx_export import OnnxPrecision, check_onnx, export_onnx
+from exporters.gguf_export import GGUF_TYPES, GGUFType, check_gguf, export_gguf, layer_flag_kv, spec_of_folder
+from exporters.gguf_prune import KVValue, prune_gguf
+from exporters.onnx_export import OnnxPrecision, check_onnx, check_supported, export_onnx
 
-from .archs import REGISTRY, ArchSpec
-from .compensate import RunCompensation, applied
+from .archs import REGISTRY
 from .atomic import atomic_dir, check_target
-from .blockset import blocks_kept
-from .errors import UserError
-from .evaluate import Reference, evaluate, strided_windows
-from .load import LoadedModel, ModelSource
-from .manifest import MANIFEST_NAME, ExportInfo, PruningManifest, QualityInfo
-from .modelcard import write_model_card
+from .load import ModelSource
+from .manifest import MANIFEST_NAME, ExportInfo
+from .plan import ExportPlan, Target
 from .progress import QUIET, Reporter
-from .prune import PruneOptions, PruneResult, build_manifest, prune, write_pruned
-from .quality import eval_source
-from .calibration import read_text_source, tokenize_text
-
-
-class Target(str, Enum):
-    gguf = "gguf"
-    onnx = "onnx"
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    target: Target
-    prune: PruneOptions
-    gguf_type: GGUFType | None = None  # None: a GGUF input keeps its own types; other inputs get q8_0
-    onnx_precision: OnnxPrecision = OnnxPrecision.int4
-    keep_hf: bool = False
-    eval_data: str | None = None
-    eval_windows: int = 16
-    eval_seq_len: int = 512
+from .repack import compensated_gguf_tensors, save_checkpoint
 
 
 DEFAULT_GGUF_TYPE = GGUFType.q8_0
@@ -73,55 +49,35 @@ def artifact_stem(source: ModelSource) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
 
 
-def measure_quality(loaded: LoadedModel, result: PruneResult, options: BuildOptions, reporter: Reporter) -> QualityInfo:
-    """Perplexity of dense and pruned, KL and top-1 to dense, on the --eval text (before repacking)."""
-    ids = tokenize_text(loaded.tokenizer, read_text_source(eval_source(options.eval_data)))
-    try:
-        windows = strided_windows(ids, options.eval_seq_len, max_windows=options.eval_windows)
-    except ValueError:
-        raise UserError(f"--eval text has {ids.numel()} tokens, fewer than one window of {options.eval_seq_len}") from None
-    # The dense pass keeps its log-probs: they are the reference for the pruned pass (one dense forward).
-    reference = Reference(loaded.model, keep=True)
-    n_batches = -(-len(windows) // 4)
-    with reporter.task("evaluating the dense model on --eval text", n_batches) as advance:
-        dense = evaluate(reference, windows, on_batch=advance)
-    with applied(loaded.model, loaded.spec, result.compensation), blocks_kept(loaded.model, loaded.spec, result.kept):
-        with reporter.task("evaluating the pruned model on --eval text", n_batches) as advance:
-            pruned = evaluate(loaded.model, windows, reference, on_batch=advance)
-    return QualityInfo(
-        data=options.eval_data, windows=len(windows), seq_len=windows.seq_len, tokens=pruned.tokens,
-        dense_ppl=dense.ppl, pruned_ppl=pruned.ppl, kl_to_dense=pruned.kl, top1_agreement=pruned.top1,
-    )
-
-
-def compensated_gguf_tensors(spec: ArchSpec, runs: list[RunCompensation]) -> dict[str, np.ndarray]:
-    """The weights rewritten by compensation, under their GGUF names (original block indices)."""
-    return {
-        f"blk.{r.prev}.{spec.gguf_residual_projection}.weight": r.weight.float().numpy()
-        for r in runs
-        if r.weight is not None
-    }
-
-
 def gguf_in_place(
     source: ModelSource, removed: list[int], gguf_type: GGUFType | None, out_dir: Path, stem: str, reporter: Reporter,
-    replace: dict[str, np.ndarray] | None = None,
+    replace: dict[str, np.ndarray] | None = None, layer_flags: dict[str, KVValue] | None = None,
 ) -> ExportInfo:
     """Prune the source GGUF itself: its tensors keep their bytes and quantization, except the
-    ones in `replace` (compensated weights), which are encoded in their original type."""
+    ones in `replace` (compensated weights).
+
+    `layer_flags`: per-layer GGUF arrays of the pruned model, written explicitly (e.g. Gemma 3's
+    sliding-window pattern from its `layer_types`): a source that relies on llama.cpp's implicit
+    pattern (every 6th Gemma 3 layer global) would otherwise run its later layers with the wrong
+    attention after a cut.
+
+    With `gguf_type`, the compensated tensors are written as F32 and rounded once, by llama.cpp's
+    quantizer to that type, not first to the source's type and then again."""
     src = Path(source.location) / source.gguf_file
     start = time.perf_counter()
     archs = sorted({spec.gguf_arch for spec in REGISTRY.values()})
+    replace_type = gguf.GGMLQuantizationType.F32 if gguf_type is not None else None
     pruned_name = f"{stem}-pruned{len(removed)}.gguf"
     with reporter.task("pruning the GGUF in place (tensor bytes copied)", None):
-        report = prune_gguf(src, out_dir / pruned_name, removed, archs, replace)
+        report = prune_gguf(src, out_dir / pruned_name, removed, archs, replace, layer_flags, replace_type)
     warnings = []
     target = out_dir / pruned_name
     route = "in-place GGUF pruning (original tensor bytes and quantization kept)"
     if report.replaced:
+        how = "written in f32 for the quantizer" if gguf_type is not None else "re-encoded in their original type"
         route = (
             f"in-place GGUF pruning (original tensor bytes and quantization kept, except {len(report.replaced)} "
-            "compensated tensors re-encoded in their original type)"
+            f"compensated tensors {how})"
         )
     if gguf_type is not None:
         final = out_dir / f"{stem}-pruned{len(removed)}.{gguf_type.value}.gguf"
@@ -140,11 +96,41 @@ def gguf_in_place(
     return ExportInfo(
         target="gguf", file=target.name, format_type=fmt, bytes=target.stat().st_size, route=route,
         check={
-            **check.__dict__, "sliced_keys": report.sliced_keys, "tensors_dropped": report.tensors_dropped,
-            "tensors_replaced": report.replaced,
+            **check.__dict__, "sliced_keys": report.sliced_keys, "set_keys": report.set_keys,
+            "tensors_dropped": report.tensors_dropped, "tensors_replaced": report.replaced,
         },
         warnings=warnings, seconds=round(time.perf_counter() - start, 2),
     )
+
+
+def pruned_layer_config(config: dict, spec, kept: list[int]) -> dict:
+    """The per-layer config lists of the pruned model (sliced by the kept blocks)."""
+    out = {}
+    for key in spec.per_layer_config_keys:
+        values = config.get(key)
+        if values:
+            out[key] = [values[i] for i in kept]
+    return out
+
+
+def export_pruned(loaded, export: ExportPlan, result, tmp: Path, reporter: Reporter = QUIET) -> ExportInfo:
+    """The artifact of a decision: a GGUF source pruned in place, anything else repacked into a
+    Hugging Face checkpoint (in tmp/hf) and exported from it. The repacked checkpoint stays in
+    tmp/hf when asked for (`keep_hf`) or when the export reads it."""
+    stem = artifact_stem(loaded.source)
+    in_place = export.target is Target.gguf and loaded.source.kind == "gguf"
+    kept = result.kept
+    if export.keep_hf or not in_place:
+        (tmp / HF_SUBDIR).mkdir()
+        save_checkpoint(loaded, kept, result.compensation, tmp / HF_SUBDIR)
+    if export.target is Target.onnx:
+        return onnx_from_folder(tmp / HF_SUBDIR, export.onnx_precision, tmp, len(kept), reporter)
+    if in_place:
+        replace = compensated_gguf_tensors(loaded.spec, result.compensation)
+        flags = layer_flag_kv(loaded.spec, pruned_layer_config(loaded.model.config.to_dict(), loaded.spec, kept))
+        return gguf_in_place(loaded.source, result.removed, export.gguf_type, tmp, stem, reporter, replace, flags)
+    gtype = export.gguf_type or DEFAULT_GGUF_TYPE
+    return gguf_from_folder(tmp / HF_SUBDIR, gtype, tmp, f"{stem}-pruned{len(result.removed)}", len(kept), reporter)
 
 
 def gguf_from_folder(folder: Path, gguf_type: GGUFType, out_dir: Path, stem: str, expected_blocks: int, reporter: Reporter) -> ExportInfo:
@@ -178,49 +164,11 @@ def onnx_from_folder(folder: Path, precision: OnnxPrecision, out_dir: Path, expe
     )
 
 
-def build(loaded: LoadedModel, options: BuildOptions, out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
-    check_target(out, force)
-    result = prune(loaded, options.prune, reporter)
-    quality = measure_quality(loaded, result, options, reporter) if options.eval_data else None
-    stem = artifact_stem(loaded.source)
-    in_place = options.target is Target.gguf and loaded.source.kind == "gguf"
-    if options.target is Target.onnx:
-        from exporters.onnx_export import check_supported
-
-        check_supported(loaded.spec)
-    with atomic_dir(out, force) as tmp:
-        hf = tmp / HF_SUBDIR
-        if options.keep_hf or not in_place:
-            hf.mkdir()
-            manifest = write_pruned(loaded, options.prune, result, hf)
-        else:
-            manifest = build_manifest(loaded, options.prune, result)
-        manifest.quality = quality
-        if options.target is Target.onnx:
-            export = onnx_from_folder(hf, options.onnx_precision, tmp, len(result.kept), reporter)
-        elif in_place:
-            replace = compensated_gguf_tensors(loaded.spec, result.compensation)
-            export = gguf_in_place(loaded.source, result.removed, options.gguf_type, tmp, stem, reporter, replace)
-        else:
-            gtype = options.gguf_type or DEFAULT_GGUF_TYPE
-            export = gguf_from_folder(hf, gtype, tmp, f"{stem}-pruned{len(result.removed)}", len(result.kept), reporter)
-        manifest.exports.append(export)
-        if options.keep_hf:
-            manifest.write(hf)
-        else:
-            shutil.rmtree(hf, ignore_errors=True)
-        manifest.write(tmp)
-        write_model_card(tmp, manifest, keep_hf=options.keep_hf)
-    return manifest
-
-
 def export_folder(
     folder: Path, target: Target, out: Path, gguf_type: GGUFType | None, force: bool, reporter: Reporter = QUIET,
     onnx_precision: OnnxPrecision = OnnxPrecision.int4,
 ) -> ExportInfo:
     """Export a Hugging Face folder (dense or pruned) without pruning."""
-    from exporters.onnx_export import check_supported
-
     spec, config = spec_of_folder(folder)
     check_target(out, force)
     blocks = int(config.get(spec.layer_count_key, 0))

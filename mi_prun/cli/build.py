@@ -1,0 +1,67 @@
+"""`mi-prun-edge build`: prune, repack, export for an edge runtime, check, describe: one folder."""
+
+from __future__ import annotations
+
+from ..plan import DEFAULT_BUILD_RATIO, Estimator, Method, OnnxPrecision, StateView, Target
+from . import options as o, output
+from .app import app
+from .common import load, make_plan
+
+
+@app.command()
+def build(
+    out: o.Out,
+    target: o.TargetOpt = Target.gguf,
+    model: o.Model = None,
+    remove: o.Remove = None,
+    ratio: o.BuildRatio = None,
+    method: o.MethodOpt = Method.mi_prun,
+    estimator: o.EstimatorOpt = Estimator.token,
+    view: o.ViewOpt = StateView.raw,
+    calib: o.Calib = "self",
+    n_samples: o.NSamples = 16,
+    seq_len: o.SeqLen = 256,
+    top_k: o.TopK = None,
+    verify: o.Verify = True,
+    gguf_type: o.GGUFTypeOpt = None,
+    onnx_precision: o.OnnxPrecisionOpt = OnnxPrecision.int4,
+    keep_hf: o.KeepHF = False,
+    eval_data: o.EvalData = None,
+    eval_windows: o.EvalWindows = 16,
+    compensate: o.Compensate = True,
+    compensation_samples: o.CompensationSamples = None,
+    seed: o.Seed = 0,
+    plan_file: o.PlanFile = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    force: o.Force = False,
+    quiet: o.Quiet = False,
+):
+    """Prune, repack and export for an edge runtime in one step (a .gguf input is pruned in place)."""
+    from ..calibration import CalibrationSpec
+    from ..pipeline import build as run_build
+    from ..plan import EvalPlan, ExportPlan
+    from ..preflight import check_plan
+    from ..progress import Reporter
+
+    if remove is None and ratio is None and plan_file is None:
+        ratio = DEFAULT_BUILD_RATIO
+    plan = make_plan(
+        plan_file, model=model, method=method, estimator=estimator, view=view, remove=remove, ratio=ratio,
+        calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed), top_k=top_k,
+        verify=verify, compensate=compensate, compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
+        export=ExportPlan(target=target, gguf_type=gguf_type, onnx_precision=onnx_precision, keep_hf=keep_hf),
+        evaluation=EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None,
+    )
+    inspected = check_plan(plan, out, force)
+    reporter = Reporter(quiet)
+    loaded = load(inspected, plan, reporter)
+    manifest = run_build(loaded, plan, out, force, reporter)
+    output.decision(manifest)
+    for e in manifest.exports:
+        output.line(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
+    if manifest.quality:
+        q = manifest.quality
+        output.line(f"quality on {q.data}: ppl {q.dense_ppl:.2f} -> {q.pruned_ppl:.2f}, KL {q.kl_to_dense:.4f}, top-1 {q.top1_agreement:.1%}")
+    output.timings(manifest)
+    output.line(f"wrote {out} (model card: {out / 'README.md'})")

@@ -1,0 +1,54 @@
+"""The steps every model-running command shares: make the plan, check it, load the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..plan import Plan, read_replay
+from ..preflight import Inspected
+from ..progress import Reporter
+
+
+def make_plan(plan_file: Path | None, **choices) -> Plan:
+    """The plan of this run from the command line, or, with --plan, the recorded one with its
+    decision, keeping from the command line only what says where and how to run (the model, the
+    device, the export)."""
+    if plan_file is None:
+        return Plan.make(**choices)
+    recorded, replay = read_replay(plan_file)
+    for key in ("model", "device", "dtype", "export", "evaluation"):
+        if key in choices and (choices[key] is not None or key not in recorded):
+            recorded[key] = choices[key]
+    recorded.pop("replay", None)
+    return Plan.make(**recorded, replay=replay)
+
+
+def quiet_libraries() -> None:
+    """--quiet also silences the libraries' own progress bars (transformers' GGUF dequantization)."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # That bar is a plain tqdm (not transformers' switchable one), bound at import: hand the
+    # module a tqdm that is off. (TQDM_DISABLE is read only when tqdm itself is imported.)
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
+def load(inspected: Inspected, plan_or_device, reporter: Reporter, dtype: str | None = None):
+    from ..load import load_inspected
+
+    device = plan_or_device.device if isinstance(plan_or_device, Plan) else plan_or_device
+    dtype = plan_or_device.dtype if isinstance(plan_or_device, Plan) else dtype
+    reporter.say(f"loading {inspected.source.describe()}")
+    if reporter.quiet:
+        quiet_libraries()
+    return load_inspected(inspected.source, inspected.spec, device=device, dtype=dtype)
+
+
+def require_one_of(remove: int | None, ratio: float | None, plan_file: Path | None) -> None:
+    if plan_file is None and remove is None and ratio is None:
+        raise UserError("say how many blocks to remove: --remove N or --ratio R (or replay one with --plan pruning.json)")

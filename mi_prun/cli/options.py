@@ -1,0 +1,51 @@
+"""Every command-line option, declared once: commands take these types, so they cannot drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..plan import DEFAULT_BUILD_RATIO, Estimator, GGUFType, Method, OnnxPrecision, StateView, Target
+
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.")]
+
+Remove = Annotated[Optional[int], typer.Option("--remove", "-n", help="Number of blocks to remove.")]
+Ratio = Annotated[Optional[float], typer.Option("--ratio", help="Fraction of blocks to remove (instead of --remove).")]
+BuildRatio = Annotated[Optional[float], typer.Option("--ratio", help=f"Fraction of blocks to remove (default {DEFAULT_BUILD_RATIO} when neither is given).")]
+MethodOpt = Annotated[Method, typer.Option("--method", help="How blocks are chosen.")]
+EstimatorOpt = Annotated[Estimator, typer.Option("--estimator", help="MI estimator.")]
+ViewOpt = Annotated[StateView, typer.Option("--view", help="State view given to the estimators.")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Fast-Block-Select candidate runs (default 3N).")]
+Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="Score differing MI-PRUN proposals by calibration NLL (one pass each).")]
+
+Calib = Annotated[str, typer.Option("--calib", help="Calibration text: .txt/.jsonl/.parquet file, a dataset (wikitext2, PATH[@CONFIG][:SPLIT]), or 'self'.")]
+NSamples = Annotated[int, typer.Option("--n-samples", help="Calibration sequences.")]
+SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for calibration sampling, token subsampling and random selection.")]
+Compensate = Annotated[bool, typer.Option(
+    "--compensate/--no-compensate",
+    help="Fold a linear map fitted on the calibration text into the block before each removed run (plain weights, any runtime).",
+)]
+CompensationSamples = Annotated[Optional[int], typer.Option(
+    "--compensation-samples",
+    help="Calibration sequences for the compensation fit (default: --n-samples); more fit better, each run costs a pass.",
+)]
+PlanFile = Annotated[Optional[Path], typer.Option(
+    "--plan",
+    help="Replay the decision of a pruning.json (or its folder): same blocks, maps fitted again, no scoring. "
+    "Works on another quantization of the same model (--model).",
+)]
+
+TargetOpt = Annotated[Target, typer.Option("--target", "-t", help="Runtime format: gguf (llama.cpp) or onnx (onnxruntime-genai).")]
+GGUFTypeOpt = Annotated[Optional[GGUFType], typer.Option("--gguf-type", help="GGUF tensor type (default: a .gguf input keeps its own quantization, others get q8_0).")]
+OnnxPrecisionOpt = Annotated[OnnxPrecision, typer.Option("--onnx-precision", help="ONNX weights: fp32, or int4 weight-only.")]
+KeepHF = Annotated[bool, typer.Option("--keep-hf", help="Also keep the repacked Hugging Face checkpoint (in hf/).")]
+EvalData = Annotated[Optional[str], typer.Option("--eval", help="Held-out text to measure dense vs pruned quality for the model card (same formats as eval --data).")]
+EvalWindows = Annotated[int, typer.Option("--eval-windows", help="Windows of 512 tokens evaluated with --eval.")]

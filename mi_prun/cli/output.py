@@ -1,0 +1,72 @@
+"""What the commands print: tables and one-line summaries of a manifest."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def line(text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True, markup=False)
+
+
+def block_table(table: dict[str, list[float]], removed: list[int]) -> None:
+    if not table:
+        return
+    out = Table(title="per-block scores (boundary i -> i+1)")
+    out.add_column("block", justify="right")
+    for key in table:
+        out.add_column(key, justify="right")
+    out.add_column("removed")
+    for i in range(len(next(iter(table.values())))):
+        out.add_row(str(i), *(f"{table[k][i]:.4f}" for k in table), "x" if i in removed else "")
+    console.print(out)
+
+
+def proposals(manifest) -> None:
+    """MI-PRUN's proposals and what decided between them (nothing when no verification ran)."""
+    sel = manifest.selection
+    if sel.replayed_from is not None:
+        line(f"decision replayed from {sel.replayed_from}")
+    if sel.verification is None:
+        return
+    line(f"MI-PRUN proposals, scored by {sel.verification}:")
+    for c in sel.candidates:
+        kept = "  <- kept" if c.removed == manifest.removed else ""
+        line(f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}{kept}")
+
+
+def compensation(manifest) -> None:
+    c = manifest.compensation
+    if c is None or not c.enabled:
+        line(f"compensation: off{f' ({c.note})' if c is not None and c.note else ''}")
+        return
+    parts = [
+        f"blocks {r.first}-{r.last} -> block {r.folded_into} (held-out error x{r.heldout_error_ratio:.2f} of plain removal)"
+        if r.folded_into is not None else f"blocks {r.first}-{r.last}: none (nothing before block 0)"
+        for r in c.runs
+    ]
+    line("compensation: " + "; ".join(parts))
+
+
+def decision(manifest) -> None:
+    line(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
+    proposals(manifest)
+    compensation(manifest)
+
+
+def timings(manifest) -> None:
+    line(f"timings (s): {json.dumps(manifest.timings_s)}")
+
+
+def metric_table(title: str, rows: list[tuple[str, str]]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

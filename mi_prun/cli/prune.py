@@ -1,0 +1,54 @@
+"""`mi-prun-edge prune`: choose the blocks, write a pruned Hugging Face checkpoint + pruning.json."""
+
+from __future__ import annotations
+
+from ..plan import Estimator, Method, StateView
+from . import options as o, output
+from .app import app
+from .common import load, make_plan, require_one_of
+
+
+@app.command()
+def prune(
+    out: o.Out,
+    model: o.Model = None,
+    remove: o.Remove = None,
+    ratio: o.Ratio = None,
+    method: o.MethodOpt = Method.mi_prun,
+    estimator: o.EstimatorOpt = Estimator.token,
+    view: o.ViewOpt = StateView.raw,
+    calib: o.Calib = "self",
+    n_samples: o.NSamples = 16,
+    seq_len: o.SeqLen = 256,
+    top_k: o.TopK = None,
+    verify: o.Verify = True,
+    compensate: o.Compensate = True,
+    compensation_samples: o.CompensationSamples = None,
+    seed: o.Seed = 0,
+    plan_file: o.PlanFile = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    force: o.Force = False,
+    quiet: o.Quiet = False,
+):
+    """Score blocks, choose the ones to remove, and write a pruned checkpoint + pruning.json."""
+    from ..calibration import CalibrationSpec
+    from ..pipeline import prune as run_prune, save_pruned
+    from ..preflight import check_plan
+    from ..progress import Reporter
+
+    require_one_of(remove, ratio, plan_file)
+    plan = make_plan(
+        plan_file, model=model, method=method, estimator=estimator, view=view, remove=remove, ratio=ratio,
+        calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed), top_k=top_k,
+        verify=verify, compensate=compensate, compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
+    )
+    inspected = check_plan(plan, out, force)
+    reporter = Reporter(quiet)
+    loaded = load(inspected, plan, reporter)
+    result = run_prune(loaded, plan, reporter)
+    manifest = save_pruned(loaded, plan, result, out, force)
+    output.block_table(manifest.block_scores, manifest.removed)
+    output.decision(manifest)
+    output.timings(manifest)
+    output.line(f"wrote {out}")

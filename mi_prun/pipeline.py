@@ -1,0 +1,134 @@
+"""The pipeline, top to bottom: calibrate -> capture -> select -> compensate, then repack and export.
+
+Each stage is a function of its own module; this one only orders them, times them and keeps
+what they return. Nothing here changes the loaded model for good.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .archs import block_count
+from .atomic import atomic_dir
+from .blockset import keep_indices
+from .calibration import calibration_batches
+from .compensate import RunCompensation, can_compensate, capture_passes, compensation_for
+from .export import HF_SUBDIR, export_pruned
+from .manifest import PruningManifest, SelectionInfo
+from .methods import select_blocks
+from .modelcard import write_model_card
+from .plan import Method, Plan
+from .progress import QUIET, Reporter
+from .quality import measure_quality
+from .record import build_manifest
+from .repack import save_checkpoint
+from .scoring import Scores, score_model
+from .verify import RemovalScorer
+
+
+@dataclass
+class PruneResult:
+    n_blocks: int
+    removed: list[int]
+    kept: list[int]
+    scores: Scores | None  # None when the decision was replayed
+    selection: SelectionInfo
+    calibration_ids: torch.Tensor | None
+    timings: dict[str, float] = field(default_factory=dict)
+    compensation: list[RunCompensation] = field(default_factory=list)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
+    """Decide which blocks go (or replay a recorded decision) and fit their compensation maps."""
+    timings: dict[str, float] = {}
+    n = block_count(loaded.model, loaded.spec)
+    n_remove = plan.n_remove(n)
+    compensate = plan.compensate and can_compensate(loaded.spec)
+    cal = plan.calibration
+    calib_ids = fit_ids = None
+    if plan.replay is None or compensate:
+        with _timed(timings, "calibrate"):
+            reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
+            calib_ids = fit_ids = calibration_batches(loaded.model, loaded.tokenizer, cal)
+            if compensate and plan.compensation_samples not in (None, cal.n_samples):
+                spec = cal.model_copy(update={"n_samples": plan.compensation_samples})
+                reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
+                fit_ids = calibration_batches(loaded.model, loaded.tokenizer, spec)
+
+    scores = None
+    if plan.replay is not None:
+        removed = list(plan.replay.removed)
+        info = SelectionInfo(replayed_from=plan.replay.manifest)
+        reporter.say(f"replaying {plan.replay.manifest}: removing blocks {removed}")
+    else:
+        with _timed(timings, "capture"):
+            scores = score_model(loaded, calib_ids, plan, reporter)
+        with _timed(timings, "select"):
+            removed, info = select_blocks(scores, plan, n_remove, _scorer(loaded, plan, calib_ids, fit_ids, compensate), reporter)
+
+    runs: list[RunCompensation] = []
+    if compensate:
+        with _timed(timings, "compensate"), reporter.task("fitting linear compensation for the removed runs", None):
+            runs = compensation_for(loaded, removed, fit_ids, plan.batch_size)
+        info.forward_passes += capture_passes(runs)
+    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, timings, runs)
+
+
+def _scorer(loaded, plan: Plan, calib_ids, fit_ids, compensate: bool) -> RemovalScorer:
+    """MI-PRUN's proposals are scored as they ship (compensated, on the compensation windows);
+    SLEB and ppl keep their published form: plain removal on the scoring windows."""
+    if plan.method in (Method.mi_prun, Method.mi_prun_exact):
+        return RemovalScorer(loaded, fit_ids, plan.batch_size, compensate=compensate)
+    return RemovalScorer(loaded, calib_ids, plan.batch_size)
+
+
+def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
+    """The pruned checkpoint + pruning.json, written all at once into `out`."""
+    with atomic_dir(out, force) as tmp:
+        with _timed(result.timings, "repack"):
+            save_checkpoint(loaded, result.kept, result.compensation, tmp)
+        manifest = build_manifest(loaded, plan, result)
+        manifest.write(tmp)
+    return manifest
+
+
+def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
+    """Prune, measure (with --eval), export and check, describe: one output folder, written at once."""
+    result = prune(loaded, plan, reporter)
+    quality = measure_quality(loaded, result.kept, result.compensation, plan.evaluation, reporter) if plan.evaluation else None
+    with atomic_dir(out, force) as tmp:
+        with _timed(result.timings, "export"):
+            export = export_pruned(loaded, plan.export, result, tmp, reporter)
+        manifest = build_manifest(loaded, plan, result)
+        manifest.quality = quality
+        manifest.exports.append(export)
+        if plan.export.keep_hf:
+            manifest.write(tmp / HF_SUBDIR)
+        elif (tmp / HF_SUBDIR).exists():
+            shutil.rmtree(tmp / HF_SUBDIR)  # the export's input, not asked for
+        manifest.write(tmp)
+        write_model_card(tmp, manifest, keep_hf=plan.export.keep_hf)
+    return manifest
+
+
+def score_blocks(loaded, plan: Plan, reporter: Reporter = QUIET) -> tuple[Scores, list[int]]:
+    """The scores of one capture pass and the blocks the plan's method would remove (uncompensated
+    verification: `score` shows the MI criterion, it ships nothing)."""
+    calib_ids = calibration_batches(loaded.model, loaded.tokenizer, plan.calibration)
+    scores = score_model(loaded, calib_ids, plan, reporter)
+    scorer = RemovalScorer(loaded, calib_ids, plan.batch_size)
+    removed, _ = select_blocks(scores, plan, plan.n_remove(scores.n_blocks), scorer, reporter)
+    return scores, removed

@@ -1,0 +1,84 @@
+"""Everything that can be checked before any weights load: the output folder, data files, the
+model's config, the plan against the model, the export tools. Seconds, not minutes, to an error."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .archs import ArchSpec
+from .calibration import check_text_source
+from .errors import UserError
+from .load import ModelSource, inspect_model, resolve_source
+from .plan import Plan, Target, check_replay
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """A model source whose config was read (no weights): loading reuses it."""
+
+    source: ModelSource
+    spec: ArchSpec
+    config: dict
+    n_blocks: int
+
+
+def check_output(out: Path, force: bool) -> None:
+    """`out` can be written: absent (or --force), its nearest existing parent a writable folder."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"output {out} already exists; pass --force to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create output {out}: {parent} is a file, not a folder")
+    try:  # a real probe: permission bits say nothing for root or a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as err:
+        raise UserError(f"cannot write output {out}: {parent} is not writable ({err.strerror})") from None
+
+
+def inspect(model: str | None) -> Inspected:
+    source = resolve_source(model)
+    spec, config = inspect_model(source)
+    as_dict = config.to_dict()
+    return Inspected(source, spec, as_dict, int(as_dict[spec.layer_count_key]))
+
+
+def require_export_tools(target: Target) -> None:
+    """Missing runtimes are reported before minutes of pruning, not after."""
+    if target is Target.gguf:
+        from exporters import llamacpp
+
+        llamacpp.llama_cpp_module()
+        return
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        raise UserError("--target onnx needs onnxruntime and onnxruntime-genai (make install adds them)") from None
+
+
+def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Inspected:
+    """All checks of a prune/build run, in the order of their cost; returns the inspected model."""
+    if out is not None:
+        check_output(out, force)
+    check_text_source(plan.calibration.source, "--calib")
+    if plan.evaluation is not None:
+        check_text_source(plan.evaluation.data, "--eval")
+    inspected = inspect(plan.model)
+    plan.n_remove(inspected.n_blocks)
+    if plan.replay is not None:
+        check_replay(plan.replay, inspected.spec.model_type, inspected.n_blocks, inspected.config)
+    if plan.export is not None:
+        require_export_tools(plan.export.target)
+        if plan.export.target is Target.onnx:
+            from exporters.onnx_export import check_supported
+
+            check_supported(inspected.spec)
+    return inspected

@@ -1,0 +1,63 @@
+"""Assemble `pruning.json` from a plan and what the run measured and decided."""
+
+from __future__ import annotations
+
+from .calibration import canonical_source
+from .compensate import can_compensate
+from .manifest import CalibrationInfo, CompensationInfo, CompensationRun, PruningManifest, package_versions
+from .plan import Estimator, Plan, shapes_of
+
+
+def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
+    if not plan.compensate:
+        return CompensationInfo(enabled=False, note="disabled (--no-compensate)")
+    if not can_compensate(loaded.spec):
+        return CompensationInfo(
+            enabled=False, note=f"{loaded.spec.model_type}: a norm follows the MLP output, no linear weight to fold a map into"
+        )
+    weight = f"{loaded.spec.residual_projection}.weight"
+    runs = [
+        CompensationRun(
+            first=r.first, last=r.last, folded_into=r.prev, weight=weight if r.prev is not None else None,
+            ridge=r.ridge, heldout_error_ratio=r.heldout_ratio, fit_error_ratio=r.fit_ratio,
+        )
+        for r in result.compensation
+    ]
+    note = "a run starting at block 0 has no block before it: removed without compensation" if any(r.prev is None for r in result.compensation) else None
+    samples = plan.compensation_samples or plan.calibration.n_samples
+    return CompensationInfo(enabled=True, samples=samples, runs=runs, note=note)
+
+
+def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
+    cal = plan.calibration
+    scores = result.scores
+    return PruningManifest(
+        plan=plan,
+        source_model=loaded.source.describe(),
+        architecture=loaded.spec.model_type,
+        shapes=shapes_of(loaded.model.config.to_dict()),
+        blocks_before=result.n_blocks,
+        blocks_after=len(result.kept),
+        method=plan.method.value,
+        estimator=plan.estimator.value,
+        view=plan.view.value,
+        seed=plan.seed,
+        removed=result.removed,
+        kept=result.kept,
+        block_scores=scores.block_table() if scores else {},
+        run_scores=scores.run_scores() if scores else [],
+        selection=result.selection,
+        compensation=compensation_info(loaded, plan, result),
+        calibration=CalibrationInfo(
+            source=canonical_source(cal.source),
+            n_samples=cal.n_samples,
+            seq_len=cal.seq_len,
+            tokens_observed=scores.tokens if scores else 0,
+            max_tokens_sampled=None if plan.estimator is Estimator.token else plan.max_tokens,
+            seed=cal.seed,
+        ),
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        timings_s={k: round(v, 3) for k, v in result.timings.items()},
+        versions=package_versions(),
+    )
