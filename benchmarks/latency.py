@@ -1,7 +1,9 @@
 """`make bench`: latency and memory of the dense vs MI-PRUN-pruned model in each edge runtime.
 
 For the model (default: the embedded SmolLM2-135M-Instruct) this builds the dense checkpoint and
-pruned ones (`--remove`, MI-PRUN), exports them for every runtime asked for, then measures:
+pruned ones (`--remove`) exactly as `mi-prun-edge prune --calib C --n-samples 16 --seq-len 256
+--remove N` does (MI-PRUN, verified and compensated, checkpoint + pruning.json), exports each as
+`mi-prun-edge export` does (export, then a check in its runtime), then measures:
 
 * prefill latency for 128- and 512-token prompts, time to first token and decode tokens/s over
   `--decode-tokens` greedy tokens (128-token prompt). One worker process per runtime holds all
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,14 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from exporters.gguf_export import GGUFType, export_gguf  # noqa: E402
-from exporters.onnx_export import OnnxPrecision, export_onnx  # noqa: E402
+from exporters.gguf_export import GGUFType  # noqa: E402
+from exporters.onnx_export import OnnxPrecision  # noqa: E402
 from machine import machine_line  # noqa: E402
-from mi_prun.blockset import apply_keep, keep_indices, restore  # noqa: E402
-from mi_prun.calibration import CalibrationSpec, calibration_batches  # noqa: E402
+from mi_prun.export import export_folder  # noqa: E402
 from mi_prun.load import load_model  # noqa: E402
+from mi_prun.manifest import MANIFEST_NAME, ExportInfo, PruningManifest  # noqa: E402
+from mi_prun.pipeline import prune, save_pruned  # noqa: E402
+from mi_prun.plan import CalibrationSpec, Plan, Target  # noqa: E402
 from mi_prun.progress import Reporter  # noqa: E402
-from mi_prun.prune import PruneOptions, score_model, select_blocks  # noqa: E402
 
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 WORKER = Path(__file__).with_name("latency_worker.py")
@@ -67,55 +69,84 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--calib", default=str(WIKI_VALID) if WIKI_VALID.is_file() else "self")
-    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-work", help="built models and exports (reused)")
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-work",
+                   help="built models and exports (reused while their plan is the same; another --model needs another --work)")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     return p.parse_args(argv)
 
 
+def variant_plan(args, n: int) -> Plan:
+    """The plan of `mi-prun-edge prune --model M --calib C --n-samples 16 --seq-len 256 --remove n`:
+    the tool's defaults (MI-PRUN, verified and compensated as shipped) but for calibration and N."""
+    return Plan.make(model=args.model, remove=n, calibration=CalibrationSpec(args.calib, 16, 256))
+
+
+def prune_command(args) -> str:
+    """The command line equivalent of `variant_plan`."""
+    model = f"--model {args.model} " if args.model else ""
+    return f"mi-prun-edge prune {model}--calib {args.calib} --n-samples 16 --seq-len 256 --remove N"
+
+
+def recorded_plan(folder: Path) -> Plan | None:
+    """The plan in a variant folder's pruning.json (None: no readable one, e.g. built by an older version)."""
+    try:
+        return PruningManifest.read(folder).plan
+    except (OSError, ValueError):  # missing, not JSON, or not a pruning.json of this version
+        return None
+
+
 def build_variants(args, reporter) -> tuple[dict[str, Path], dict[str, list[int]]]:
-    """Dense and pruned Hugging Face folders (reused when present)."""
+    """Dense and pruned Hugging Face folders, and the blocks each pruned one removed.
+
+    A pruned variant is what `mi-prun-edge prune` writes (`pipeline.prune` + `pipeline.save_pruned`:
+    checkpoint and pruning.json); it is reused when its pruning.json records the same plan. The dense
+    folder is the loaded model saved as is, reused when present (use another --work for another --model).
+    """
     work = args.work
     variants = {"dense": work / "dense"} | {f"pruned-{n}": work / f"pruned-{n}" for n in args.remove}
-    removed_file = work / "removed.json"
-    removed = json.loads(removed_file.read_text()) if removed_file.is_file() else {}
-    if all((p / "config.json").is_file() for p in variants.values()) and all(f"pruned-{n}" in removed for n in args.remove):
-        return variants, removed
-    loaded = load_model(args.model)
-    n_blocks = loaded.model.config.num_hidden_layers
-    variants["dense"].mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(variants["dense"])
-    loaded.tokenizer.save_pretrained(variants["dense"])
-    options = PruneOptions(calibration=CalibrationSpec(args.calib, 16, 256))
-    calib = calibration_batches(loaded.model, loaded.tokenizer, options.calibration)
-    scores = score_model(loaded, calib, options, reporter)
-    for n in args.remove:
-        chosen, _ = select_blocks(loaded, scores, calib, options, n, reporter)
-        removed[f"pruned-{n}"] = chosen
-        saved = apply_keep(loaded.model, loaded.spec, keep_indices(n_blocks, chosen))
-        loaded.model.save_pretrained(variants[f"pruned-{n}"])
-        loaded.tokenizer.save_pretrained(variants[f"pruned-{n}"])
-        restore(loaded.model, loaded.spec, saved)
-    removed_file.write_text(json.dumps(removed))
+    plans = {f"pruned-{n}": variant_plan(args, n) for n in args.remove}
+    stale = [v for v, plan in plans.items() if recorded_plan(variants[v]) != plan]
+    if stale or not (variants["dense"] / "config.json").is_file():
+        loaded = load_model(args.model)
+        if not (variants["dense"] / "config.json").is_file():
+            variants["dense"].mkdir(parents=True, exist_ok=True)
+            loaded.model.save_pretrained(variants["dense"])
+            loaded.tokenizer.save_pretrained(variants["dense"])
+        for v in stale:
+            reporter.say(f"building {v}: {plans[v].remove} blocks removed, as `mi-prun-edge prune` does")
+            result = prune(loaded, plans[v], reporter)
+            save_pruned(loaded, plans[v], result, variants[v], force=True)
+    removed = {v: PruningManifest.read(variants[v]).removed for v in plans}
     return variants, removed
 
 
 def artifact(label: str, variant: str, hf: Path, work: Path, reporter) -> Path:
+    """The runtime file (or folder) of a variant, exported as `mi-prun-edge export` does
+    (`export.export_folder`: export, then the written artifact checked in its runtime).
+
+    An export is reused while the pruning.json it was made from (copied beside it) is the variant's own."""
     _, fmt, _ = RUNTIMES[label]
     if fmt == "hf":
         return hf
     if isinstance(fmt, GGUFType):
-        path = work / "gguf" / f"{variant}.{fmt.value}.gguf"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            reporter.say(f"exporting {variant} to GGUF {fmt.value}")
-            export_gguf(hf, path, fmt, work / "gguf")
-        return path
-    path = work / "onnx" / f"{variant}.{fmt.value}"
-    if not (path / "model.onnx").is_file():
-        shutil.rmtree(path, ignore_errors=True)
-        reporter.say(f"exporting {variant} to ONNX {fmt.value}")
-        export_onnx(hf, path, fmt, work / "onnx-cache")
-    return path
+        target, gguf_type, precision = Target.gguf, fmt, OnnxPrecision.int4
+    else:
+        target, gguf_type, precision = Target.onnx, None, fmt
+    out = work / "exports" / f"{variant}.{fmt.value}"
+    if not export_current(out, hf):
+        reporter.say(f"exporting {variant} to {target.value} {fmt.value}")
+        export_folder(hf, target, out, gguf_type, True, reporter, onnx_precision=precision)
+    return out / ExportInfo.model_validate_json((out / "export.json").read_text()).file
+
+
+def export_current(out: Path, hf: Path) -> bool:
+    """Whether `out` holds an export of the checkpoint now in `hf` (same pruning.json, or none in either)."""
+    if not (out / "export.json").is_file():
+        return False
+    made_from, source = out / MANIFEST_NAME, hf / MANIFEST_NAME
+    if made_from.is_file() != source.is_file():
+        return False
+    return not source.is_file() or made_from.read_bytes() == source.read_bytes()
 
 
 def size_on_disk(path: Path) -> int:
@@ -238,6 +269,7 @@ def main(argv=None) -> None:
         "machine": machine_line(f"{args.threads} threads pinned per runtime"),
         "model": args.model or "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized for the exports)",
         "removed": removed,
+        "pruned_with": prune_command(args),
         "flops": flops,
         "settings": {"repeats": args.repeats, "threads": args.threads, "decode_tokens": args.decode_tokens, "prompts": [128, 512]},
         "skipped": skipped,
@@ -268,7 +300,8 @@ def write_report(payload: dict, out: Path) -> None:
         + (f"; peak memory re-measured with `{payload['memory_command']}`" if payload.get("memory_command") else "") + "  ",
         f"Machine: {payload['machine']}. Wall time {payload['wall_s']} s.  ",
         f"Model: {payload['model']}; removed blocks (MI-PRUN): "
-        + ", ".join(f"{k}: {v}" for k, v in payload["removed"].items()) + ".  ",
+        + ", ".join(f"{k}: {v}" for k, v in payload["removed"].items())
+        + (f", built by `{payload['pruned_with']}` (compensated, as shipped)" if payload.get("pruned_with") else "") + ".  ",
         f"Each runtime: one process, warm-up, then {s['repeats']} alternating rounds; median [min-max]. "
         f"Decode: greedy, {s['decode_tokens']} tokens after a 128-token prompt. Peak RSS: a fresh process per model "
         "(load, prefill 512, decode 16); 'base' is the process before importing the runtime and loading the model.",

@@ -1,8 +1,11 @@
 """ONNX exports of the dense and pruned default model: export time, size, and fp32 vs int4 perplexity.
 
 Uses the models `benchmarks/latency.py` builds (same `--work` folder, built here if missing):
-dense and MI-PRUN with 4 and 8 blocks removed. Perplexity is computed by plain onnxruntime on the
-first `--windows` windows of 512 tokens of wiki.test.raw, next to transformers on the same windows.
+dense and MI-PRUN with 4 and 8 blocks removed, as `mi-prun-edge prune` writes them (compensated).
+Each is exported as `mi-prun-edge export --target onnx --onnx-precision P` does (`export_folder`:
+the model builder, then the export checked in onnxruntime and onnxruntime-genai). Perplexity is
+computed by plain onnxruntime on the first `--windows` windows of 512 tokens of wiki.test.raw, next
+to transformers on the same windows.
 
     .venv/bin/python benchmarks/onnx_quality.py            # writes reports/onnx_quality.{md,json}
 """
@@ -11,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +22,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import latency  # noqa: E402
-from exporters.onnx_export import OnnxPrecision, count_matmul_nbits, export_onnx, onnx_perplexity  # noqa: E402
+from exporters.onnx_export import OnnxPrecision, count_matmul_nbits, onnx_perplexity  # noqa: E402
 from mi_prun.calibration import tokenize_text  # noqa: E402
 from mi_prun.evaluate import eval_windows, perplexity  # noqa: E402
+from mi_prun.export import export_folder  # noqa: E402
+from mi_prun.plan import Target  # noqa: E402
 from mi_prun.progress import Reporter  # noqa: E402
 
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
@@ -51,14 +54,11 @@ def main(argv=None) -> None:
         row = {"model": name, "removed": removed.get(name, []), "transformers_ppl": perplexity(model, windows).ppl}
         del model
         for precision in OnnxPrecision:
-            target = args.work / "onnx-quality" / f"{name}.{precision.value}"
-            shutil.rmtree(target, ignore_errors=True)
-            t0 = time.perf_counter()
-            export_onnx(hf, target, precision, args.work / "onnx-cache")
-            seconds = time.perf_counter() - t0
-            size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
+            out = args.work / "onnx-quality" / f"{name}.{precision.value}"
+            export = export_folder(hf, Target.onnx, out, None, True, reporter, onnx_precision=precision)
+            target = out / export.file
             row[precision.value] = {
-                "export_s": round(seconds, 1), "bytes": size, "matmul_nbits": count_matmul_nbits(target),
+                "export_s": export.seconds, "bytes": export.bytes, "matmul_nbits": count_matmul_nbits(target),
                 "ppl": onnx_perplexity(target, windows.numpy()),
             }
             reporter.say(json.dumps({name: row[precision.value]}))
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         f"Command: `{payload['command']}`  ",
         f"Evaluation: {payload['evaluation']}, perplexity by plain onnxruntime; transformers fp32 on the same windows for reference.",
         "",
-        "| model | removed | transformers ppl | fp32 ppl | int4 ppl | int4/fp32 | fp32 MiB | int4 MiB | export s fp32 / int4 |",
+        "| model | removed | transformers ppl | fp32 ppl | int4 ppl | int4/fp32 | fp32 MiB | int4 MiB | export + check s fp32 / int4 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

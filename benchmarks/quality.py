@@ -1,19 +1,25 @@
 """Method comparison: quality after removing N blocks, by every selection method, and what selection costs.
 
-Calibration: windows of `wiki.valid.tokens`. Evaluation: the first 24 windows of 512 tokens of
+Every row is one `pipeline.prune` run with its own plan, what `mi-prun-edge prune` runs with the
+row's flags (calibrate, capture, select, compensate); the benchmark only evaluates the decisions.
+The first row of every table is `mi-prun-edge build`'s default plan (MI-PRUN, `--calib self`: 16 x
+256 tokens the model generates itself, compensation fitted on those windows): what a user gets
+without flags (`--no-default-row` leaves it out).
+
+Other rows: calibration windows of `wiki.valid.tokens` (sleb, ppl: `--eval-calib-samples` of them,
+every candidate costs a forward pass). Evaluation: the first 24 windows of 512 tokens of
 `wiki.test.raw` (the engine issue's evaluation), perplexity plus KL(dense || pruned) and top-1
 agreement with the dense model. Also: the MI estimators compared (token / gaussian / renyi, each
 driving MI-PRUN) and Fast-Block-Select's gap to the exact optimum of each objective. The main
 methods' selections are also evaluated with linear compensation (`mi_prun/compensate.py`, fitted on
-`--comp-samples` calibration windows), on wikitext and on other held-out text (`--heldout`,
-default: the licence texts Debian ships), to check the ordering beyond wikitext.
+`--comp-samples` calibration windows, as `prune --compensation-samples` does), on wikitext and on
+other held-out text (`--heldout`, default: the licence texts Debian ships), to check the ordering
+beyond wikitext. A `--no-compensate` selection is compensated afterwards by replaying its decision
+through `pipeline.prune` (a `Plan.replay`, as `prune --plan pruning.json` does).
 
-SLEB is greedy, so one run to the largest N gives every smaller N as a prefix; its cost for N is
-read at the moment its N-th removal was decided (forward passes and wall time so far). The `ppl`
-baseline scores each block once, so one scoring serves every N. Selections and evaluations are
-cached (`--cache`), so an interrupted run resumes where it stopped.
+Selections and evaluations are cached (`--cache`), so an interrupted run resumes where it stopped.
 
-    .venv/bin/python benchmarks/quality.py            # writes reports/quality.{md,json,png}; ~2 h on 2 cores
+    .venv/bin/python benchmarks/quality.py            # writes reports/quality.{md,json,png}; a few hours on 2 cores
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,24 +39,29 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from machine import machine_line  # noqa: E402
-from mi_prun import select  # noqa: E402
+from mi_prun.archs import block_count  # noqa: E402
 from mi_prun.blockset import blocks_kept, keep_indices  # noqa: E402
-from mi_prun.calibration import CalibrationSpec, calibration_batches, tokenize_text  # noqa: E402
-from mi_prun.evaluate import Reference, evaluate, strided_windows  # noqa: E402
-from mi_prun.load import load_model  # noqa: E402
+from mi_prun.calibration import tokenize_text  # noqa: E402
+from mi_prun.compensate import RunCompensation, applied, capture_passes  # noqa: E402
+from mi_prun.evaluate import EvalWindows, Reference, evaluate, strided_windows  # noqa: E402
+from mi_prun.load import LoadedModel, load_model  # noqa: E402
+from mi_prun.pipeline import prune  # noqa: E402
+from mi_prun.plan import CalibrationSpec, Estimator, Method, Plan, Replay  # noqa: E402
 from mi_prun.progress import Reporter  # noqa: E402
-from mi_prun.compensate import applied, fit_compensation  # noqa: E402
-from mi_prun.prune import CalibrationEvaluator, Method, PruneOptions, score_model, select_blocks  # noqa: E402
-from mi_prun.scoring import Estimator  # noqa: E402
+from plans import plan_flags, source_name  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
 LICENCES = [Path("/usr/share/common-licenses") / n for n in ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3")]
 RANDOM_SEEDS = (0, 1, 2)
 # Methods whose selections are also evaluated with linear compensation (and on the licence text).
-COMPENSATED = ("mi-prun", "mi-prun --no-compensate", "shortgpt", "angular", "sleb", "ppl")
-VERIFIED_COMPENSATED = ("mi-prun", "mi-prun-exact")  # proposals verified with compensation
+COMPENSATED = ("mi-prun", "mi-prun-exact", "mi-prun --no-compensate", "shortgpt", "angular", "sleb", "ppl")
+# `mi-prun-edge build` with no flag but N: its calibration is CalibrationSpec()'s defaults.
+BUILD_DEFAULT = CalibrationSpec()
+DEFAULT_LABEL = f"mi-prun (build default: --calib self, {BUILD_DEFAULT.n_samples} x {BUILD_DEFAULT.seq_len})"
 # The engine issue's goal: at most 0.9x the best baseline row of its table.
 GOAL = {4: 53.7, 6: 72.1, 8: 125.7}
+# Cached rows of another version are not reused (2: every row a pipeline.prune run).
+CACHE_VERSION = 2
 
 
 def parse_args(argv=None):
@@ -68,6 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--comp-samples", type=int, default=64, help="calibration windows (same source) for the compensation fits")
     parser.add_argument("--heldout", nargs="*", default=[str(p) for p in LICENCES],
                         help="other held-out text (concatenated) for the compensated rows: ordering beyond wikitext")
+    parser.add_argument("--default-row", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"first row: `mi-prun-edge build`'s default plan ({DEFAULT_LABEL})")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "quality")
     parser.add_argument("--cache", type=Path, default=ROOT / "out" / "bench-cache" / "quality.json")
     return parser.parse_args(argv)
@@ -93,174 +106,242 @@ class Cache:
         tmp.replace(self.path)
 
 
-def run(args, argv) -> dict:
-    reporter = Reporter()
-    started = time.perf_counter()
-    loaded = load_model(args.model)
-    model, spec = loaded.model, loaded.spec
-    n_blocks = model.config.num_hidden_layers
-    settings = {k: str(v) for k, v in vars(args).items() if k not in {"out", "cache", "n", "comp_samples", "heldout"}}
-    cache = Cache(args.cache, settings)
+@dataclass(frozen=True)
+class RowSpec:
+    """One row: a label, the plan `pipeline.prune` runs for it, and the plan whose compensation maps
+    its `compensated` columns measure (None: plain removal only)."""
 
+    label: str
+    plan: Plan
+    compensation: Plan | None = None
+
+
+def row_specs(args, n: int) -> list[RowSpec]:
+    """The plans compared at N, in table order (the build default first)."""
+    calib = CalibrationSpec(args.calib, args.calib_samples, args.calib_len)
+    few = CalibrationSpec(args.calib, args.eval_calib_samples, args.calib_len)
+
+    def plan(compensate: bool = True, **fields) -> Plan:
+        extra = {"compensation_samples": args.comp_samples} if compensate else {}
+        return Plan.make(**{"model": args.model, "remove": n, "calibration": calib, "compensate": compensate, **extra, **fields})
+
+    plans = [
+        ("mi-prun", plan()),
+        ("mi-prun-exact", plan(method=Method.mi_prun_exact)),
+        ("mi-prun --no-compensate", plan(compensate=False)),
+        ("mi-prun-exact --no-compensate", plan(False, method=Method.mi_prun_exact)),
+        ("shortgpt", plan(method=Method.shortgpt)),
+        ("angular", plan(method=Method.angular)),
+        ("sleb", plan(method=Method.sleb, calibration=few)),
+        ("ppl", plan(method=Method.ppl, calibration=few)),
+        # `--seed s` seeds the calibration too (no effect on a file's windows).
+        *[(f"random-{s}", plan(False, method=Method.random, seed=s, calibration=calib.model_copy(update={"seed": s})))
+          for s in RANDOM_SEEDS],
+        *[(f"mi-prun[{e}]", plan(False, estimator=Estimator(e))) for e in args.estimators],
+    ]
+    specs = [RowSpec(label, p, compensated_plan(p, args) if label in COMPENSATED else None) for label, p in plans]
+    if args.default_row:
+        default = Plan.make(model=args.model, remove=n)
+        specs.insert(0, RowSpec(DEFAULT_LABEL, default, default))
+    return specs
+
+
+def compensated_plan(plan: Plan, args) -> Plan:
+    """The plan whose maps a row's compensated columns measure: its own, or, for a `--no-compensate`
+    selection, the same plan compensated on the `--comp-samples` windows."""
+    if plan.compensate:
+        return plan
+    return plan.model_copy(update={"compensate": True, "compensation_samples": args.comp_samples})
+
+
+def compensation_tag(plan: Plan) -> str:
+    """What the fitted maps depend on besides the removed blocks: the compensation windows."""
+    cal = plan.calibration
+    return f"{source_name(cal.source)}:{plan.compensation_samples or cal.n_samples}x{cal.seq_len}:{cal.seed}"
+
+
+def is_default(label: str) -> bool:
+    return label.startswith("mi-prun (build default")
+
+
+@dataclass
+class Bench:
+    """What every row's measurement shares: the model, the evaluation windows, the dense reference, the cache."""
+
+    loaded: LoadedModel
+    cache: Cache
+    reporter: Reporter
+    windows: EvalWindows
+    heldout: EvalWindows | None
+    reference: Reference
+    reference_ready: bool = False
+    # Maps the selection run of the current row fitted (key: compensated_key), for its compensated columns.
+    fitted: dict[str, tuple[list[RunCompensation], float]] = field(default_factory=dict)
+
+    @property
+    def n_blocks(self) -> int:
+        return block_count(self.loaded.model, self.loaded.spec)
+
+
+def open_bench(args, reporter: Reporter) -> Bench:
+    loaded = load_model(args.model)
+    settings = {k: str(v) for k, v in vars(args).items() if k not in {"out", "cache", "n", "comp_samples", "heldout", "default_row"}}
+    cache = Cache(args.cache, {**settings, "version": CACHE_VERSION})
     eval_ids = tokenize_text(loaded.tokenizer, Path(args.eval_data).read_text(encoding="utf-8"))
     windows = strided_windows(eval_ids, args.eval_len, max_windows=args.eval_windows)
-    reference = Reference(model)
-    reference_ready = False
-
-    heldout_windows = None
+    heldout = None
     if args.heldout:
         text = "\n\n".join(Path(p).read_text(encoding="utf-8") for p in args.heldout)
-        heldout_windows = strided_windows(tokenize_text(loaded.tokenizer, text), args.eval_len, max_windows=args.eval_windows)
-    comp_ids = None
+        heldout = strided_windows(tokenize_text(loaded.tokenizer, text), args.eval_len, max_windows=args.eval_windows)
+    return Bench(loaded, cache, reporter, windows, heldout, Reference(loaded.model))
 
-    def compensation_ids() -> torch.Tensor:
-        nonlocal comp_ids
-        if comp_ids is None:
-            comp_ids = calibration_batches(model, loaded.tokenizer, replace(base.calibration, n_samples=args.comp_samples))
-        return comp_ids
 
-    def quality(removed: list[int], compensate: bool = False, heldout: bool = False) -> dict:
-        """`heldout`: also perplexity on the other held-out text (always, when compensated)."""
-        nonlocal reference_ready
-        key = ("comp:" if compensate else "") + json.dumps(sorted(removed))
-        if compensate:
-            key += f"/{args.comp_samples}"
-        hit = cache.get("eval", key)
-        if hit is not None:
-            if heldout and heldout_windows is not None and "ppl_heldout" not in hit:
-                with blocks_kept(model, spec, keep_indices(n_blocks, removed)):
-                    hit["ppl_heldout"] = evaluate(model, heldout_windows).ppl
-                cache.put("eval", key, hit)
-            return hit
-        if not reference_ready:
-            reporter.say("dense reference log-probs")
-            reference.fill(windows, 4)
-            reference_ready = True
-        runs, fit_s = [], 0.0
-        if compensate:
-            t0 = time.perf_counter()
-            runs = fit_compensation(model, spec, removed, list(compensation_ids().split(base.batch_size)))
-            fit_s = time.perf_counter() - t0
-        with applied(model, spec, runs), blocks_kept(model, spec, keep_indices(n_blocks, removed)):
-            r = evaluate(model, windows, reference)
-            value = {"ppl": r.ppl, "kl": r.kl, "top1": r.top1, "eval_s": round(r.wall_s, 1)}
-            if compensate:
-                value["fit_s"] = round(fit_s, 1)
-                value["runs"] = [{"first": c.first, "last": c.last, "ridge": c.ridge, "heldout_ratio": c.heldout_ratio} for c in runs]
-            if (compensate or heldout) and heldout_windows is not None:
-                value["ppl_heldout"] = evaluate(model, heldout_windows).ppl
-        cache.put("eval", key, value)
-        return value
+# --- decisions: pipeline.prune, as the CLI runs it -------------------------------------------------
 
-    base = PruneOptions(calibration=CalibrationSpec(args.calib, args.calib_samples, args.calib_len))
-    calib = calibration_batches(model, loaded.tokenizer, base.calibration)
-    small = calib[:: max(1, args.calib_samples // args.eval_calib_samples)][: args.eval_calib_samples]
-    scores_by_estimator: dict[str, object] = {}
 
-    def scores_for(estimator: str):
-        if estimator not in scores_by_estimator:
-            t0 = time.perf_counter()
-            scores_by_estimator[estimator] = (score_model(loaded, calib, replace(base, estimator=Estimator(estimator)), reporter),
-                                              time.perf_counter() - t0)
-        return scores_by_estimator[estimator]
+def decide(bench: Bench, plan: Plan) -> dict:
+    """Run the plan; what the row keeps of it. The maps it fitted wait in `bench.fitted` for the row's
+    compensated columns."""
+    result = prune(bench.loaded, plan, bench.reporter)
+    t = result.timings
+    if plan.compensate:
+        bench.fitted[compensated_key(result.removed, plan)] = (result.compensation, t.get("compensate", 0.0))
+    out = {
+        "removed": result.removed,
+        # The decision's own cost: calibration, capture and selection (the compensation fit is `fit_s`).
+        "select_s": round(t.get("calibrate", 0.0) + t.get("capture", 0.0) + t.get("select", 0.0), 1),
+        "forward_passes": result.selection.forward_passes - capture_passes(result.compensation),
+    }
+    if result.selection.candidates:
+        out["candidates"] = [c.model_dump() for c in result.selection.candidates]
+    return out
 
-    def selection(label: str, n: int, compute) -> dict:
-        key = f"{label}/{n}"
-        if label in VERIFIED_COMPENSATED:  # the verification depends on the compensation windows
-            key += f"/comp{args.comp_samples}"
-        hit = cache.get("select", key)
-        if hit is None:
-            hit = compute()
-            cache.put("select", key, hit)
+
+def selection(bench: Bench, spec: RowSpec) -> dict:
+    key = f"{spec.label}/{spec.plan.remove}"
+    if spec.plan.compensate and spec.plan.method in (Method.mi_prun, Method.mi_prun_exact):
+        key += f"/{compensation_tag(spec.plan)}"  # proposals verified compensated: on these windows
+    hit = bench.cache.get("select", key)
+    if hit is None:
+        hit = decide(bench, spec.plan)
+        bench.cache.put("select", key, hit)
+    return hit
+
+
+def fit_maps(bench: Bench, removed: list[int], plan: Plan) -> tuple[list[RunCompensation], float]:
+    """The maps `plan` ships for `removed`: `fitted` by its selection run in this invocation, else
+    fitted again by `pipeline.prune` replaying the decision (as `prune --plan pruning.json`)."""
+    key = compensated_key(removed, plan)
+    if key in bench.fitted:
+        return bench.fitted[key]
+    replay = Replay(manifest=f"quality benchmark: {plan_flags(plan)}", removed=sorted(removed),
+                    architecture=bench.loaded.spec.model_type, blocks_before=bench.n_blocks)
+    result = prune(bench.loaded, plan.model_copy(update={"replay": replay}), bench.reporter)
+    return result.compensation, result.timings.get("compensate", 0.0)
+
+
+# --- evaluation of a decision (the public evaluation functions) ------------------------------------
+
+
+def compensated_key(removed: list[int], plan: Plan) -> str:
+    return f"comp:{json.dumps(sorted(removed))}/{compensation_tag(plan)}"
+
+
+def measure(bench: Bench, removed: list[int], runs: list[RunCompensation], heldout: bool) -> dict:
+    """Perplexity, KL and top-1 to dense on the evaluation windows (and perplexity on the held-out text)."""
+    if not bench.reference_ready:  # while the model is still dense
+        bench.reporter.say("dense reference log-probs")
+        bench.reference.fill(bench.windows, 4)
+        bench.reference_ready = True
+    model, spec = bench.loaded.model, bench.loaded.spec
+    with applied(model, spec, runs), blocks_kept(model, spec, keep_indices(bench.n_blocks, removed)):
+        r = evaluate(model, bench.windows, bench.reference)
+        value = {"ppl": r.ppl, "kl": r.kl, "top1": r.top1, "eval_s": round(r.wall_s, 1)}
+        if heldout and bench.heldout is not None:
+            value["ppl_heldout"] = evaluate(model, bench.heldout).ppl
+    return value
+
+
+def heldout_ppl(bench: Bench, removed: list[int]) -> float:
+    model, spec = bench.loaded.model, bench.loaded.spec
+    with blocks_kept(model, spec, keep_indices(bench.n_blocks, removed)):
+        return evaluate(model, bench.heldout).ppl
+
+
+def plain_quality(bench: Bench, removed: list[int], heldout: bool = False) -> dict:
+    """Plain removal of `removed`; `heldout`: also perplexity on the other held-out text."""
+    key = json.dumps(sorted(removed))
+    hit = bench.cache.get("eval", key)
+    if hit is None:
+        hit = measure(bench, removed, [], heldout)
+    elif heldout and bench.heldout is not None and "ppl_heldout" not in hit:
+        hit["ppl_heldout"] = heldout_ppl(bench, removed)
+    else:
         return hit
+    bench.cache.put("eval", key, hit)
+    return hit
 
-    verifiers: dict[int, CalibrationEvaluator] = {}
 
-    def engine(method: Method, estimator: str, n: int, seed: int = 0, compensate: bool = False) -> dict:
-        """`compensate`: MI-PRUN's proposals verified as shipped (compensated), the tool's default."""
-        scores, capture_s = scores_for(estimator)
-        options = replace(base, method=method, estimator=Estimator(estimator), remove=n, seed=seed, compensate=compensate)
-        verifier = None
-        if compensate:  # as `prune` does: scored with maps fitted on the compensation windows (2-fold).
-            # Shared by mi-prun and mi-prun-exact at one N: equal proposals are scored once.
-            verifier = verifiers.setdefault(n, CalibrationEvaluator(loaded, compensation_ids(), base.batch_size, compensate=True))
-        t0 = time.perf_counter()
-        removed, info = select_blocks(loaded, scores, calib, options, n, reporter, verifier)
-        out = {"removed": removed, "select_s": round(time.perf_counter() - t0 + capture_s, 1), "forward_passes": info.forward_passes}
-        if info.candidates:
-            out["candidates"] = [c.model_dump() for c in info.candidates]
-        return out
+def compensated_quality(bench: Bench, removed: list[int], plan: Plan) -> dict:
+    """`removed` with the maps `plan` fits folded in, on the evaluation and the held-out text."""
+    key = compensated_key(removed, plan)
+    hit = bench.cache.get("eval", key)
+    if hit is None:
+        runs, fit_s = fit_maps(bench, removed, plan)
+        hit = {**measure(bench, removed, runs, heldout=True), "fit_s": round(fit_s, 1),
+               "runs": [{"first": c.first, "last": c.last, "ridge": c.ridge, "heldout_ratio": c.heldout_ratio} for c in runs]}
+        bench.cache.put("eval", key, hit)
+    return hit
 
-    max_n = max(args.n)
 
-    def sleb_prefixes() -> dict:
-        """One greedy SLEB run to max N; the cost of N is read when its N-th removal is fixed."""
-        times: list[float] = []
-        evaluator = CalibrationEvaluator(loaded, small, base.batch_size)
-        t0 = time.perf_counter()
+# --- the rows --------------------------------------------------------------------------------------
 
-        def timed(removed):
-            value = evaluator(removed)
-            times.append(time.perf_counter() - t0)
-            return value
 
-        total = sum(n_blocks - k for k in range(max_n))
-        with reporter.task("sleb: greedy removal on calibration text", total) as advance:
-            order = select.greedy_eval_order(n_blocks, max_n, lambda r: (advance(), timed(r))[1])
-        out = {}
-        for n in args.n:
-            passes = sum(n_blocks - k for k in range(n))
-            out[str(n)] = {"removed": sorted(order[:n]), "select_s": round(times[passes - 1], 1), "forward_passes": passes}
-        return out
+def dense_row(bench: Bench) -> dict:
+    row = {"method": "dense", "n": 0, "flags": "", "removed": [], "select_s": 0.0, "forward_passes": 0, **plain_quality(bench, [])}
+    if bench.heldout is not None:
+        row["ppl_heldout"] = bench.cache.get("eval", "dense-heldout") or heldout_ppl(bench, [])
+        bench.cache.put("eval", "dense-heldout", row["ppl_heldout"])
+    return row
 
-    def ppl_scores() -> dict:
-        evaluator = CalibrationEvaluator(loaded, small, base.batch_size)
-        t0 = time.perf_counter()
-        with reporter.task("ppl: each block removed alone", n_blocks) as advance:
-            block_nll = [(evaluator([i]), advance())[0] for i in range(n_blocks)]
-        return {"block_nll": block_nll, "select_s": round(time.perf_counter() - t0, 1), "forward_passes": evaluator.passes}
 
-    sleb = cache.get("select", "sleb/prefixes") or sleb_prefixes()
-    cache.put("select", "sleb/prefixes", sleb)
-    one_shot = cache.get("select", "ppl/scores") or ppl_scores()
-    cache.put("select", "ppl/scores", one_shot)
+def method_row(bench: Bench, spec: RowSpec) -> dict:
+    chosen = selection(bench, spec)
+    compared = spec.compensation is not None
+    row = {"method": spec.label, "n": spec.plan.remove, "flags": plan_flags(spec.plan), **chosen,
+           **plain_quality(bench, chosen["removed"], heldout=compared)}
+    if compared:
+        row["compensated"] = compensated_quality(bench, chosen["removed"], spec.compensation)
+    bench.fitted.clear()  # maps a selection run fitted serve its own row only
+    comp = f" | compensated ppl {row['compensated']['ppl']:.2f}" if compared else ""
+    bench.reporter.say(f"N={row['n']} {spec.label}: removed {row['removed']} ppl {row['ppl']:.2f} kl {row['kl']:.3f} top1 {row['top1']:.3f}{comp}")
+    return row
 
-    rows = [{"method": "dense", "n": 0, "removed": [], "select_s": 0.0, "forward_passes": 0, **quality([])}]
-    if heldout_windows is not None:
-        rows[0]["ppl_heldout"] = cache.get("eval", "dense-heldout") or evaluate(model, heldout_windows).ppl
-        cache.put("eval", "dense-heldout", rows[0]["ppl_heldout"])
+
+def describe_calibration(args) -> str:
+    line = (f"{args.calib_samples} x {args.calib_len} tokens of {Path(args.calib).name} "
+            f"(sleb, ppl: {args.eval_calib_samples} windows of it, one forward pass per candidate; "
+            f"compensation fits: {args.comp_samples} x {args.calib_len} tokens of the same file)")
+    if args.default_row:
+        line += (f"; first row: `mi-prun-edge build`'s defaults, {BUILD_DEFAULT.n_samples} x {BUILD_DEFAULT.seq_len} tokens "
+                 "the model generates itself (`--calib self`), compensation fitted on the same windows")
+    return line
+
+
+def run(args, argv) -> dict:
+    started = time.perf_counter()
+    bench = open_bench(args, Reporter())
+    rows = [dense_row(bench)]
     for n in args.n:
-        plan = [
-            ("mi-prun", lambda: engine(Method.mi_prun, "token", n, compensate=True)),
-            ("mi-prun-exact", lambda: engine(Method.mi_prun_exact, "token", n, compensate=True)),
-            ("mi-prun --no-compensate", lambda: engine(Method.mi_prun, "token", n)),
-            ("mi-prun-exact --no-compensate", lambda: engine(Method.mi_prun_exact, "token", n)),
-            ("shortgpt", lambda: engine(Method.shortgpt, "token", n)),
-            ("angular", lambda: engine(Method.angular, "token", n)),
-            ("sleb", lambda: sleb[str(n)]),
-            ("ppl", lambda: {"removed": select.lowest_scores(one_shot["block_nll"], n), "select_s": one_shot["select_s"],
-                             "forward_passes": one_shot["forward_passes"]}),
-            *[(f"random-{s}", lambda s=s: engine(Method.random, "token", n, seed=s)) for s in RANDOM_SEEDS],
-            *[(f"mi-prun[{e}]", lambda e=e: engine(Method.mi_prun, e, n)) for e in args.estimators],
-        ]
-        for label, compute in plan:
-            chosen = selection(label, n, compute)
-            row = {"method": label, "n": n, **chosen, **quality(chosen["removed"], heldout=label in COMPENSATED)}
-            if label in COMPENSATED:
-                row["compensated"] = quality(chosen["removed"], compensate=True)
-            rows.append(row)
-            comp = f" | compensated ppl {row['compensated']['ppl']:.2f}" if "compensated" in row else ""
-            reporter.say(f"N={n} {label}: removed {row['removed']} ppl {row['ppl']:.2f} kl {row['kl']:.3f} top1 {row['top1']:.3f}{comp}")
-
+        rows += [method_row(bench, spec) for spec in row_specs(args, n)]
+    windows, heldout = bench.windows, bench.heldout
     return {
         "command": " ".join(["python benchmarks/quality.py", *argv]),
-        "model": loaded.source.describe(),
-        "blocks": n_blocks,
-        "calibration": f"{args.calib_samples} x {args.calib_len} tokens of {Path(args.calib).name} "
-                       f"(sleb, ppl: {args.eval_calib_samples} of those windows, one forward pass per candidate; "
-                       f"compensation fits: {args.comp_samples} x {args.calib_len} tokens of the same file)",
-        "heldout": (f"first {len(heldout_windows)} windows x {heldout_windows.seq_len} tokens of "
-                    + " + ".join(Path(p).name for p in args.heldout)) if heldout_windows is not None else None,
+        "model": bench.loaded.source.describe(),
+        "blocks": bench.n_blocks,
+        "calibration": describe_calibration(args),
+        "heldout": (f"first {len(heldout)} windows x {heldout.seq_len} tokens of "
+                    + " + ".join(Path(p).name for p in args.heldout)) if heldout is not None else None,
         "evaluation": f"first {len(windows)} windows x {windows.seq_len} tokens of {Path(args.eval_data).name} "
                       f"({windows.target_mask().sum().item()} scored tokens)",
         "machine": machine_line(f"{torch.get_num_threads()} torch threads"),
@@ -291,11 +372,24 @@ def proposal_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def table_order(rows: list[dict]) -> list[str]:
+    """Row labels as every table lists them: the build default first, then dense, then the methods as
+    run, the estimator variants last."""
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    others = [m for m in labels if m != "dense" and not is_default(m)]
+    return [m for m in labels if is_default(m)] + ["dense"] + [m for m in others if "[" not in m] + [m for m in others if "[" in m]
+
+
 def write_report(payload: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     rows = payload["rows"]
-    main_methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense" and "[" not in m]
+    order = table_order(rows)
+    ns = sorted({r["n"] for r in rows if r["n"]})
+    by = {(r["method"], r["n"]): r for r in rows}
+    dense = by[("dense", 0)]
+    n_columns = "| method | " + " | ".join(f"N={n}" for n in ns) + " |"
+    rule = "|---|" + "---|" * len(ns)
     lines = [
         "# Quality after block removal, by selection method",
         "",
@@ -305,18 +399,21 @@ def write_report(payload: dict, out: Path) -> None:
         f"Calibration: {payload['calibration']}.  ",
         f"Evaluation: {payload['evaluation']}; KL = mean KL(dense || pruned) per token, nats; top-1 = agreement of argmax with dense.",
         "",
-        "## Perplexity by method and blocks removed",
+        "Every row is one `pipeline.prune` run: what `mi-prun-edge prune` runs with the row's flags (listed in",
+        "'Every selection'). The first row, where present, is `mi-prun-edge build` with no flag but N: what a user gets",
+        "without data or options (self-generated calibration, compensation fitted on the same windows).",
         "",
-        "| method | " + " | ".join(f"N={n}" for n in sorted({r['n'] for r in rows if r['n']})) + " |",
-        "|---|" + "---|" * len({r['n'] for r in rows if r['n']}),
+        "## Perplexity by method and blocks removed (plain removal of each selection)",
+        "",
+        n_columns,
+        rule,
     ]
-    ns = sorted({r["n"] for r in rows if r["n"]})
-    by = {(r["method"], r["n"]): r for r in rows}
-    dense = by[("dense", 0)]
-    lines.append("| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in ns) + " |")
-    for m in main_methods + [m for m in dict.fromkeys(r["method"] for r in rows) if "[" in m]:
-        lines.append(f"| {m} | " + " | ".join(f"{by[(m, n)]['ppl']:.2f}" if (m, n) in by else "" for n in ns) + " |")
-    comp_methods = [m for m in COMPENSATED if any((m, n) in by and "compensated" in by[(m, n)] for n in ns)]
+    for m in order:
+        if m == "dense":
+            lines.append("| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in ns) + " |")
+        else:
+            lines.append(f"| {m} | " + " | ".join(f"{by[(m, n)]['ppl']:.2f}" if (m, n) in by else "" for n in ns) + " |")
+    comp_methods = [m for m in order if any("compensated" in by.get((m, n), {}) for n in ns)]
     if comp_methods:
         def comp_cell(m, n, field):
             r = by.get((m, n))
@@ -330,11 +427,11 @@ def write_report(payload: dict, out: Path) -> None:
             "of the block before it (`mi_prun/compensate.py`; ridge chosen by 2-fold cross-validation over calibration",
             "windows). `mi-prun` verifies its proposals compensated, with maps fitted on one half of the compensation",
             "windows and scored on the other (both ways), as `prune --compensation-samples` does; `mi-prun --no-compensate`",
-            "is the plain-removal selection, compensated afterwards. Goal of the engine issue: "
-            + ", ".join(f"N={n} <= {g}" for n, g in GOAL.items()) + ".",
+            "is the plain-removal selection, compensated afterwards (its decision replayed through `pipeline.prune`).",
+            "Goal of the engine issue: " + ", ".join(f"N={n} <= {g}" for n, g in GOAL.items()) + ".",
             "",
-            "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
-            "|---|" + "---|" * len(ns),
+            n_columns,
+            rule,
             *[f"| {m} | " + " | ".join(comp_cell(m, n, "ppl") for n in ns) + " |" for m in comp_methods],
             "| goal | " + " | ".join(str(GOAL.get(n, "")) for n in ns) + " |",
         ]
@@ -348,35 +445,39 @@ def write_report(payload: dict, out: Path) -> None:
                 f"On other held-out text ({payload['heldout']}; dense {dense.get('ppl_heldout', float('nan')):.2f}),"
                 " compensated (the tool's default) and plain removal:",
                 "",
-                "| method | " + " | ".join(f"N={n}" for n in ns) + " |",
-                "|---|" + "---|" * len(ns),
+                n_columns,
+                rule,
                 *[f"| {m} | " + " | ".join(comp_cell(m, n, "ppl_heldout") for n in ns) + " |" for m in comp_methods],
                 *[f"| {m}, plain removal | " + " | ".join(plain_cell(m, n) for n in ns) + " |" for m in comp_methods],
             ]
+    listed = sorted(rows, key=lambda r: order.index(r["method"]) if is_default(r["method"]) or r["method"] == "dense" else len(order))
     lines += [
         "",
         "## Every selection",
         "",
-        "| method | N | removed | ppl | KL | top-1 | select s | forward passes | compensated ppl / KL / top-1 | fit s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | flags | N | removed | ppl | KL | top-1 | select s | forward passes | compensated ppl / KL / top-1 | fit s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[
-            f"| {r['method']} | {r['n']} | {r['removed']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['select_s']} | {r['forward_passes']} | "
+            f"| {r['method']} | {r.get('flags', '')} | {r['n']} | {r['removed']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} | "
+            f"{r['select_s']} | {r['forward_passes']} | "
             + (f"{r['compensated']['ppl']:.2f} / {r['compensated']['kl']:.4f} / {r['compensated']['top1']:.4f} | {r['compensated']['fit_s']} |"
                if "compensated" in r else " | |")
-            for r in rows
+            for r in listed
         ],
         "",
-        "Select s includes the capture pass for the engine methods (MI estimators, shortgpt, angular share one capture in the",
-        "tool; here each reports it). SLEB's cost for N is read from one greedy run at the moment its N-th block was fixed.",
+        "Flags: those of `mi-prun-edge prune` (or `build`) that differ from the defaults; the model is the one above.",
+        "Select s: the run's calibrate + capture + select stages (fit s: its compensate stage, or the replay's). Forward",
+        "passes: the capture pass plus the scoring passes of the methods that evaluate (MI-PRUN's verification, SLEB, ppl),",
+        "the compensation fit's passes left out.",
         "",
         "## MI-PRUN's proposals and their verification (calibration text only)",
         "",
-        "`mi-prun` and `mi-prun-exact`: compensated NLL, maps fitted on one half of the compensation windows and scored on",
-        "the other, both ways. `--no-compensate`: plain NLL on the selection calibration windows.",
+        "`mi-prun` and `mi-prun-exact` (and the build default): compensated NLL, maps fitted on one half of the compensation",
+        "windows and scored on the other, both ways. `--no-compensate`: plain NLL on the selection calibration windows.",
         "",
         "| method | N | objective | proposal | calibration NLL | kept |",
         "|---|---|---|---|---|---|",
-        *proposal_lines(rows),
+        *proposal_lines(listed),
         "",
         "## Fast-Block-Select against the exact optimum of each objective (token estimator)",
         "",

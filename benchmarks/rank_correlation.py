@@ -24,11 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 from mi_prun import mi  # noqa: E402
 from mi_prun.archs import block_count, input_norm_of_block  # noqa: E402
-from mi_prun.calibration import CalibrationSpec, calibration_batches  # noqa: E402
+from mi_prun.calibration import calibration_batches  # noqa: E402
 from mi_prun.capture import TokenSample, capture_boundaries  # noqa: E402
 from mi_prun.load import load_model  # noqa: E402
-from mi_prun.prune import CalibrationEvaluator  # noqa: E402
+from mi_prun.plan import CalibrationSpec  # noqa: E402
 from mi_prun.progress import Reporter  # noqa: E402
+from mi_prun.verify import RemovalScorer  # noqa: E402
 
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 
@@ -58,12 +59,12 @@ def main() -> None:
     capture_boundaries(loaded.model, loaded.spec, list(calib.split(4)), [sample])
     raw = [s.astype(np.float64) for s in sample.arrays()]
 
-    evaluator = CalibrationEvaluator(loaded, calib, batch_size=4)
-    dense_nll = evaluator([])
+    scorer = RemovalScorer(loaded, calib, batch_size=4)  # plain removal, calibration NLL
+    dense_nll = scorer([])
     with reporter.task("ground truth: perplexity with each block removed", n) as advance:
         damage = []
         for i in range(n):
-            damage.append(float(np.exp(evaluator([i]))))
+            damage.append(float(np.exp(scorer([i]))))
             advance()
 
     norms = [input_norm_of_block(loaded.model, loaded.spec, b) for b in range(n + 1)]

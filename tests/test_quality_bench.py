@@ -23,7 +23,7 @@ def test_quality_benchmark_small(tiny_models, calib_txt, tmp_path):
     quality.main(argv)
     payload = json.loads(out.with_suffix(".json").read_text())
     methods = {r["method"] for r in payload["rows"]}
-    assert methods == {"dense", "mi-prun", "mi-prun-exact", "mi-prun --no-compensate", "mi-prun-exact --no-compensate",
+    assert methods == {quality.DEFAULT_LABEL, "dense", "mi-prun", "mi-prun-exact", "mi-prun --no-compensate", "mi-prun-exact --no-compensate",
                        "shortgpt", "angular", "sleb", "ppl", "random-0", "random-1", "random-2", "mi-prun[gaussian]"}
     dense = next(r for r in payload["rows"] if r["method"] == "dense")
     assert dense["kl"] == pytest.approx(0, abs=1e-6) and dense["top1"] == 1.0
@@ -32,7 +32,7 @@ def test_quality_benchmark_small(tiny_models, calib_txt, tmp_path):
             assert len(r["removed"]) == 2 and r["kl"] > 0 and r["forward_passes"] >= 1
     # the compensated rows: main methods only, each with its fitted runs and the held-out text
     compensated = {r["method"] for r in payload["rows"] if "compensated" in r}
-    assert compensated == set(quality.COMPENSATED)
+    assert compensated == set(quality.COMPENSATED) | {quality.DEFAULT_LABEL}
     for r in payload["rows"]:
         if "compensated" in r:
             c = r["compensated"]
@@ -40,7 +40,7 @@ def test_quality_benchmark_small(tiny_models, calib_txt, tmp_path):
     # plain removal of the same methods is measured on the held-out text too
     assert all(r["ppl_heldout"] > 0 for r in payload["rows"] if r["method"] in quality.COMPENSATED)
     sleb = next(r for r in payload["rows"] if r["method"] == "sleb")
-    assert sleb["forward_passes"] == 8 + 7  # two greedy steps over 8 blocks
+    assert sleb["forward_passes"] == 1 + 8 + 7  # prune's capture pass, then two greedy steps over 8 blocks
     md = out.with_suffix(".md").read_text()
     assert "| mi-prun |" in md and "Fast-Block-Select" in md and "scored tokens" in md and "| mi-prun | 2 | channel |" in md
     assert "with linear compensation" in md and "other held-out text" in md and "| shortgpt, plain removal |" in md
