@@ -111,3 +111,23 @@ def test_bad_shapes_are_rejected():
         mi.token_gaussian_mi(np.zeros((10, 2)), np.zeros((10, 3)))
     with pytest.raises(ValueError):
         mi.renyi_entropy(np.eye(3), alpha=1.0)
+
+
+def test_streamed_pair_statistics_are_the_mi_module_functions():
+    """What ships (all boundary pairs at once, in torch) equals mi.py's per-pair functions."""
+    import torch
+
+    from mi_prun.scoring import PairwiseTokenStats
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(50, 24))
+    states = [base + rng.normal(scale=s, size=base.shape) for s in (0.0, 0.3, 1.0, 3.0)]
+    stats = PairwiseTokenStats()
+    stats.observe([torch.from_numpy(s[:20]).float() for s in states])
+    stats.observe([torch.from_numpy(s[20:]).float() for s in states])
+    for a in range(4):
+        for b in range(4):
+            x, y = states[a].astype(np.float32), states[b].astype(np.float32)
+            assert stats.mean("token_mi")[a, b] == pytest.approx(mi.token_gaussian_mi(x, y).mean(), rel=1e-5)
+            assert stats.mean("cosine")[a, b] == pytest.approx(mi.cosine_similarity(x, y).mean(), rel=1e-6)
+            assert stats.mean("angular")[a, b] == pytest.approx(mi.angular_distance(x, y).mean(), abs=1e-5)
