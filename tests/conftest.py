@@ -110,8 +110,8 @@ def smol_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def build_export_model(model_type: str, folder: Path, tokenizer, seed: int = 0) -> Path:
-    build_tiny_model(model_type, folder, tokenizer, seed, vocab_size=len(tokenizer), **EXPORT_OVERRIDES.get(model_type, {}))
+def build_export_model(model_type: str, folder: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    build_tiny_model(model_type, folder, tokenizer, seed, vocab_size=len(tokenizer), **{**EXPORT_OVERRIDES.get(model_type, {}), **overrides})
     # transformers 5 swaps in the model family's own tokenizer class (Qwen's regex pre-tokenizer for
     # qwen2/qwen3) unless told to use tokenizer.json as it is; a Llama class with a ByteLevel
     # tokenizer.json does that, so SmolLM2's tokenizer stays SmolLM2's under every architecture.

@@ -19,7 +19,7 @@ from mi_prun.blockset import apply_keep, keep_indices
 from mi_prun.cli import app
 from mi_prun.errors import UserError
 from mi_prun.manifest import PruningManifest
-from tests.conftest import SPM_FOR_CONVERTER, TINY_BLOCKS, WIKI_TEST
+from tests.conftest import SPM_FOR_CONVERTER, TINY_BLOCKS, WIKI_TEST, build_export_model
 
 REMOVED = [1, 4]  # an odd index shifts Gemma 3's sliding/full pattern
 runner = CliRunner()
@@ -226,3 +226,100 @@ def test_in_place_build_writes_compensated_weights(export_models, calib_txt, smo
     _, tokens = wiki_tokens(smol_tokenizer, 200)
     parity = compare_logits(transformers_logits(hf.eval(), tokens), llamacpp.logits(out / e.file, tokens))
     assert parity.top1 >= 0.9, parity
+
+
+def test_in_place_gemma3_writes_its_sliding_window_pattern(smol_tokenizer, tmp_path):
+    """A Gemma 3 GGUF as llama.cpp's converter writes it has no per-layer pattern (llama.cpp then
+    assumes every 6th layer global); pruned in place, it must carry the kept blocks' own pattern."""
+    from exporters.gguf_export import convert
+
+    # Shaped like the real Gemma 3 (every 6th layer global, head_dim = query_pre_attn_scalar = 256),
+    # so that its converter-made GGUF is right without the array, as the real model's is, and
+    # transformers reads it back with the scale llama.cpp uses.
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(TINY_BLOCKS)]
+    folder = build_export_model("gemma3_text", tmp_path / "gemma", smol_tokenizer, layer_types=pattern, head_dim=256,
+                                query_pre_attn_scalar=256)
+    src = tmp_path / "gemma.f32.gguf"
+    convert(folder, src, "f32")
+    key = "gemma3.attention.sliding_window_pattern"
+    assert open_gguf(src).get_field(key) is None
+    # A decision (replayed from a plan file) that moves the global layer 5 down to index 2.
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"removed": [1, 2, 3], "architecture": "gemma3_text", "blocks_before": TINY_BLOCKS}))
+    out = tmp_path / "build"
+    result = invoke("build", "--model", src, "--plan", plan, "--keep-hf", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    [e] = manifest.exports
+    assert manifest.kept == [0, 4, 5, 6, 7]
+    # Without the array, llama.cpp (and transformers reading the file) take every 6th layer as global:
+    # that is the source's pattern, and the pruned file must say it for the blocks it kept.
+    implicit = [(i + 1) % 6 != 0 for i in range(TINY_BLOCKS)]
+    written = list(open_gguf(out / e.file).get_field(key).contents())
+    assert written == [implicit[i] for i in manifest.kept] == [True, True, False, True, True]
+    # llama.cpp runs it like transformers runs the same pruned checkpoint, past the 16-token window
+    _, tokens = wiki_tokens(smol_tokenizer, 200)
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(out / e.file, tokens))
+    assert parity.top1 >= 0.99 and parity.mean_kl < 1e-3, parity
+
+
+def test_gguf_type_rounds_compensated_tensors_once_and_plans_replay_on_a_sibling(export_models, calib_txt, tmp_path):
+    """--gguf-type f16 on a q4_0 source: the compensated ffn_down reaches the file through one
+    rounding (to f16), so it equals the --keep-hf checkpoint's weight to f16 precision. The
+    decision then replays onto another quantization of the same model."""
+    src = tmp_path / "tiny.q4_0.gguf"
+    export_gguf(export_models["llama"], src, GGUFType.q4_0, tmp_path)
+    out = tmp_path / "build"
+    common = ["--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--quiet"]
+    result = invoke("build", "--model", src, "--remove", 3, "--gguf-type", "f16", "--keep-hf", "--out", out, *common)
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    [e] = manifest.exports
+    folded = [r.folded_into for r in manifest.compensation.runs if r.folded_into is not None]
+    assert folded and set(e.check["tensors_replaced"].values()) == {"F32"}
+    tensors = {t.name: t for t in open_gguf(out / e.file).tensors}
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    for old in folded:
+        new = manifest.kept.index(old)
+        t = tensors[f"blk.{new}.ffn_down.weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F16
+        expected = hf.model.layers[new].mlp.down_proj.weight.detach().numpy()
+        np.testing.assert_allclose(t.data.astype(np.float32), expected, rtol=1e-3, atol=1e-6)
+
+    sibling = tmp_path / "tiny.q8_0.gguf"
+    llamacpp.quantize(src, sibling, "LLAMA_FTYPE_MOSTLY_Q8_0")  # requantized from the q4_0 file itself
+    replayed = tmp_path / "replayed"
+    result = invoke("build", "--plan", out / "pruning.json", "--model", sibling, "--out", replayed, "--quiet")
+    assert result.exit_code == 0, result.output
+    again = PruningManifest.read(replayed)
+    assert again.removed == manifest.removed and again.selection.replayed_from
+    [e2] = again.exports
+    assert e2.format_type == "q8_0" and e2.check["block_count"] == TINY_BLOCKS - 3
+    # the replay keeps the recorded calibration and compensation choices
+    assert again.plan.calibration == manifest.plan.calibration and again.compensation.enabled
+
+
+def test_truncated_gguf_is_named_as_such(export_models, tmp_path):
+    src = tmp_path / "tiny.f16.gguf"
+    export_gguf(export_models["llama"], src, GGUFType.f16, tmp_path)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    result = invoke("build", "--model", cut, "--remove", 1, "--out", tmp_path / "b")
+    assert result.exit_code == 2 and f"{cut} is truncated" in result.output, result.output
+    assert "loading" not in result.output and not (tmp_path / "b").exists()
+
+
+def test_quiet_silences_the_gguf_dequantization_bar(export_models, calib_txt, tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "tiny.f16.gguf"
+    export_gguf(export_models["llama"], src, GGUFType.f16, tmp_path)
+    base = [sys.executable, "-m", "mi_prun", "eval", "--model", str(src), "--data", str(calib_txt), "--max-windows", "1",
+            "--seq-len", "64"]
+    loud = subprocess.run(base, capture_output=True, text=True)
+    quiet = subprocess.run(base + ["--quiet"], capture_output=True, text=True)
+    assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
+    assert "de-quantizing" in loud.stderr  # the bar exists without --quiet...
+    assert "de-quantizing" not in quiet.stderr and "%|" not in quiet.stderr  # ...and not with it
