@@ -52,6 +52,8 @@ def test_headline_build_prunes_the_q4_1_gguf_in_place(headline_build, dense_defa
     out, manifest = headline_build
     [e] = manifest.exports
     assert manifest.blocks_before == 30 and len(manifest.removed) == 4 and manifest.calibration.source == "self"
+    # the blocks the main job removed before the plan/pipeline redesign (main at fd305a7)
+    assert manifest.removed == [12, 13, 14, 15]
     assert e.format_type == "q4_1" and e.check["block_count"] == 26 and e.check["llama_cpp_layers"] == 26
     assert (out / "README.md").read_text().count(e.file) >= 2
     src = {t.name: t for t in open_gguf(default_model_path()).tensors}
@@ -122,3 +124,20 @@ def test_pruned_checkpoint_exports_f16_and_q8_0(headline_build, dense_default, t
     # q8_0 is recorded (issue: "record the KL"); llama.cpp also quantizes activations to 8 bits, so
     # top-1 agreement sits below f16's (measured: 94.5%, KL 0.0058 nats): bound it loosely.
     assert record["q8_0"]["top1"] >= 0.9 and record["q8_0"]["mean_kl"] < 0.02
+
+
+def test_headline_plan_replays_on_a_requantized_sibling(headline_build, tmp_path):
+    """Choose on the shipped Q4_1 file, apply to another quantization of the same model."""
+    out, manifest = headline_build
+    sibling = tmp_path / "SmolLM2-135M-Instruct.Q8_0.gguf"
+    llamacpp.quantize(default_model_path(), sibling, "LLAMA_FTYPE_MOSTLY_Q8_0")
+    replayed = tmp_path / "replayed"
+    result = runner.invoke(app, ["build", "--plan", str(out / "pruning.json"), "--model", str(sibling),
+                                 "--out", str(replayed), "--quiet"])
+    assert result.exit_code == 0, result.output
+    again = PruningManifest.read(replayed)
+    [e] = again.exports
+    assert again.removed == manifest.removed and again.selection.replayed_from
+    assert e.format_type == "q8_0" and e.check["llama_cpp_layers"] == 26
+    assert [(r.first, r.last, r.folded_into) for r in again.compensation.runs] == \
+        [(r.first, r.last, r.folded_into) for r in manifest.compensation.runs]
