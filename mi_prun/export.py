@@ -24,12 +24,17 @@ from .archs import REGISTRY
 from .atomic import atomic_dir, check_target
 from .load import ModelSource
 from .manifest import MANIFEST_NAME, ExportInfo
-from .plan import ExportPlan, Target
+from .plan import CompensatedType, ExportPlan, Target
 from .progress import QUIET, Reporter
 from .repack import compensated_gguf_tensors, save_checkpoint
 
 
 DEFAULT_GGUF_TYPE = GGUFType.q8_0
+COMPENSATED_GGML = {
+    CompensatedType.same: None,
+    CompensatedType.q8_0: gguf.GGMLQuantizationType.Q8_0,
+    CompensatedType.f16: gguf.GGMLQuantizationType.F16,
+}
 HF_SUBDIR = "hf"
 ONNX_SUBDIR = "onnx"
 
@@ -52,6 +57,7 @@ def artifact_stem(source: ModelSource) -> str:
 def gguf_in_place(
     source: ModelSource, removed: list[int], gguf_type: GGUFType | None, out_dir: Path, stem: str, reporter: Reporter,
     replace: dict[str, np.ndarray] | None = None, layer_flags: dict[str, KVValue] | None = None,
+    compensated_type: CompensatedType = CompensatedType.same,
 ) -> ExportInfo:
     """Prune the source GGUF itself: its tensors keep their bytes and quantization, except the
     ones in `replace` (compensated weights).
@@ -66,7 +72,7 @@ def gguf_in_place(
     src = Path(source.location) / source.gguf_file
     start = time.perf_counter()
     archs = sorted({spec.gguf_arch for spec in REGISTRY.values()})
-    replace_type = gguf.GGMLQuantizationType.F32 if gguf_type is not None else None
+    replace_type = gguf.GGMLQuantizationType.F32 if gguf_type is not None else COMPENSATED_GGML[compensated_type]
     pruned_name = f"{stem}-pruned{len(removed)}.gguf"
     with reporter.task("pruning the GGUF in place (tensor bytes copied)", None):
         report = prune_gguf(src, out_dir / pruned_name, removed, archs, replace, layer_flags, replace_type)
@@ -74,7 +80,8 @@ def gguf_in_place(
     target = out_dir / pruned_name
     route = "in-place GGUF pruning (original tensor bytes and quantization kept)"
     if report.replaced:
-        how = "written in f32 for the quantizer" if gguf_type is not None else "re-encoded in their original type"
+        how = ("written in f32 for the quantizer" if gguf_type is not None else
+               "re-encoded in their original type" if replace_type is None else f"written as {replace_type.name}")
         route = (
             f"in-place GGUF pruning (original tensor bytes and quantization kept, except {len(report.replaced)} "
             f"compensated tensors {how})"
@@ -128,7 +135,8 @@ def export_pruned(loaded, export: ExportPlan, result, tmp: Path, reporter: Repor
     if in_place:
         replace = compensated_gguf_tensors(loaded.spec, result.compensation)
         flags = layer_flag_kv(loaded.spec, pruned_layer_config(loaded.model.config.to_dict(), loaded.spec, kept))
-        return gguf_in_place(loaded.source, result.removed, export.gguf_type, tmp, stem, reporter, replace, flags)
+        return gguf_in_place(loaded.source, result.removed, export.gguf_type, tmp, stem, reporter, replace, flags,
+                             export.compensated_type)
     gtype = export.gguf_type or DEFAULT_GGUF_TYPE
     return gguf_from_folder(tmp / HF_SUBDIR, gtype, tmp, f"{stem}-pruned{len(result.removed)}", len(kept), reporter)
 

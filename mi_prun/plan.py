@@ -92,11 +92,20 @@ class Replay(BaseModel):
     shapes: dict[str, int] = Field(default_factory=dict)
 
 
+class CompensatedType(str, Enum):
+    """The GGUF type of the tensors compensation rewrites in a GGUF pruned in place."""
+
+    same = "same"  # the tensor's own type in the source
+    q8_0 = "q8_0"
+    f16 = "f16"
+
+
 class ExportPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     target: Target = Target.gguf
     gguf_type: GGUFType | None = None  # None: a GGUF input keeps its own types; other inputs get q8_0
+    compensated_type: CompensatedType = CompensatedType.same
     onnx_precision: OnnxPrecision = OnnxPrecision.int4
     keep_hf: bool = False
 

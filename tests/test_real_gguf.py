@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from exporters import llamacpp
@@ -141,3 +141,20 @@ def test_headline_plan_replays_on_a_requantized_sibling(headline_build, tmp_path
     assert e.format_type == "q8_0" and e.check["llama_cpp_layers"] == 26
     assert [(r.first, r.last, r.folded_into) for r in again.compensation.runs] == \
         [(r.first, r.last, r.folded_into) for r in manifest.compensation.runs]
+
+
+def test_f16_build_of_the_default_matches_its_checkpoint(headline_build, tmp_path, record_property):
+    """--gguf-type f16 on the Q4_1 source: the compensated tensors are rounded once (to f16), so
+    llama.cpp runs the file as transformers runs the checkpoint the same build keeps."""
+    out, _ = headline_build
+    f16 = tmp_path / "f16"
+    result = runner.invoke(app, ["build", "--plan", str(out / "pruning.json"), "--gguf-type", "f16", "--keep-hf",
+                                 "--out", str(f16), "--quiet"])
+    assert result.exit_code == 0, result.output
+    [e] = PruningManifest.read(f16).exports
+    assert e.format_type == "f16"
+    hf = repacked(f16)
+    tokens = wiki_tokens(AutoTokenizer.from_pretrained(f16 / "hf"), 512)
+    parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(f16 / e.file, tokens))
+    record_property("parity", parity)
+    assert parity.top1 >= 0.99, parity

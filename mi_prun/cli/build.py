@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..plan import DEFAULT_BUILD_RATIO, Estimator, Method, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, Method, OnnxPrecision, StateView, Target
 from . import options as o, output
 from .app import app
 from .common import load, make_plan
@@ -24,6 +24,7 @@ def build(
     top_k: o.TopK = None,
     verify: o.Verify = True,
     gguf_type: o.GGUFTypeOpt = None,
+    compensated_type: o.CompensatedTypeOpt = CompensatedType.same,
     onnx_precision: o.OnnxPrecisionOpt = OnnxPrecision.int4,
     keep_hf: o.KeepHF = False,
     eval_data: o.EvalData = None,
@@ -50,7 +51,8 @@ def build(
         plan_file, model=model, method=method, estimator=estimator, view=view, remove=remove, ratio=ratio,
         calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed), top_k=top_k,
         verify=verify, compensate=compensate, compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
-        export=ExportPlan(target=target, gguf_type=gguf_type, onnx_precision=onnx_precision, keep_hf=keep_hf),
+        export=ExportPlan(target=target, gguf_type=gguf_type, compensated_type=compensated_type,
+                          onnx_precision=onnx_precision, keep_hf=keep_hf),
         evaluation=EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None,
     )
     inspected = check_plan(plan, out, force)

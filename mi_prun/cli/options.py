@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..plan import DEFAULT_BUILD_RATIO, Estimator, GGUFType, Method, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, Method, OnnxPrecision, StateView, Target
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
@@ -49,3 +49,7 @@ OnnxPrecisionOpt = Annotated[OnnxPrecision, typer.Option("--onnx-precision", hel
 KeepHF = Annotated[bool, typer.Option("--keep-hf", help="Also keep the repacked Hugging Face checkpoint (in hf/).")]
 EvalData = Annotated[Optional[str], typer.Option("--eval", help="Held-out text to measure dense vs pruned quality for the model card (same formats as eval --data).")]
 EvalWindows = Annotated[int, typer.Option("--eval-windows", help="Windows of 512 tokens evaluated with --eval.")]
+CompensatedTypeOpt = Annotated[CompensatedType, typer.Option(
+    "--compensated-type",
+    help="GGUF type of the tensors compensation rewrites in a GGUF pruned in place: the tensor's own (same), q8_0 or f16.",
+)]

