@@ -323,3 +323,27 @@ def test_quiet_silences_the_gguf_dequantization_bar(export_models, calib_txt, tm
     assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
     assert "de-quantizing" in loud.stderr  # the bar exists without --quiet...
     assert "de-quantizing" not in quiet.stderr and "%|" not in quiet.stderr  # ...and not with it
+
+
+def test_compensated_type_q8_0_keeps_the_rest_in_the_source_type(export_models, calib_txt, tmp_path):
+    """--compensated-type q8_0 on a q4_0 source: the rewritten ffn_down tensors are Q8_0 (llama.cpp
+    mixes types per tensor), every other tensor keeps its Q4_0 bytes, and the file runs in llama.cpp."""
+    src = tmp_path / "tiny.q4_0.gguf"
+    export_gguf(export_models["llama"], src, GGUFType.q4_0, tmp_path)
+    out = tmp_path / "build"
+    result = invoke("build", "--model", src, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 3,
+                    "--compensated-type", "q8_0", "--keep-hf", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    [e] = manifest.exports
+    folded = [r.folded_into for r in manifest.compensation.runs if r.folded_into is not None]
+    assert folded and e.check["tensors_replaced"] == {f"blk.{p}.ffn_down.weight": "Q8_0" for p in folded}
+    assert e.format_type == "q4_0" and e.check["llama_cpp_layers"] == TINY_BLOCKS - 3
+    tensors = {t.name: t for t in open_gguf(out / e.file).tensors}
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    for old in folded:
+        new = manifest.kept.index(old)
+        t = tensors[f"blk.{new}.ffn_down.weight"]
+        expected = hf.model.layers[new].mlp.down_proj.weight.detach().numpy()
+        np.testing.assert_allclose(gguf.quants.dequantize(t.data, t.tensor_type), expected, atol=np.abs(expected).max() / 127)
+    assert {t.tensor_type for n, t in tensors.items() if n.endswith("attn_q.weight")} == {gguf.GGMLQuantizationType.Q4_0}

@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mi_prun.calibration import CalibrationSpec, tokenize_text
 from mi_prun.evaluate import eval_windows, perplexity
+from mi_prun.blockset import blocks_kept
+from mi_prun.compensate import applied
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune, save_pruned
@@ -31,12 +33,16 @@ def pruned_default(tmp_path_factory):
     result = prune(loaded, opts)
     out = tmp_path_factory.mktemp("real") / "smollm2-pruned"
     manifest = save_pruned(loaded, opts, result, out)
-    in_memory = perplexity(loaded.model, windows)
-    return out, manifest, windows, dense, in_memory, loaded
+    # Saving leaves the loaded model dense; the same decision applied in memory is the reference.
+    with applied(loaded.model, loaded.spec, result.compensation), blocks_kept(loaded.model, loaded.spec, result.kept):
+        in_memory = perplexity(loaded.model, windows)
+        with torch.no_grad():
+            in_memory_logits = loaded.model(input_ids=windows[:1, :128]).logits
+    return out, manifest, windows, dense, (in_memory, in_memory_logits), loaded
 
 
 def test_default_model_prunes_reloads_and_generates(pruned_default, record_property):
-    out, manifest, windows, dense, in_memory, loaded = pruned_default
+    out, manifest, windows, dense, (in_memory, in_memory_logits), loaded = pruned_default
     assert len(manifest.removed) == 4 and manifest.blocks_after == 26
     assert PruningManifest.read(out).removed == manifest.removed
 
@@ -44,7 +50,7 @@ def test_default_model_prunes_reloads_and_generates(pruned_default, record_prope
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.num_hidden_layers == 26
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=windows[:1, :128]).logits, loaded.model(input_ids=windows[:1, :128]).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(input_ids=windows[:1, :128]).logits, in_memory_logits, rtol=0, atol=0)
 
     reloaded = perplexity(model, windows)
     assert math.isfinite(reloaded.ppl) and reloaded.ppl == pytest.approx(in_memory.ppl, rel=1e-6)
