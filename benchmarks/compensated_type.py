@@ -2,7 +2,8 @@
 
 The default model's source is Q4_1: re-encoding a compensated ffn_down in Q4_1 rounds the fitted
 map, which may cost more than Q4_1 costs the dense model. Builds the README main job (the default
-build) once, replays its decision (`--plan`) with `--compensated-type q8_0` and `f16`, and measures
+build, `--compensated-type auto`: Q8_0 for a tensor whose own type has fewer than 8 bits) once,
+replays its decision (`--plan`) with `--compensated-type same` (the source's Q4_1) and `f16`, and measures
 every GGUF in llama.cpp on held-out text (the first 24 x 512 tokens of WikiText-2 test, tokenized by
 llama.cpp), beside the dense source file, in one run.
 
@@ -51,8 +52,8 @@ def main(argv=None) -> None:
     load_before = list(os.getloadavg())
     default = build(args.work / "default")
     plan = str(args.work / "default" / "pruning.json")
-    variants = {"same (build default)": (args.work / "default", default)}
-    for kind in ("q8_0", "f16"):
+    variants = {"auto (build default)": (args.work / "default", default)}
+    for kind in ("same", "f16"):
         out = args.work / kind
         variants[f"{kind} (--compensated-type {kind})"] = (out, build(out, "--plan", plan, "--compensated-type", kind))
     source = default_model_path()

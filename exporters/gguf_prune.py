@@ -117,13 +117,13 @@ def prune_gguf(
     supported_archs: Sequence[str] | None = None,
     replace: Mapping[str, np.ndarray] | None = None,
     set_kv: dict[str, KVValue] | None = None,
-    replace_type: gguf.GGMLQuantizationType | None = None,
+    replace_types: Mapping[str, gguf.GGMLQuantizationType] | None = None,
 ) -> GGUFPruneReport:
     """Write `output`: `source` without the blocks `removed` (and with the tensors in `replace`
-    given new float values, named as in `source`, encoded in `replace_type` or their own type)."""
+    given new float values, named as in `source`, encoded in `replace_types[name]` or their own type)."""
     if not removed:
         raise UserError("no blocks to remove")
-    return rewrite_gguf(source, output, removed, set_kv, supported_archs, replace, replace_type)
+    return rewrite_gguf(source, output, removed, set_kv, supported_archs, replace, replace_types)
 
 
 def encode_like(
@@ -149,7 +149,7 @@ def rewrite_gguf(
     set_kv: dict[str, KVValue] | None = None,
     supported_archs: Sequence[str] | None = None,
     replace: Mapping[str, np.ndarray] | None = None,
-    replace_type: gguf.GGMLQuantizationType | None = None,
+    replace_types: Mapping[str, gguf.GGMLQuantizationType] | None = None,
 ) -> GGUFPruneReport:
     """Copy `source` to `output` without the blocks `removed` and with the metadata `set_kv` set.
 
@@ -206,7 +206,7 @@ def rewrite_gguf(
                 continue
             name = f"blk.{new_index[block]}.{match.group(2)}"
         if t.name in replace:
-            data, qtype = encode_like(replace.pop(t.name), t, replace_type)
+            data, qtype = encode_like(replace.pop(t.name), t, (replace_types or {}).get(t.name))
             report.replaced[t.name] = qtype.name
         else:
             # Raw bytes and the original type: no dequantize/requantize round trip.

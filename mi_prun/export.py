@@ -17,7 +17,7 @@ import numpy as np
 
 from exporters import llamacpp
 from exporters.gguf_export import GGUF_TYPES, GGUFType, check_gguf, export_gguf, layer_flag_kv, spec_of_folder
-from exporters.gguf_prune import KVValue, prune_gguf
+from exporters.gguf_prune import KVValue, open_gguf, prune_gguf
 from exporters.onnx_export import OnnxPrecision, check_onnx, check_supported, export_onnx
 
 from .archs import REGISTRY
@@ -30,11 +30,18 @@ from .repack import compensated_gguf_tensors, save_checkpoint
 
 
 DEFAULT_GGUF_TYPE = GGUFType.q8_0
-COMPENSATED_GGML = {
-    CompensatedType.same: None,
-    CompensatedType.q8_0: gguf.GGMLQuantizationType.Q8_0,
-    CompensatedType.f16: gguf.GGMLQuantizationType.F16,
-}
+# Types that keep 8 bits or more per weight: a compensated tensor of such a type keeps it under `auto`.
+EIGHT_BITS_OR_MORE = {gguf.GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q8_1", "Q8_K")}
+
+
+def compensated_ggml(own: gguf.GGMLQuantizationType, choice: CompensatedType, gguf_type: GGUFType | None):
+    """The type a compensated tensor is written in (before any --gguf-type requantization)."""
+    if gguf_type is not None:
+        return gguf.GGMLQuantizationType.F32  # llama.cpp's quantizer rounds it once, to gguf_type
+    if choice is CompensatedType.auto:
+        return own if own in EIGHT_BITS_OR_MORE else gguf.GGMLQuantizationType.Q8_0
+    return {CompensatedType.same: own, CompensatedType.q8_0: gguf.GGMLQuantizationType.Q8_0,
+            CompensatedType.f16: gguf.GGMLQuantizationType.F16}[choice]
 HF_SUBDIR = "hf"
 ONNX_SUBDIR = "onnx"
 
@@ -57,7 +64,7 @@ def artifact_stem(source: ModelSource) -> str:
 def gguf_in_place(
     source: ModelSource, removed: list[int], gguf_type: GGUFType | None, out_dir: Path, stem: str, reporter: Reporter,
     replace: dict[str, np.ndarray] | None = None, layer_flags: dict[str, KVValue] | None = None,
-    compensated_type: CompensatedType = CompensatedType.same,
+    compensated_type: CompensatedType = CompensatedType.auto,
 ) -> ExportInfo:
     """Prune the source GGUF itself: its tensors keep their bytes and quantization, except the
     ones in `replace` (compensated weights).
@@ -67,21 +74,23 @@ def gguf_in_place(
     pattern (every 6th Gemma 3 layer global) would otherwise run its later layers with the wrong
     attention after a cut.
 
-    With `gguf_type`, the compensated tensors are written as F32 and rounded once, by llama.cpp's
-    quantizer to that type, not first to the source's type and then again."""
+    The compensated tensors are written in the type `compensated_type` picks for each; with
+    `gguf_type`, as F32, rounded once, by llama.cpp's quantizer to that type, not first to the
+    source's type and then again."""
     src = Path(source.location) / source.gguf_file
     start = time.perf_counter()
     archs = sorted({spec.gguf_arch for spec in REGISTRY.values()})
-    replace_type = gguf.GGMLQuantizationType.F32 if gguf_type is not None else COMPENSATED_GGML[compensated_type]
+    types = {t.name: t.tensor_type for t in open_gguf(src).tensors if t.name in (replace or {})}
+    replace_types = {name: compensated_ggml(own, compensated_type, gguf_type) for name, own in types.items()}
     pruned_name = f"{stem}-pruned{len(removed)}.gguf"
     with reporter.task("pruning the GGUF in place (tensor bytes copied)", None):
-        report = prune_gguf(src, out_dir / pruned_name, removed, archs, replace, layer_flags, replace_type)
+        report = prune_gguf(src, out_dir / pruned_name, removed, archs, replace, layer_flags, replace_types)
     warnings = []
     target = out_dir / pruned_name
     route = "in-place GGUF pruning (original tensor bytes and quantization kept)"
     if report.replaced:
-        how = ("written in f32 for the quantizer" if gguf_type is not None else
-               "re-encoded in their original type" if replace_type is None else f"written as {replace_type.name}")
+        written = sorted(set(report.replaced.values()))
+        how = "written in f32 for the quantizer" if gguf_type is not None else f"written as {', '.join(written)}"
         route = (
             f"in-place GGUF pruning (original tensor bytes and quantization kept, except {len(report.replaced)} "
             f"compensated tensors {how})"

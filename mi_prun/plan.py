@@ -93,8 +93,14 @@ class Replay(BaseModel):
 
 
 class CompensatedType(str, Enum):
-    """The GGUF type of the tensors compensation rewrites in a GGUF pruned in place."""
+    """The GGUF type of the tensors compensation rewrites in a GGUF pruned in place.
 
+    auto: the tensor's own type when it has 8 bits or more, else Q8_0. Re-encoding a fitted map in
+    a 4-bit type rounds it again: measured on the default Q4_1 model, the main job's GGUF scores
+    56.57 on held-out text with its compensated tensor in Q4_1 and 54.46 in Q8_0, for 0.4% more
+    bytes (reports/compensated_type.md)."""
+
+    auto = "auto"
     same = "same"  # the tensor's own type in the source
     q8_0 = "q8_0"
     f16 = "f16"
@@ -105,7 +111,7 @@ class ExportPlan(BaseModel):
 
     target: Target = Target.gguf
     gguf_type: GGUFType | None = None  # None: a GGUF input keeps its own types; other inputs get q8_0
-    compensated_type: CompensatedType = CompensatedType.same
+    compensated_type: CompensatedType = CompensatedType.auto
     onnx_precision: OnnxPrecision = OnnxPrecision.int4
     keep_hf: bool = False
 

@@ -325,14 +325,14 @@ def test_quiet_silences_the_gguf_dequantization_bar(export_models, calib_txt, tm
     assert "de-quantizing" not in quiet.stderr and "%|" not in quiet.stderr  # ...and not with it
 
 
-def test_compensated_type_q8_0_keeps_the_rest_in_the_source_type(export_models, calib_txt, tmp_path):
-    """--compensated-type q8_0 on a q4_0 source: the rewritten ffn_down tensors are Q8_0 (llama.cpp
-    mixes types per tensor), every other tensor keeps its Q4_0 bytes, and the file runs in llama.cpp."""
+def test_compensated_tensors_of_a_4_bit_source_are_q8_0_by_default(export_models, calib_txt, tmp_path):
+    """On a q4_0 source the rewritten ffn_down tensors are Q8_0 by default (--compensated-type auto;
+    llama.cpp mixes types per tensor), every other tensor keeps its Q4_0 bytes, and the file runs."""
     src = tmp_path / "tiny.q4_0.gguf"
     export_gguf(export_models["llama"], src, GGUFType.q4_0, tmp_path)
     out = tmp_path / "build"
     result = invoke("build", "--model", src, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 3,
-                    "--compensated-type", "q8_0", "--keep-hf", "--out", out, "--quiet")
+                    "--keep-hf", "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(out)
     [e] = manifest.exports

@@ -24,7 +24,7 @@ def build(
     top_k: o.TopK = None,
     verify: o.Verify = True,
     gguf_type: o.GGUFTypeOpt = None,
-    compensated_type: o.CompensatedTypeOpt = CompensatedType.same,
+    compensated_type: o.CompensatedTypeOpt = CompensatedType.auto,
     onnx_precision: o.OnnxPrecisionOpt = OnnxPrecision.int4,
     keep_hf: o.KeepHF = False,
     eval_data: o.EvalData = None,

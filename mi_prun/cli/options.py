@@ -51,5 +51,6 @@ EvalData = Annotated[Optional[str], typer.Option("--eval", help="Held-out text t
 EvalWindows = Annotated[int, typer.Option("--eval-windows", help="Windows of 512 tokens evaluated with --eval.")]
 CompensatedTypeOpt = Annotated[CompensatedType, typer.Option(
     "--compensated-type",
-    help="GGUF type of the tensors compensation rewrites in a GGUF pruned in place: the tensor's own (same), q8_0 or f16.",
+    help="GGUF type of the tensors compensation rewrites in a GGUF pruned in place: auto (their own type if 8-bit or more, "
+    "else q8_0), same (their own type), q8_0 or f16.",
 )]
