@@ -1,8 +1,9 @@
 """`make bench`: latency and memory of the dense vs MI-PRUN-pruned model in each edge runtime.
 
 For the model (default: the embedded SmolLM2-135M-Instruct) this builds the dense checkpoint and
-pruned ones (`--remove`) exactly as `mi-prun-edge prune --calib C --n-samples 16 --seq-len 256
---remove N` does (MI-PRUN, verified and compensated, checkpoint + pruning.json), exports each as
+pruned ones (`--remove`) exactly as `mi-prun-edge prune --remove N` does with the build's default
+calibration (`--calib self`, 16 x 256; `--calib` changes it; MI-PRUN, verified and compensated,
+checkpoint + pruning.json), exports each as
 `mi-prun-edge export` does (export, then a check in its runtime), then measures:
 
 * prefill latency for 128- and 512-token prompts, time to first token and decode tokens/s over
@@ -68,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--calib", default=str(WIKI_VALID) if WIKI_VALID.is_file() else "self")
+    p.add_argument("--calib", default="self",
+                   help="calibration of the pruned variants (default: self, the build default; a file labels them by it)")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-work",
                    help="built models and exports (reused while their plan is the same; another --model needs another --work)")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
