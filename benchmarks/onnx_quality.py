@@ -67,6 +67,8 @@ def main(argv=None) -> None:
     payload = {
         "command": " ".join(["python benchmarks/onnx_quality.py", *argv]),
         "evaluation": f"first {windows.shape[0]} windows x 512 tokens of wiki.test.raw ({windows.shape[0] * 511} predicted tokens)",
+        "variants": f"dense: the source dequantized; pruned-N: `{latency.prune_command(bench_args)}` (selection, calibration "
+                    "and compensation of the build default)",
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,8 @@ def main(argv=None) -> None:
         "# ONNX exports (onnxruntime-genai model builder, CPU): export time, size, perplexity",
         "",
         f"Command: `{payload['command']}`  ",
-        f"Evaluation: {payload['evaluation']}, perplexity by plain onnxruntime; transformers fp32 on the same windows for reference.",
+        f"Evaluation: {payload['evaluation']}, perplexity by plain onnxruntime; transformers fp32 on the same windows for reference.  ",
+        f"Models: {payload['variants']}.",
         "",
         "| model | removed | transformers ppl | fp32 ppl | int4 ppl | int4/fp32 | fp32 MiB | int4 MiB | export + check s fp32 / int4 |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -81,6 +81,8 @@ def parse_args(argv=None):
                         help="other held-out text (concatenated) for the compensated rows: ordering beyond wikitext")
     parser.add_argument("--default-row", action=argparse.BooleanOptionalAction, default=True,
                         help=f"first row: `mi-prun-edge build`'s default plan ({DEFAULT_LABEL})")
+    parser.add_argument("--only-default", action="store_true",
+                        help="measure only the dense model and the build default row (minutes, not hours; write it to its own --out)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "quality")
     parser.add_argument("--cache", type=Path, default=ROOT / "out" / "bench-cache" / "quality.json")
     return parser.parse_args(argv)
@@ -140,7 +142,9 @@ def row_specs(args, n: int) -> list[RowSpec]:
         *[(f"mi-prun[{e}]", plan(False, estimator=Estimator(e))) for e in args.estimators],
     ]
     specs = [RowSpec(label, p, compensated_plan(p, args) if label in COMPENSATED else None) for label, p in plans]
-    if args.default_row:
+    if args.only_default:
+        specs = []
+    if args.default_row or args.only_default:
         default = Plan.make(model=args.model, remove=n)
         specs.insert(0, RowSpec(DEFAULT_LABEL, default, default))
     return specs
@@ -185,7 +189,7 @@ class Bench:
 
 def open_bench(args, reporter: Reporter) -> Bench:
     loaded = load_model(args.model)
-    settings = {k: str(v) for k, v in vars(args).items() if k not in {"out", "cache", "n", "comp_samples", "heldout", "default_row"}}
+    settings = {k: str(v) for k, v in vars(args).items() if k not in {"out", "cache", "n", "comp_samples", "heldout", "default_row", "only_default"}}
     cache = Cache(args.cache, {**settings, "version": CACHE_VERSION})
     eval_ids = tokenize_text(loaded.tokenizer, Path(args.eval_data).read_text(encoding="utf-8"))
     windows = strided_windows(eval_ids, args.eval_len, max_windows=args.eval_windows)
