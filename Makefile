@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-default clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,9 +50,13 @@ prune-default:
 bench:
 	$(PY) benchmarks/latency.py
 
-# Every selection method at N = 2, 4, 6, 8 on the default model (up to an hour on 2 cores; cached in out/bench-cache).
+# Every selection method at N = 2, 4, 6, 8 on the default model (a few hours on 2 cores; cached in out/bench-cache).
 bench-quality:
 	$(PY) benchmarks/quality.py
+
+# Only the dense model and what `build` ships by default, at N = 2, 4, 6, 8 (about 20 minutes on 2 cores).
+bench-quality-default:
+	$(PY) benchmarks/quality.py --only-default --out reports/quality_default
 
 clean:
 	rm -rf out .pytest_cache

@@ -323,6 +323,9 @@ def method_row(bench: Bench, spec: RowSpec) -> dict:
 
 
 def describe_calibration(args) -> str:
+    if args.only_default:
+        return (f"`mi-prun-edge build`'s defaults, {BUILD_DEFAULT.n_samples} x {BUILD_DEFAULT.seq_len} tokens the model "
+                "generates itself (`--calib self`), compensation fitted on the same windows (no other method: --only-default)")
     line = (f"{args.calib_samples} x {args.calib_len} tokens of {Path(args.calib).name} "
             f"(sleb, ppl: {args.eval_calib_samples} windows of it, one forward pass per candidate; "
             f"compensation fits: {args.comp_samples} x {args.calib_len} tokens of the same file)")
