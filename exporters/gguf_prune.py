@@ -12,13 +12,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import gguf
 import numpy as np
 
 from mi_prun.errors import UserError, first_line
 
+# The type a replaced tensor is written in, given its type in the source.
+ReplaceType = Callable[[gguf.GGMLQuantizationType], gguf.GGMLQuantizationType]
 BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 # Written by GGUFWriter itself, or virtual fields of the reader: never copied.
 WRITER_OWNED_PREFIX = "GGUF."
@@ -117,13 +119,13 @@ def prune_gguf(
     supported_archs: Sequence[str] | None = None,
     replace: Mapping[str, np.ndarray] | None = None,
     set_kv: dict[str, KVValue] | None = None,
-    replace_types: Mapping[str, gguf.GGMLQuantizationType] | None = None,
+    replace_type: ReplaceType | None = None,
 ) -> GGUFPruneReport:
     """Write `output`: `source` without the blocks `removed` (and with the tensors in `replace`
-    given new float values, named as in `source`, encoded in `replace_types[name]` or their own type)."""
+    given new float values, named as in `source`, encoded in `replace_type(their type)` or their own type)."""
     if not removed:
         raise UserError("no blocks to remove")
-    return rewrite_gguf(source, output, removed, set_kv, supported_archs, replace, replace_types)
+    return rewrite_gguf(source, output, removed, set_kv, supported_archs, replace, replace_type)
 
 
 def encode_like(
@@ -149,7 +151,7 @@ def rewrite_gguf(
     set_kv: dict[str, KVValue] | None = None,
     supported_archs: Sequence[str] | None = None,
     replace: Mapping[str, np.ndarray] | None = None,
-    replace_types: Mapping[str, gguf.GGMLQuantizationType] | None = None,
+    replace_type: ReplaceType | None = None,
 ) -> GGUFPruneReport:
     """Copy `source` to `output` without the blocks `removed` and with the metadata `set_kv` set.
 
@@ -206,7 +208,7 @@ def rewrite_gguf(
                 continue
             name = f"blk.{new_index[block]}.{match.group(2)}"
         if t.name in replace:
-            data, qtype = encode_like(replace.pop(t.name), t, (replace_types or {}).get(t.name))
+            data, qtype = encode_like(replace.pop(t.name), t, replace_type(t.tensor_type) if replace_type else None)
             report.replaced[t.name] = qtype.name
         else:
             # Raw bytes and the original type: no dequantize/requantize round trip.

@@ -17,7 +17,7 @@ import numpy as np
 
 from exporters import llamacpp
 from exporters.gguf_export import GGUF_TYPES, GGUFType, check_gguf, export_gguf, layer_flag_kv, spec_of_folder
-from exporters.gguf_prune import KVValue, open_gguf, prune_gguf
+from exporters.gguf_prune import KVValue, prune_gguf
 from exporters.onnx_export import OnnxPrecision, check_onnx, check_supported, export_onnx
 
 from .archs import REGISTRY
@@ -30,6 +30,8 @@ from .repack import compensated_gguf_tensors, save_checkpoint
 
 
 DEFAULT_GGUF_TYPE = GGUFType.q8_0
+HF_SUBDIR = "hf"
+ONNX_SUBDIR = "onnx"
 # Types that keep 8 bits or more per weight: a compensated tensor of such a type keeps it under `auto`.
 EIGHT_BITS_OR_MORE = {gguf.GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q8_1", "Q8_K")}
 
@@ -42,8 +44,6 @@ def compensated_ggml(own: gguf.GGMLQuantizationType, choice: CompensatedType, gg
         return own if own in EIGHT_BITS_OR_MORE else gguf.GGMLQuantizationType.Q8_0
     return {CompensatedType.same: own, CompensatedType.q8_0: gguf.GGMLQuantizationType.Q8_0,
             CompensatedType.f16: gguf.GGMLQuantizationType.F16}[choice]
-HF_SUBDIR = "hf"
-ONNX_SUBDIR = "onnx"
 
 
 def file_type_name(file_type: int | None) -> str:
@@ -80,11 +80,12 @@ def gguf_in_place(
     src = Path(source.location) / source.gguf_file
     start = time.perf_counter()
     archs = sorted({spec.gguf_arch for spec in REGISTRY.values()})
-    types = {t.name: t.tensor_type for t in open_gguf(src).tensors if t.name in (replace or {})}
-    replace_types = {name: compensated_ggml(own, compensated_type, gguf_type) for name, own in types.items()}
+    def replace_type(own: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+        return compensated_ggml(own, compensated_type, gguf_type)
+
     pruned_name = f"{stem}-pruned{len(removed)}.gguf"
     with reporter.task("pruning the GGUF in place (tensor bytes copied)", None):
-        report = prune_gguf(src, out_dir / pruned_name, removed, archs, replace, layer_flags, replace_types)
+        report = prune_gguf(src, out_dir / pruned_name, removed, archs, replace, layer_flags, replace_type)
     warnings = []
     target = out_dir / pruned_name
     route = "in-place GGUF pruning (original tensor bytes and quantization kept)"

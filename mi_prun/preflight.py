@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archs import ArchSpec
+from .atomic import check_target
 from .calibration import check_text_source
 from .errors import UserError
 from .load import ModelSource, inspect_model, resolve_source
@@ -28,10 +29,7 @@ class Inspected:
 def check_output(out: Path, force: bool) -> None:
     """`out` can be written: absent (or --force), its nearest existing parent a writable folder."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"output {out} already exists; pass --force to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
+    check_target(out, force)
     parent = out.parent
     while not parent.exists():
         parent = parent.parent

@@ -57,7 +57,7 @@ def build(
     )
     inspected = check_plan(plan, out, force)
     reporter = Reporter(quiet)
-    loaded = load(inspected, plan, reporter)
+    loaded = load(inspected, plan.device, plan.dtype, reporter)
     manifest = run_build(loaded, plan, out, force, reporter)
     output.decision(manifest)
     for e in manifest.exports:

@@ -38,11 +38,9 @@ def quiet_libraries() -> None:
         gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
 
-def load(inspected: Inspected, plan_or_device, reporter: Reporter, dtype: str | None = None):
+def load(inspected: Inspected, device: str, dtype: str, reporter: Reporter):
     from ..load import load_inspected
 
-    device = plan_or_device.device if isinstance(plan_or_device, Plan) else plan_or_device
-    dtype = plan_or_device.dtype if isinstance(plan_or_device, Plan) else dtype
     reporter.say(f"loading {inspected.source.describe()}")
     if reporter.quiet:
         quiet_libraries()

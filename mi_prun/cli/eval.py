@@ -50,8 +50,8 @@ def eval_(
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
     reporter = Reporter(quiet)
-    loaded = load(inspected, device, reporter, dtype)
-    ref = load(ref_inspected, device, reporter, dtype) if ref_inspected is not None else None
+    loaded = load(inspected, device, dtype, reporter)
+    ref = load(ref_inspected, device, dtype, reporter) if ref_inspected is not None else None
     result = run_eval(loaded, data, seq_len, stride, max_windows, batch_size, ref, reporter)
     payload = {"model": loaded.source.describe(), "reference": ref.source.describe() if ref else None, "data": data,
                **result.to_dict(), "warnings": [warning] if warning else []}

@@ -45,7 +45,7 @@ def prune(
     )
     inspected = check_plan(plan, out, force)
     reporter = Reporter(quiet)
-    loaded = load(inspected, plan, reporter)
+    loaded = load(inspected, plan.device, plan.dtype, reporter)
     result = run_prune(loaded, plan, reporter)
     manifest = save_pruned(loaded, plan, result, out, force)
     output.block_table(manifest.block_scores, manifest.removed)

@@ -42,7 +42,7 @@ def score(
                      calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed))
     inspected = check_plan(plan)
     reporter = Reporter(quiet)
-    loaded = load(inspected, plan, reporter)
+    loaded = load(inspected, plan.device, plan.dtype, reporter)
     scores, removed = score_blocks(loaded, plan, reporter)
     table = scores.block_table()
     output.block_table(table, removed)
