@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-default clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-default bench-scale clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench-quality:
 	$(PY) benchmarks/quality.py
 
 # Only the dense model and what `build` ships by default, at N = 2, 4, 6, 8 (about 20 minutes on 2 cores).
+# Peak memory and wall time of build against model size, in memory vs streamed, up to a 7B-shaped
+# synthetic model (writes about 9 GB of models to out/scale; about 40 minutes on 2 cores).
+bench-scale:
+	$(PY) benchmarks/scale.py
+
 bench-quality-default:
 	$(PY) benchmarks/quality.py --only-default --out reports/quality_default
 

@@ -26,10 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mi_prun.archs import block_count  # noqa: E402
-from mi_prun.blockset import blocks_kept  # noqa: E402
 from mi_prun.calibration import tokenize_text  # noqa: E402
-from mi_prun.compensate import applied, capture_passes  # noqa: E402
+from mi_prun.compensate import capture_passes, removal_runs  # noqa: E402
 from mi_prun.evaluate import eval_windows, perplexity  # noqa: E402
 from mi_prun.load import load_model  # noqa: E402
 from mi_prun.pipeline import prune  # noqa: E402
@@ -71,8 +69,8 @@ def held_out(loaded, eval_windows_count: int) -> dict[str, torch.Tensor]:
 
 def perplexities(loaded, kept, runs, evals: dict[str, torch.Tensor]) -> dict[str, float]:
     """Held-out perplexity of a decision: the kept blocks, the fitted maps (if any) folded in."""
-    with applied(loaded.model, loaded.spec, runs), blocks_kept(loaded.model, loaded.spec, kept):
-        return {k: round(perplexity(loaded.model, w).ppl, 2) for k, w in evals.items()}
+    removed = [i for i in range(loaded.runner.n_blocks) if i not in set(kept)]
+    return {k: round(perplexity(loaded.runner, w, removal_runs(removed, runs)).ppl, 2) for k, w in evals.items()}
 
 
 def method_row(loaded, plan: Plan, evals, reporter) -> dict:
@@ -99,7 +97,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     evals = held_out(loaded, args.eval_windows)
-    dense = list(range(block_count(loaded.model, loaded.spec)))
+    dense = list(range(loaded.runner.n_blocks))
     rows = [{"method": "dense", "n": 0, "flags": "", "removed": [], "ppl": perplexities(loaded, dense, [], evals),
              "select_s": 0.0, "forward_passes": 0}]
     for n in args.n:

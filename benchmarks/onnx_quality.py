@@ -26,6 +26,7 @@ from exporters.onnx_export import OnnxPrecision, count_matmul_nbits, onnx_perple
 from mi_prun.calibration import tokenize_text  # noqa: E402
 from mi_prun.evaluate import eval_windows, perplexity  # noqa: E402
 from mi_prun.export import export_folder  # noqa: E402
+from mi_prun.load import load_model  # noqa: E402
 from mi_prun.plan import Target  # noqa: E402
 from mi_prun.progress import Reporter  # noqa: E402
 
@@ -44,15 +45,15 @@ def main(argv=None) -> None:
     bench_args = latency.parse_args(["--remove", *map(str, args.remove), "--work", str(args.work)])
     variants, removed = latency.build_variants(bench_args, reporter)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(variants["dense"])
     windows = eval_windows(tokenize_text(tokenizer, WIKI_TEST.read_text(encoding="utf-8")), 512, args.windows)
     rows = []
     for name, hf in variants.items():
-        model = AutoModelForCausalLM.from_pretrained(hf).eval()
-        row = {"model": name, "removed": removed.get(name, []), "transformers_ppl": perplexity(model, windows).ppl}
-        del model
+        loaded = load_model(str(hf))
+        row = {"model": name, "removed": removed.get(name, []), "transformers_ppl": perplexity(loaded.runner, windows).ppl}
+        del loaded
         for precision in OnnxPrecision:
             out = args.work / "onnx-quality" / f"{name}.{precision.value}"
             export = export_folder(hf, Target.onnx, out, None, True, reporter, onnx_precision=precision)

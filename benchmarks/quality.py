@@ -39,15 +39,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from machine import machine_line  # noqa: E402
-from mi_prun.archs import block_count  # noqa: E402
-from mi_prun.blockset import blocks_kept, keep_indices  # noqa: E402
 from mi_prun.calibration import tokenize_text  # noqa: E402
-from mi_prun.compensate import RunCompensation, applied, capture_passes  # noqa: E402
-from mi_prun.evaluate import EvalWindows, Reference, evaluate, strided_windows  # noqa: E402
+from mi_prun.compensate import RunCompensation, capture_passes, removal_runs  # noqa: E402
+from mi_prun.compensate import final_states as pruned_final  # noqa: E402
+from mi_prun.evaluate import EvalResult, EvalWindows, evaluate, strided_windows  # noqa: E402
 from mi_prun.load import LoadedModel, load_model  # noqa: E402
 from mi_prun.pipeline import prune  # noqa: E402
 from mi_prun.plan import CalibrationSpec, Estimator, Method, Plan, Replay  # noqa: E402
 from mi_prun.progress import Reporter  # noqa: E402
+from mi_prun.runner import Windows  # noqa: E402
 from plans import plan_flags, source_name  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
@@ -61,7 +61,7 @@ DEFAULT_LABEL = f"mi-prun (build default: --calib self, {BUILD_DEFAULT.n_samples
 # The engine issue's goal: at most 0.9x the best baseline row of its table.
 GOAL = {4: 53.7, 6: 72.1, 8: 125.7}
 # Cached rows of another version are not reused (2: every row a pipeline.prune run).
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def parse_args(argv=None):
@@ -177,14 +177,29 @@ class Bench:
     reporter: Reporter
     windows: EvalWindows
     heldout: EvalWindows | None
-    reference: Reference
-    reference_ready: bool = False
+    # Dense boundary states of the evaluation windows (and the held-out ones), computed once:
+    # every row's pruned model starts from them at its first changed block.
+    dense: dict[str, Windows] = field(default_factory=dict)
     # Maps the selection run of the current row fitted (key: compensated_key), for its compensated columns.
     fitted: dict[str, tuple[list[RunCompensation], float]] = field(default_factory=dict)
 
     @property
     def n_blocks(self) -> int:
-        return block_count(self.loaded.model, self.loaded.spec)
+        return self.loaded.runner.n_blocks
+
+    def dense_windows(self, which: str) -> Windows:
+        if which not in self.dense:
+            self.reporter.say(f"dense pass over the {which} windows")
+            ids = (self.windows if which == "eval" else self.heldout).ids
+            self.dense[which] = self.loaded.runner.dense_pass(Windows(ids))
+        return self.dense[which]
+
+    def evaluate(self, which: str, removed: list[int], runs: list[RunCompensation], with_reference: bool) -> EvalResult:
+        runner = self.loaded.runner
+        dense = self.dense_windows(which)
+        final = pruned_final(runner, dense, removal_runs(removed, runs))
+        reference = (runner, dense.dense[runner.n_blocks]) if with_reference else None
+        return evaluate(runner, final, self.windows if which == "eval" else self.heldout, reference)
 
 
 def open_bench(args, reporter: Reporter) -> Bench:
@@ -197,7 +212,7 @@ def open_bench(args, reporter: Reporter) -> Bench:
     if args.heldout:
         text = "\n\n".join(Path(p).read_text(encoding="utf-8") for p in args.heldout)
         heldout = strided_windows(tokenize_text(loaded.tokenizer, text), args.eval_len, max_windows=args.eval_windows)
-    return Bench(loaded, cache, reporter, windows, heldout, Reference(loaded.model))
+    return Bench(loaded, cache, reporter, windows, heldout)
 
 
 # --- decisions: pipeline.prune, as the CLI runs it -------------------------------------------------
@@ -253,23 +268,15 @@ def compensated_key(removed: list[int], plan: Plan) -> str:
 
 def measure(bench: Bench, removed: list[int], runs: list[RunCompensation], heldout: bool) -> dict:
     """Perplexity, KL and top-1 to dense on the evaluation windows (and perplexity on the held-out text)."""
-    if not bench.reference_ready:  # while the model is still dense
-        bench.reporter.say("dense reference log-probs")
-        bench.reference.fill(bench.windows, 4)
-        bench.reference_ready = True
-    model, spec = bench.loaded.model, bench.loaded.spec
-    with applied(model, spec, runs), blocks_kept(model, spec, keep_indices(bench.n_blocks, removed)):
-        r = evaluate(model, bench.windows, bench.reference)
-        value = {"ppl": r.ppl, "kl": r.kl, "top1": r.top1, "eval_s": round(r.wall_s, 1)}
-        if heldout and bench.heldout is not None:
-            value["ppl_heldout"] = evaluate(model, bench.heldout).ppl
+    r = bench.evaluate("eval", removed, runs, with_reference=True)
+    value = {"ppl": r.ppl, "kl": r.kl, "top1": r.top1, "eval_s": round(r.wall_s, 1)}
+    if heldout and bench.heldout is not None:
+        value["ppl_heldout"] = bench.evaluate("heldout", removed, runs, with_reference=False).ppl
     return value
 
 
 def heldout_ppl(bench: Bench, removed: list[int]) -> float:
-    model, spec = bench.loaded.model, bench.loaded.spec
-    with blocks_kept(model, spec, keep_indices(bench.n_blocks, removed)):
-        return evaluate(model, bench.heldout).ppl
+    return bench.evaluate("heldout", removed, [], with_reference=False).ppl
 
 
 def plain_quality(bench: Bench, removed: list[int], heldout: bool = False) -> dict:

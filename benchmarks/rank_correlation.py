@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mi_prun import mi  # noqa: E402
-from mi_prun.archs import block_count, input_norm_of_block  # noqa: E402
+from mi_prun.archs import input_norm_of_block  # noqa: E402
 from mi_prun.calibration import calibration_batches  # noqa: E402
-from mi_prun.capture import TokenSample, capture_boundaries  # noqa: E402
+from mi_prun.capture import TokenSample, observe_cached  # noqa: E402
 from mi_prun.load import load_model  # noqa: E402
 from mi_prun.plan import CalibrationSpec  # noqa: E402
 from mi_prun.progress import Reporter  # noqa: E402
+from mi_prun.runner import Windows  # noqa: E402
 from mi_prun.verify import RemovalScorer  # noqa: E402
 
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
@@ -53,13 +54,13 @@ def main() -> None:
     started = time.perf_counter()
 
     loaded = load_model(args.model)
-    n = block_count(loaded.model, loaded.spec)
-    calib = calibration_batches(loaded.model, loaded.tokenizer, CalibrationSpec(args.calib, args.n_samples, args.seq_len))
+    n = loaded.runner.n_blocks
+    calib = Windows(calibration_batches(loaded, CalibrationSpec(args.calib, args.n_samples, args.seq_len)))
     sample = TokenSample(args.tokens, seed=0)
-    capture_boundaries(loaded.model, loaded.spec, list(calib.split(4)), [sample])
+    observe_cached(loaded.runner.dense_pass(calib), [sample], 4)
     raw = [s.astype(np.float64) for s in sample.arrays()]
 
-    scorer = RemovalScorer(loaded, calib, batch_size=4)  # plain removal, calibration NLL
+    scorer = RemovalScorer(loaded, calib)  # plain removal, calibration NLL
     dense_nll = scorer([])
     with reporter.task("ground truth: perplexity with each block removed", n) as advance:
         damage = []

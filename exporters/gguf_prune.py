@@ -9,6 +9,7 @@ known keys, and the keys sliced are reported.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,15 @@ def _truncated(err: Exception) -> bool:
     """gguf-py memory-maps the file and slices each tensor from it: a slice cut short by the end
     of the file cannot take the tensor's shape ("cannot reshape array of size ...")."""
     return isinstance(err, ValueError) and "cannot reshape array" in str(err)
+
+
+def read_tensor(path: Path, tensor: gguf.ReaderTensor) -> np.ndarray:
+    """A tensor's bytes, shaped like the reader's view of them, read with pread into a private
+    buffer: the reader's memory map is left untouched, so the pages of a multi-gigabyte file do
+    not pile up in this process's resident memory."""
+    with open(path, "rb") as f:
+        raw = os.pread(f.fileno(), tensor.n_bytes, tensor.data_offset)
+    return np.frombuffer(raw, dtype=tensor.data.dtype).reshape(tensor.data.shape)
 
 
 def field_value(reader: gguf.GGUFReader, key: str):
@@ -197,7 +207,7 @@ def rewrite_gguf(
         writer.add_key_value(key, new.value, new.type, sub_type=new.sub_type)
         report.set_keys.append(key)
 
-    written = []
+    written: list[gguf.ReaderTensor | np.ndarray] = []  # a tensor to copy, or new data
     for t in reader.tensors:
         match = BLOCK_TENSOR.match(t.name)
         name = t.name
@@ -210,17 +220,19 @@ def rewrite_gguf(
         if t.name in replace:
             data, qtype = encode_like(replace.pop(t.name), t, replace_type(t.tensor_type) if replace_type else None)
             report.replaced[t.name] = qtype.name
+            written.append(data)
         else:
             # Raw bytes and the original type: no dequantize/requantize round trip.
             data, qtype = t.data, t.tensor_type
+            written.append(t)
         writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
-        written.append(data)
     if replace:
         raise ValueError(f"tensors to replace are not in {source} (or belong to removed blocks): {sorted(replace)}")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for data in written:
+    for item in written:
+        data = read_tensor(Path(source), item) if isinstance(item, gguf.ReaderTensor) else item
         writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         report.bytes_written += data.nbytes
     writer.close()

@@ -49,6 +49,8 @@ class ArchSpec:
     # compensation of a removed run folds into it (None: a norm follows it, nothing to fold into).
     residual_projection: str | None = "mlp.down_proj"
     gguf_residual_projection: str | None = "ffn_down"
+    # Config key of a cap applied to the logits after the head (tanh soft-capping), if the family has one.
+    logit_softcap_key: str | None = None
     # Config lists with one entry per block: sliced by the kept indices on repack.
     per_layer_config_keys: tuple[str, ...] = ("layer_types",)
     # Architecture names in the export formats (used by exporters/).
@@ -83,6 +85,7 @@ REGISTRY: dict[str, ArchSpec] = {
             # post_feedforward_layernorm follows down_proj: a linear map cannot be folded through it.
             residual_projection=None,
             gguf_residual_projection=None,
+            logit_softcap_key="final_logit_softcapping",
             notes="per-layer layer_types (sliding/full attention), q/k norms, (1+w) RMSNorm",
             **_LLAMA_LIKE,
         ),

@@ -34,6 +34,19 @@ def keep_indices(n_blocks: int, removed: Sequence[int]) -> list[int]:
     return [i for i in range(n_blocks) if i not in removed_set]
 
 
+def slice_config(config, spec: ArchSpec, keep: Sequence[int]) -> None:
+    """Set the block count and slice every per-layer config list to the blocks `keep` (in place)."""
+    count = getattr(config, spec.layer_count_key)
+    for key in spec.per_layer_config_keys:
+        values = getattr(config, key, None)
+        if values is None:
+            continue
+        if len(values) != count:
+            raise UserError(f"config.{key} has {len(values)} entries for {count} blocks; the checkpoint is inconsistent")
+        setattr(config, key, [values[i] for i in keep])
+    setattr(config, spec.layer_count_key, len(keep))
+
+
 def _layer_index_attrs(block: nn.Module, spec: ArchSpec) -> dict[str, int]:
     found = {}
     for dotted in spec.layer_index_attrs:
@@ -59,12 +72,8 @@ def apply_keep(model: nn.Module, spec: ArchSpec, keep: Sequence[int]) -> _SavedS
         # The KV cache is indexed by layer_idx: a stale index would read another block's cache.
         for dotted in _layer_index_attrs(block, spec):
             set_path(block, dotted, new_index)
+    slice_config(config, spec, keep)
     set_path(model, spec.blocks_path, kept)
-    setattr(config, spec.layer_count_key, len(keep))
-    for key, values in saved.per_layer.items():
-        if len(values) != saved.layer_count:
-            raise UserError(f"config.{key} has {len(values)} entries for {saved.layer_count} blocks; the checkpoint is inconsistent")
-        setattr(config, key, [values[i] for i in keep])
     return saved
 
 

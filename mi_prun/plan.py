@@ -69,6 +69,14 @@ class StateView(str, Enum):
     rms = "rms"
 
 
+class Execution(str, Enum):
+    """How the model's weights are held while it runs: whole, or one block at a time."""
+
+    auto = "auto"
+    in_memory = "in-memory"
+    streamed = "streamed"
+
+
 class Target(str, Enum):
     gguf = "gguf"
     onnx = "onnx"
@@ -150,6 +158,7 @@ class Plan(BaseModel):
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    execution: Execution = Execution.auto
     replay: Replay | None = None
     export: ExportPlan | None = None  # build only
     evaluation: EvalPlan | None = None  # build --eval

@@ -24,6 +24,7 @@ class Inspected:
     spec: ArchSpec
     config: dict
     n_blocks: int
+    hf_config: object = None  # the transformers config itself, handed to the loader
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -45,7 +46,7 @@ def inspect(model: str | None) -> Inspected:
     source = resolve_source(model)
     spec, config = inspect_model(source)
     as_dict = config.to_dict()
-    return Inspected(source, spec, as_dict, int(as_dict[spec.layer_count_key]))
+    return Inspected(source, spec, as_dict, int(as_dict[spec.layer_count_key]), config)
 
 
 def require_export_tools(target: Target) -> None:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 from typing import Sequence
 
-from .blockset import blocks_kept
 from .calibration import canonical_source, read_text_source, tokenize_text
-from .compensate import RunCompensation, applied
+from .compensate import RunCompensation, removal_runs
 from .errors import UserError
-from .evaluate import EvalResult, Reference, evaluate, strided_windows
+from .evaluate import EvalResult, evaluate, final_states, strided_windows
 from .load import LoadedModel, ModelSource
 from .manifest import MANIFEST_NAME, PruningManifest, QualityInfo
 from .plan import EvalPlan
@@ -68,10 +67,14 @@ def run_eval(
         windows = strided_windows(ids, seq_len, stride, max_windows)
     except ValueError:
         raise UserError(f"evaluation text has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}") from None
-    ref = Reference(reference.model) if reference is not None else None
-    n_batches = -(-len(windows) // batch_size)
-    with reporter.task(f"evaluating {len(windows)} windows x {seq_len} tokens", n_batches) as advance:
-        return evaluate(loaded.model, windows, ref, batch_size, on_batch=advance)
+    loaded.runner.batch_size = batch_size
+    with reporter.task(f"evaluating {len(windows)} windows x {seq_len} tokens", loaded.runner.n_blocks) as advance:
+        final, _ = final_states(loaded.runner, windows.ids, on_block=advance)
+    ref = None
+    if reference is not None:
+        with reporter.task("running the reference model", reference.runner.n_blocks) as advance:
+            ref = (reference.runner, final_states(reference.runner, windows.ids, on_block=advance)[0])
+    return evaluate(loaded.runner, final, windows, ref)
 
 
 def eval_rows(result: EvalResult, tasks: dict | None = None) -> list[tuple[str, str]]:
@@ -86,7 +89,7 @@ def eval_rows(result: EvalResult, tasks: dict | None = None) -> list[tuple[str, 
     return rows
 
 
-def measure_quality(loaded: LoadedModel, kept: Sequence[int], runs: Sequence[RunCompensation], evaluation: EvalPlan,
+def measure_quality(loaded: LoadedModel, removed: Sequence[int], runs: Sequence[RunCompensation], evaluation: EvalPlan,
                     reporter: Reporter = QUIET) -> QualityInfo:
     """Perplexity of dense and pruned, KL and top-1 to dense, on the --eval text."""
     ids = tokenize_text(loaded.tokenizer, read_text_source(eval_source(evaluation.data), "--eval"))
@@ -94,14 +97,11 @@ def measure_quality(loaded: LoadedModel, kept: Sequence[int], runs: Sequence[Run
         windows = strided_windows(ids, evaluation.seq_len, max_windows=evaluation.windows)
     except ValueError:
         raise UserError(f"--eval text has {ids.numel()} tokens, fewer than one window of {evaluation.seq_len}") from None
-    # The dense pass keeps its log-probs: they are the reference for the pruned pass (one dense forward).
-    reference = Reference(loaded.model, keep=True)
-    n_batches = -(-len(windows) // 4)
-    with reporter.task("evaluating the dense model on --eval text", n_batches) as advance:
-        dense = evaluate(reference, windows, on_batch=advance)
-    with applied(loaded.model, loaded.spec, runs), blocks_kept(loaded.model, loaded.spec, kept):
-        with reporter.task("evaluating the pruned model on --eval text", n_batches) as advance:
-            pruned = evaluate(loaded.model, windows, reference, on_batch=advance)
+    runner = loaded.runner
+    with reporter.task("evaluating dense and pruned on --eval text", runner.n_blocks) as advance:
+        pruned_final, dense_final = final_states(runner, windows.ids, removal_runs(removed, runs), on_block=advance)
+    dense = evaluate(runner, dense_final, windows)
+    pruned = evaluate(runner, pruned_final, windows, (runner, dense_final))
     return QualityInfo(
         data=evaluation.data, windows=len(windows), seq_len=windows.seq_len, tokens=pruned.tokens,
         dense_ppl=dense.ppl, pruned_ppl=pruned.ppl, kl_to_dense=pruned.kl, top1_agreement=pruned.top1,

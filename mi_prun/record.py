@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import sys
+
 from .calibration import canonical_source
 from .compensate import can_compensate
 from .manifest import CalibrationInfo, CompensationInfo, CompensationRun, PruningManifest, package_versions
@@ -26,6 +29,12 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
     note = "a run starting at block 0 has no block before it: removed without compensation" if any(r.prev is None for r in result.compensation) else None
     samples = plan.compensation_samples or plan.calibration.n_samples
     return CompensationInfo(enabled=True, samples=samples, runs=runs, note=note)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
@@ -58,6 +67,8 @@ def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
         ),
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
+        execution=loaded.execution.value,
+        peak_rss_mib=round(peak_rss_bytes() / 2**20, 1),
         timings_s={k: round(v, 3) for k, v in result.timings.items()},
         versions=package_versions(),
     )

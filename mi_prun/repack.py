@@ -6,22 +6,81 @@ measured before or after repacking alike.
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .archs import ArchSpec
-from .blockset import blocks_kept
+from .blockset import blocks_kept, slice_config
 from .compensate import RunCompensation, applied
+
+
+# Shards of the streamed writer: one is written out as soon as it holds this much.
+SHARD_BYTES = 2 * 2**30
 
 
 def save_checkpoint(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], folder: Path) -> None:
     """A plain transformers checkpoint of the kept blocks with the maps folded in, into `folder`."""
-    # The fitted maps go in by original block index, so before the blocks are renumbered.
-    with applied(loaded.model, loaded.spec, runs), blocks_kept(loaded.model, loaded.spec, kept):
-        loaded.model.save_pretrained(folder)
+    if loaded.in_memory:
+        # The fitted maps go in by original block index, so before the blocks are renumbered.
+        with applied(loaded.model, loaded.spec, runs), blocks_kept(loaded.model, loaded.spec, kept):
+            loaded.model.save_pretrained(folder)
+    else:
+        write_shards(loaded, kept, runs, Path(folder))
     loaded.tokenizer.save_pretrained(folder)
+
+
+def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], folder: Path) -> None:
+    """The same checkpoint from a streamed model, tensor by tensor, shard by shard: kept tensors
+    copied under their renumbered names, compensated projections replaced, config sliced."""
+    from safetensors.torch import save_file
+
+    spec, store = loaded.spec, loaded.runner.store
+    prefix = f"{spec.blocks_path}."
+    replaced = {f"{prefix}{r.prev}.{spec.residual_projection}.weight": r.weight for r in runs if r.weight is not None}
+    tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
+    outside = [n for n, _ in loaded.model.named_parameters() if not n.startswith(prefix) and not (tied and n == "lm_head.weight")]
+    names = [(n, n) for n in outside]
+    for new, old in enumerate(kept):
+        names += [(f"{prefix}{old}.{k}", f"{prefix}{new}.{k}") for k in store.layers[old].state_dict()]
+
+    written: list[tuple[Path, list[str]]] = []  # (file, tensor names), in order
+    shard: dict[str, torch.Tensor] = {}
+    total = size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            file = folder / f"shard-{len(written):05d}.safetensors"
+            save_file(shard, file, metadata={"format": "pt"})  # written now: memory holds one shard at most
+            written.append((file, list(shard)))
+        shard, size = {}, 0
+
+    for source_name, target_name in names:
+        tensor = replaced.get(source_name)
+        tensor = store.tensors.get(source_name, loaded.dtype) if tensor is None else tensor.to(loaded.dtype)
+        if size and size + tensor.nbytes > SHARD_BYTES:
+            flush()
+        shard[target_name] = tensor.contiguous()
+        size += tensor.nbytes
+        total += tensor.nbytes
+    flush()
+    # Shard names carry their count, known only now.
+    weight_map = {}
+    for k, (file, tensor_names) in enumerate(written):
+        final = "model.safetensors" if len(written) == 1 else f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+        file.rename(folder / final)
+        weight_map.update(dict.fromkeys(tensor_names, final))
+    if len(written) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = copy.deepcopy(loaded.model.config)
+    slice_config(config, spec, kept)
+    config.save_pretrained(folder)
 
 
 def compensated_gguf_tensors(spec: ArchSpec, runs: Sequence[RunCompensation]) -> dict[str, np.ndarray]:

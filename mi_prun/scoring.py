@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from . import mi, select
-from .archs import block_count
-from .capture import TokenSample, capture_boundaries
+from .capture import TokenSample, observe_cached
 from .manifest import RunScore
 from .plan import Estimator, Plan, StateView
 from .progress import QUIET, Reporter
+from .runner import Windows
 
 RMS_EPS = 1e-6
 
@@ -178,14 +178,16 @@ class Scores:
         ]
 
 
-def score_model(loaded, calib_ids: torch.Tensor, plan: Plan, reporter: Reporter = QUIET) -> Scores:
-    """One capture pass over the calibration windows; every score the methods need."""
+def score_model(loaded, windows: Windows, plan: Plan, reporter: Reporter = QUIET) -> Scores:
+    """One dense pass over the calibration windows (their boundary states stay cached for the
+    passes that follow); every score the methods need."""
     capture = CapturePlan(plan.estimator, plan.view, plan.max_tokens, plan.seed)
-    batches = list(calib_ids.split(plan.batch_size))
-    with reporter.task("capturing block boundaries", len(batches)) as advance:
-        tokens = capture_boundaries(loaded.model, loaded.spec, batches, capture.observers, on_batch=advance)
+    runner = loaded.runner
+    with reporter.task("capturing block boundaries", runner.n_blocks) as advance:
+        runner.dense_pass(windows, on_block=advance)
+    tokens = observe_cached(windows, capture.observers, plan.batch_size)
     return Scores(
-        n_blocks=block_count(loaded.model, loaded.spec),
+        n_blocks=runner.n_blocks,
         boundary_mi=capture.boundary_mi(),
         cosine=capture.stats.mean("cosine"),
         angular=capture.stats.mean("angular"),

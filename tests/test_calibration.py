@@ -62,7 +62,7 @@ def test_empty_and_short_text(tiny_models, tmp_path):
     loaded = load_model(str(tiny_models["llama"]))
     (tmp_path / "empty.txt").write_text("   \n")
     with pytest.raises(UserError, match="empty"):
-        calibration_batches(loaded.model, loaded.tokenizer, CalibrationSpec(str(tmp_path / "empty.txt"), 2, 32))
+        calibration_batches(loaded, CalibrationSpec(str(tmp_path / "empty.txt"), 2, 32))
     (tmp_path / "short.txt").write_text("only a few words here")
     with pytest.raises(UserError, match="fewer than one window"):
-        calibration_batches(loaded.model, loaded.tokenizer, CalibrationSpec(str(tmp_path / "short.txt"), 2, 32))
+        calibration_batches(loaded, CalibrationSpec(str(tmp_path / "short.txt"), 2, 32))

@@ -12,14 +12,16 @@ from mi_prun.compensate import (
     RIDGE_GRID,
     RunMoments,
     applied,
-    capture_run,
     choose_ridge,
+    final_states,
     fit_compensation,
     fit_map,
     residual,
+    run_moments,
     runs_of,
 )
 from mi_prun.load import load_model
+from mi_prun.runner import Windows
 
 from .conftest import TINY_BLOCKS
 
@@ -78,13 +80,19 @@ def test_moments_add_up():
     assert parts.ee == pytest.approx(whole.ee) and parts.tokens == 30
 
 
-def test_capture_run_matches_hidden_states(tiny_models):
+def dense_windows(loaded, ids):
+    return loaded.runner.dense_pass(Windows(ids))
+
+
+def test_run_moments_match_hidden_states(tiny_models):
     loaded = load_model(str(tiny_models["llama"]))
-    model, spec = loaded.model, loaded.spec
     ids = torch.randint(0, 384, (2, 24))
-    folds = capture_run(model, spec, list(range(TINY_BLOCKS)), 2, 4, [ids])
+    windows = dense_windows(loaded, ids)
+    tap = []
+    h = loaded.runner.run_block(2, windows.dense[2], tap=tap)
+    folds = run_moments(tap[0], h, windows.dense[5])
     with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        hidden = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
     # ee = |R - M|^2 = |h_4 - h_2| over tokens 1.. (hidden_states[k + 1] is block k's output)
     direct = float(((hidden[5][:, 1:] - hidden[3][:, 1:]).double() ** 2).sum())
     assert sum(f.ee for f in folds) == pytest.approx(direct, rel=1e-5)
@@ -97,9 +105,10 @@ def test_fit_compensation_lowers_the_error_and_leaves_the_model_alone(model_type
     model, spec = loaded.model, loaded.spec
     before = [get_path(b, spec.residual_projection).weight.clone() for b in blocks(model, spec)]
     torch.manual_seed(0)
-    batches = [torch.randint(0, 384, (4, 48)) for _ in range(4)]
+    ids = torch.randint(0, 384, (16, 48))
+    windows = dense_windows(loaded, ids)
     removed = [0, 3, 4, 6]
-    runs = fit_compensation(model, spec, removed, batches)
+    runs, _ = fit_compensation(loaded.runner, spec, removed, windows)
     assert [(r.first, r.last, r.prev) for r in runs] == [(0, 0, None), (3, 4, 2), (6, 6, 5)]
     assert runs[0].weight is None  # nothing before block 0 to fold into
     for r in runs[1:]:
@@ -108,11 +117,10 @@ def test_fit_compensation_lowers_the_error_and_leaves_the_model_alone(model_type
     for w, b in zip(before, blocks(model, spec)):
         assert torch.equal(w, get_path(b, spec.residual_projection).weight)
 
-
     # The folded weight realizes the fit: for a single run, the error of the state entering the
-    # next kept block, relative to plain removal, is exactly the fitted error ratio.
-    (run,) = fit_compensation(model, spec, [3, 4], batches)
-    ids = torch.cat(batches)
+    # next kept block, relative to plain removal, is exactly the fitted error ratio. Measured
+    # through the model's own forward with the weight folded in, not through the runner.
+    (run,), _ = fit_compensation(loaded.runner, spec, [3, 4], windows)
     errors = {}
     with torch.no_grad():
         dense = model(input_ids=ids, output_hidden_states=True).hidden_states
@@ -122,9 +130,24 @@ def test_fit_compensation_lowers_the_error_and_leaves_the_model_alone(model_type
             # block 5's input: pruned hidden_states[3] (kept blocks 0, 1, 2 before it), dense [5]
             errors[label] = float(((pruned[3][:, 1:] - dense[5][:, 1:]).double() ** 2).sum())
     assert errors["compensated"] / errors["plain"] == pytest.approx(run.fit_ratio, rel=1e-3)
-    assert errors["compensated"] < errors["plain"]  # measured through the model, not the moments
+    assert errors["compensated"] < errors["plain"]
     for w, b in zip(before, blocks(model, spec)):
         assert torch.equal(w, get_path(b, spec.residual_projection).weight)
+
+
+def test_walk_equals_the_model_with_the_maps_folded_in(tiny_models):
+    """States after a multi-run fit (from cached boundaries) equal the whole model's forward with
+    the blocks skipped and the maps folded in."""
+    loaded = load_model(str(tiny_models["llama"]))
+    model, spec = loaded.model, loaded.spec
+    ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(3))
+    windows = dense_windows(loaded, ids)
+    removed = [2, 3, 6]
+    runs, _ = fit_compensation(loaded.runner, spec, removed, windows)
+    final = final_states(loaded.runner, windows, runs)
+    with torch.no_grad(), applied(model, spec, runs), blocks_kept(model, spec, keep_indices(TINY_BLOCKS, removed)):
+        out = model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(loaded.runner.logits(final[0]), model.lm_head(out[-1][0]).float(), rtol=1e-4, atol=1e-4)
 
 
 def test_the_sink_rows_land_on_their_targets():

@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from mi_prun.cli import app
-from mi_prun.evaluate import Reference, eval_windows, evaluate, perplexity, strided_windows
+from mi_prun.evaluate import eval_windows, evaluate, final_states, perplexity, strided_windows
+from mi_prun.load import load_model
+from mi_prun.plan import Execution
 
 runner = CliRunner()
 
@@ -34,21 +36,33 @@ def test_strided_windows_score_every_token_once():
         strided_windows(ids[:50], 100)
 
 
+def runner_of(folder):
+    return load_model(str(folder), execution=Execution.in_memory)
+
+
+def scored(loaded, windows, reference=None):
+    final, _ = final_states(loaded.runner, windows.ids)
+    ref = None if reference is None else (reference.runner, final_states(reference.runner, windows.ids)[0])
+    return evaluate(loaded.runner, final, windows, ref)
+
+
 def test_non_overlapping_eval_matches_plain_perplexity(tiny_models, tiny_tokenizer, calib_txt):
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    loaded = runner_of(tiny_models["llama"])
     ids = torch.tensor(tiny_tokenizer(calib_txt.read_text()[:20000])["input_ids"])
-    plain = perplexity(model, eval_windows(ids, 64, 6))
-    result = evaluate(model, strided_windows(ids, 64, max_windows=6))
+    plain = perplexity(loaded.runner, eval_windows(ids, 64, 6))
+    result = scored(loaded, strided_windows(ids, 64, max_windows=6))
     assert result.tokens == plain.tokens == 6 * 63
     assert result.nll == pytest.approx(plain.nll, rel=1e-6)
     assert result.kl is None and result.top1 is None
 
 
 def test_strided_nll_matches_token_by_token_sum(tiny_models, tiny_tokenizer, calib_txt):
+    loaded = runner_of(tiny_models["qwen3"])
+    loaded.runner.batch_size = 3
     model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3"]).eval()
     ids = torch.tensor(tiny_tokenizer(calib_txt.read_text()[:5000])["input_ids"])[:200]
-    result = evaluate(model, strided_windows(ids, 64, 16), batch_size=3)
-    # Independent: token t (t >= 1) predicted from the window that first scores it.
+    result = scored(loaded, strided_windows(ids, 64, 16))
+    # Independent: token t (t >= 1) predicted from the window that first scores it, by the model's own forward.
     total, count = 0.0, 0
     with torch.no_grad():
         for k in range((200 - 64) // 16 + 1):
@@ -63,25 +77,20 @@ def test_strided_nll_matches_token_by_token_sum(tiny_models, tiny_tokenizer, cal
 
 
 def test_kl_and_top1_against_reference(tiny_models, tiny_tokenizer, calib_txt):
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
-    other = AutoModelForCausalLM.from_pretrained(tiny_models["mistral"]).eval()
+    loaded, other_loaded = runner_of(tiny_models["llama"]), runner_of(tiny_models["mistral"])
+    model, other = loaded.model, other_loaded.model
     ids = torch.tensor(tiny_tokenizer(calib_txt.read_text()[:20000])["input_ids"])
     windows = strided_windows(ids, 64, max_windows=4)
-    same = evaluate(model, windows, Reference(model))
+    same = scored(loaded, windows, loaded)
     assert same.kl == pytest.approx(0.0, abs=1e-6) and same.top1 == 1.0
-    diff = evaluate(model, windows, Reference(other), batch_size=3)
-    # Independent KL with torch's kl_div (target = reference log-probs).
+    diff = scored(loaded, windows, other_loaded)
+    # Independent KL with torch's kl_div (target = reference log-probs), from the models' own forwards.
     with torch.no_grad():
         p = F.log_softmax(other(windows.ids).logits[:, :-1].float(), -1)
         q = F.log_softmax(model(windows.ids).logits[:, :-1].float(), -1)
     expected = F.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()
     assert diff.kl == pytest.approx(float(expected), rel=1e-5) and diff.kl > 0.01
     assert diff.top1 == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).float().mean()))
-    # A kept reference answers from memory: same numbers after the reference model is gone.
-    ref = Reference(other)
-    ref.fill(windows, 4)
-    ref.model = None
-    assert evaluate(model, windows, ref).kl == pytest.approx(diff.kl, rel=1e-6)
 
 
 @pytest.fixture(scope="module")

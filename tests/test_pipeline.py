@@ -15,11 +15,12 @@ from mi_prun.archs import blocks
 from mi_prun.calibration import CalibrationSpec
 from mi_prun.blockset import blocks_kept
 from mi_prun.compensate import applied, runs_of
-from mi_prun.capture import TokenSample, capture_boundaries
+from mi_prun.capture import TokenSample, observe_cached
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune, save_pruned
 from mi_prun.plan import Estimator, Method, Plan, StateView
+from mi_prun.runner import Windows
 
 from .conftest import TINY_BLOCKS, TINY_CONFIGS
 
@@ -34,7 +35,8 @@ def test_capture_matches_hidden_states(tiny_models):
     loaded = load_model(str(tiny_models["llama"]))
     ids = torch.randint(0, 384, (2, 20))
     sample = TokenSample(max_tokens=1000)
-    seen = capture_boundaries(loaded.model, loaded.spec, [ids], [sample])
+    windows = loaded.runner.dense_pass(Windows(ids))
+    seen = observe_cached(windows, [sample], batch_size=1)
     assert seen == 2 * 19  # the first (sink) token of every sequence is dropped
     with torch.no_grad():
         hidden = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
@@ -44,6 +46,20 @@ def test_capture_matches_hidden_states(tiny_models):
     for b in range(TINY_BLOCKS):
         np.testing.assert_allclose(states[b], hidden[b][:, 1:].reshape(-1, 64).numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(states[-1], hidden[-1][:, 1:].reshape(-1, 64).numpy(), atol=1e-3)
+
+
+def model_boundaries(loaded, ids) -> list[torch.Tensor]:
+    """Every block boundary from the model's forward: hidden_states up to the last block's input,
+    then the last block's output (hidden_states ends after the final norm)."""
+    last = {}
+    hook = blocks(loaded.model, loaded.spec)[-1].register_forward_hook(lambda _m, _i, out: last.setdefault("h", out))
+    try:
+        with torch.no_grad():
+            hidden = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+    finally:
+        hook.remove()
+    out = last["h"][0] if isinstance(last["h"], tuple) else last["h"]
+    return list(hidden[:-1]) + [out]
 
 
 def test_token_sample_is_bounded_and_seeded():
@@ -158,7 +174,8 @@ def test_estimators_and_views(estimator, view, tiny_models, calib_txt):
     result = prune(loaded, plan)
     table = result.scores.block_table()
     sample = TokenSample(max_tokens=96 if estimator is not Estimator.token else 10**6, seed=plan.seed)
-    capture_boundaries(loaded.model, loaded.spec, list(result.calibration_ids.split(plan.batch_size)), [sample])
+    for ids in result.calibration_ids.split(plan.batch_size):  # the model's own forward, not the runner
+        sample.observe([s[:, 1:].reshape(-1, s.shape[-1]).float() for s in model_boundaries(loaded, ids)])
     states = [s.astype(np.float64) for s in sample.arrays()]
     if view is StateView.rms:
         states = [s / np.sqrt((s * s).mean(-1, keepdims=True) + 1e-6) for s in states]
@@ -203,10 +220,10 @@ def test_compensated_verification_uses_the_compensation_windows(tiny_models, cal
     distinct = {tuple(c.removed) for c in candidates}
     assert len(distinct) > 1, "this setting must give differing proposals, or nothing is verified"
     assert "6 windows" in result.selection.verification
-    fit_ids = calibration_batches(loaded.model, loaded.tokenizer, opts.calibration.model_copy(update={"n_samples": 6}))
-    again = RemovalScorer(loaded, fit_ids, opts.batch_size, compensate=True)
+    fit_ids = calibration_batches(loaded, opts.calibration.model_copy(update={"n_samples": 6}))
+    again = RemovalScorer(loaded, Windows(fit_ids), compensate=True)
     for c in candidates:
         assert c.calibration_nll == pytest.approx(again(c.removed), rel=1e-6)
     # scored on the 4 scoring windows instead, the numbers differ
-    scoring = RemovalScorer(loaded, result.calibration_ids, opts.batch_size, compensate=True)
+    scoring = RemovalScorer(loaded, Windows(result.calibration_ids), compensate=True)
     assert any(c.calibration_nll != pytest.approx(scoring(c.removed), rel=1e-6) for c in candidates)

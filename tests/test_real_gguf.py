@@ -160,3 +160,38 @@ def test_f16_build_of_the_default_matches_its_checkpoint(headline_build, tmp_pat
     parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(f16 / e.file, tokens))
     record_property("parity", parity)
     assert parity.top1 >= 0.99, parity
+
+
+def test_streamed_default_model_equals_in_memory(tmp_path):
+    """The default model held one block at a time (tensors read from the Q4_1 GGUF and dequantized
+    per block) decides, compensates and scores like the model loaded whole; the streamed build's
+    GGUF runs in llama.cpp with the new block count."""
+    from mi_prun.calibration import CalibrationSpec
+    from mi_prun.evaluate import perplexity
+    from mi_prun.pipeline import prune
+    from mi_prun.plan import Execution, Plan
+
+    from .conftest import WIKI_VALID
+
+    plan = Plan(remove=4, calibration=CalibrationSpec(str(WIKI_VALID), n_samples=8, seq_len=128))
+    results, ppl = {}, {}
+    for execution in (Execution.in_memory, Execution.streamed):
+        loaded = load_model(execution=execution)
+        r = results[execution] = prune(loaded, plan)
+        ids = loaded.tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:40000], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ppl[execution] = perplexity(loaded.runner, ids[0, : 4 * 256].view(4, 256), r.compensation).ppl
+        del loaded
+    a, b = results[Execution.in_memory], results[Execution.streamed]
+    assert a.removed == b.removed
+    for ca, cb in zip(a.compensation, b.compensation, strict=True):
+        if ca.weight is not None:
+            assert float((ca.weight - cb.weight).norm() / ca.weight.norm()) < 1e-4
+    assert ppl[Execution.streamed] == pytest.approx(ppl[Execution.in_memory], rel=1e-3)
+
+    out = tmp_path / "streamed"
+    result = runner.invoke(app, ["build", "--target", "gguf", "--streamed", "--calib", str(WIKI_VALID), "--n-samples", "8",
+                                 "--seq-len", "128", "--remove", "4", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    assert manifest.execution == "streamed" and manifest.removed == a.removed
+    assert manifest.exports[0].check["llama_cpp_layers"] == 26

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, Method, OnnxPrecision, StateView, Target
 from . import options as o, output
 from .app import app
-from .common import load, make_plan
+from .common import execution_of, load_for_plan, make_plan
 
 
 @app.command()
@@ -35,6 +35,7 @@ def build(
     plan_file: o.PlanFile = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    streamed: o.Streamed = None,
     force: o.Force = False,
     quiet: o.Quiet = False,
 ):
@@ -51,13 +52,14 @@ def build(
         plan_file, model=model, method=method, estimator=estimator, view=view, remove=remove, ratio=ratio,
         calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed), top_k=top_k,
         verify=verify, compensate=compensate, compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
+        execution=execution_of(streamed),
         export=ExportPlan(target=target, gguf_type=gguf_type, compensated_type=compensated_type,
                           onnx_precision=onnx_precision, keep_hf=keep_hf),
         evaluation=EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None,
     )
     inspected = check_plan(plan, out, force)
     reporter = Reporter(quiet)
-    loaded = load(inspected, plan.device, plan.dtype, reporter)
+    loaded = load_for_plan(inspected, plan, reporter)
     manifest = run_build(loaded, plan, out, force, reporter)
     output.decision(manifest)
     for e in manifest.exports:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..plan import Plan, read_replay
+from ..plan import Execution, Plan, read_replay
 from ..preflight import Inspected
 from ..progress import Reporter
 
@@ -17,7 +17,7 @@ def make_plan(plan_file: Path | None, **choices) -> Plan:
     if plan_file is None:
         return Plan.make(**choices)
     recorded, replay = read_replay(plan_file)
-    for key in ("model", "device", "dtype", "export", "evaluation"):
+    for key in ("model", "device", "dtype", "execution", "export", "evaluation"):
         if key in choices and (choices[key] is not None or key not in recorded):
             recorded[key] = choices[key]
     recorded.pop("replay", None)
@@ -38,13 +38,32 @@ def quiet_libraries() -> None:
         gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
 
-def load(inspected: Inspected, device: str, dtype: str, reporter: Reporter):
+def execution_of(streamed: bool | None) -> Execution:
+    """--streamed / --in-memory / neither (auto)."""
+    return Execution.auto if streamed is None else Execution.streamed if streamed else Execution.in_memory
+
+
+def load(inspected: Inspected, device: str, dtype: str, reporter: Reporter, execution: Execution = Execution.auto,
+         batch_size: int = 4, needs_in_memory: str | None = None):
     from ..load import load_inspected
 
-    reporter.say(f"loading {inspected.source.describe()}")
     if reporter.quiet:
         quiet_libraries()
-    return load_inspected(inspected.source, inspected.spec, device=device, dtype=dtype)
+    reporter.say(f"loading {inspected.source.describe()}")
+    loaded = load_inspected(inspected.source, inspected.spec, device, dtype, execution, inspected.hf_config, batch_size,
+                            needs_in_memory)
+    reporter.say(f"{loaded.execution.value}: {loaded.weight_bytes / 2**30:.2f} GiB of weights as "
+                 f"{str(loaded.dtype).removeprefix('torch.')}" + (", blocks loaded one at a time" if not loaded.in_memory else ""))
+    return loaded
+
+
+def load_for_plan(inspected: Inspected, plan: Plan, reporter: Reporter):
+    """Load as the plan says; a plan that generates its own calibration needs the whole model."""
+    from ..calibration import SELF_NEEDS_MEMORY
+
+    generates = plan.calibration.source == "self" and (plan.replay is None or plan.compensate)
+    return load(inspected, plan.device, plan.dtype, reporter, plan.execution, plan.batch_size,
+                SELF_NEEDS_MEMORY if generates else None)
 
 
 def require_one_of(remove: int | None, ratio: float | None, plan_file: Path | None) -> None:

@@ -27,6 +27,7 @@ def eval_(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file ('-' for stdout).")] = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    streamed: o.Streamed = None,
     quiet: o.Quiet = False,
 ):
     """Perplexity on held-out text; with --reference, KL(reference || model) and top-1 agreement."""
@@ -34,7 +35,7 @@ def eval_(
     from ..preflight import inspect
     from ..progress import Reporter
     from ..quality import calibration_overlap, check_windows, eval_rows, run_eval
-    from .common import load
+    from .common import execution_of, load
 
     check_text_source(data, "--data")
     check_windows(seq_len, stride)
@@ -50,8 +51,9 @@ def eval_(
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
     reporter = Reporter(quiet)
-    loaded = load(inspected, device, dtype, reporter)
-    ref = load(ref_inspected, device, dtype, reporter) if ref_inspected is not None else None
+    execution = execution_of(streamed)
+    loaded = load(inspected, device, dtype, reporter, execution, batch_size)
+    ref = load(ref_inspected, device, dtype, reporter, execution, batch_size) if ref_inspected is not None else None
     result = run_eval(loaded, data, seq_len, stride, max_windows, batch_size, ref, reporter)
     payload = {"model": loaded.source.describe(), "reference": ref.source.describe() if ref else None, "data": data,
                **result.to_dict(), "warnings": [warning] if warning else []}

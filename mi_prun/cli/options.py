@@ -14,6 +14,10 @@ Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written a
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+Streamed = Annotated[Optional[bool], typer.Option(
+    "--streamed/--in-memory",
+    help="Hold one block at a time (models larger than memory) or the whole model; default: whole when it fits comfortably.",
+)]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16.")]
 
 Remove = Annotated[Optional[int], typer.Option("--remove", "-n", help="Number of blocks to remove.")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..plan import Estimator, Method, StateView
 from . import options as o, output
 from .app import app
-from .common import load, make_plan, require_one_of
+from .common import execution_of, load_for_plan, make_plan, require_one_of
 
 
 @app.command()
@@ -28,6 +28,7 @@ def prune(
     plan_file: o.PlanFile = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    streamed: o.Streamed = None,
     force: o.Force = False,
     quiet: o.Quiet = False,
 ):
@@ -42,10 +43,11 @@ def prune(
         plan_file, model=model, method=method, estimator=estimator, view=view, remove=remove, ratio=ratio,
         calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed), top_k=top_k,
         verify=verify, compensate=compensate, compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
+        execution=execution_of(streamed),
     )
     inspected = check_plan(plan, out, force)
     reporter = Reporter(quiet)
-    loaded = load(inspected, plan.device, plan.dtype, reporter)
+    loaded = load_for_plan(inspected, plan, reporter)
     result = run_prune(loaded, plan, reporter)
     manifest = save_pruned(loaded, plan, result, out, force)
     output.block_table(manifest.block_scores, manifest.removed)

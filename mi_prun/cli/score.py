@@ -27,6 +27,7 @@ def score(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write block and run scores as JSON.")] = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
+    streamed: o.Streamed = None,
     quiet: o.Quiet = False,
 ):
     """Print the per-block MI table and draw the run-MI heatmap with the MI-PRUN choice marked."""
@@ -36,13 +37,13 @@ def score(
     from ..plots import run_heatmap
     from ..preflight import check_plan
     from ..progress import Reporter
-    from .common import load
+    from .common import execution_of, load_for_plan
 
-    plan = Plan.make(model=model, estimator=estimator, view=view, remove=remove, seed=seed, device=device, dtype=dtype,
+    plan = Plan.make(model=model, estimator=estimator, view=view, remove=remove, seed=seed, device=device, dtype=dtype, execution=execution_of(streamed),
                      calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed))
     inspected = check_plan(plan)
     reporter = Reporter(quiet)
-    loaded = load(inspected, plan.device, plan.dtype, reporter)
+    loaded = load_for_plan(inspected, plan, reporter)
     scores, removed = score_blocks(loaded, plan, reporter)
     table = scores.block_table()
     output.block_table(table, removed)

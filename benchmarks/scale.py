@@ -1,0 +1,184 @@
+"""Peak memory and wall time of `mi-prun-edge build --target gguf` against model size, in memory
+and streamed: the product's own command, run as a subprocess per point, on seeded random-weight
+Llama-shaped models (benchmarks/synthetic.py) and on the default model.
+
+Each point is one `build` with file calibration (wiki.valid, few short windows, so that the
+7B-shaped model runs in minutes) and `--remove 4`; the peak resident memory is the child's own
+(wait4's ru_maxrss). The memory bound the streamed path promises is computed per point: the
+largest block in fp32 + embedding and head in fp32 + the boundary states kept in RAM.
+
+    make bench-scale   # -> reports/scale.{md,json,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import synthetic  # noqa: E402
+from machine import machine_line  # noqa: E402
+
+WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
+CLI = [sys.executable, "-m", "mi_prun"]
+WINDOWS, SEQ_LEN, REMOVE = 4, 64, 4
+
+# (model, execution) points: every synthetic size that fits in memory is run both ways; the 3B and
+# 7B shapes do not fit whole here (fp32 weights 12 and 27 GiB on 24 GiB), so they run streamed only.
+POINTS = [
+    ("default", "in-memory"), ("default", "streamed"),
+    ("0.3b.gguf", "in-memory"), ("0.3b.gguf", "streamed"),
+    ("0.3b.safetensors", "in-memory"), ("0.3b.safetensors", "streamed"),
+    ("1b.gguf", "in-memory"), ("1b.gguf", "streamed"),
+    ("3b.gguf", "streamed"),
+    ("7b.gguf", "streamed"),
+]
+
+
+def model_path(name: str, work: Path) -> Path | None:
+    """The model file or folder of a point, written by synthetic.py if missing (None: the default model)."""
+    if name == "default":
+        return None
+    shape, fmt = name.split(".")
+    path = work / (f"llama-{shape}.Q4_0.gguf" if fmt == "gguf" else f"llama-{shape}-bf16")
+    if not path.exists():
+        print(f"writing {path}", flush=True)
+        synthetic.main(["--shape", shape, "--format", fmt, "--out", str(path)])
+    return path
+
+
+def memory_bound_bytes(shape: synthetic.Shape) -> int:
+    """Largest block (fp32) + embedding and head (fp32) + boundary states kept in RAM (fp32)."""
+    per_block = (shape.parameters() - 2 * shape.vocab * shape.hidden - shape.hidden) // shape.blocks
+    states = (shape.blocks + 1) * WINDOWS * SEQ_LEN * shape.hidden
+    return 4 * (per_block + 2 * shape.vocab * shape.hidden + states)
+
+
+def load_now() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def run_point(name: str, execution: str, work: Path) -> dict:
+    model = model_path(name, work)
+    out = work / "runs" / f"{name}.{execution}"
+    cmd = [*CLI, "build", "--target", "gguf", "--calib", str(WIKI_VALID), "--n-samples", str(WINDOWS),
+           "--seq-len", str(SEQ_LEN), "--remove", str(REMOVE), f"--{execution}", "--out", str(out), "--force", "--quiet"]
+    if model is not None:
+        cmd[4:4] = ["--model", str(model)]
+    before = load_now()
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    output = child.stdout.read()
+    row = {"model": name, "execution": execution, "wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+           "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "load_before": before, "exit": os.waitstatus_to_exitcode(status)}
+    if row["exit"] != 0:
+        row["error"] = output.strip().splitlines()[-1:] or [""]
+        return row
+    manifest = json.loads((out / "pruning.json").read_text())
+    export = manifest["exports"][0]
+    row.update(
+        removed=manifest["removed"], blocks=[manifest["blocks_before"], manifest["blocks_after"]],
+        recorded_execution=manifest["execution"], timings_s=manifest["timings_s"],
+        gguf_mib=round(export["bytes"] / 2**20, 1), llama_cpp_blocks=export["check"].get("llama_cpp_layers"),
+        llama_cpp_check=export["check"],
+    )
+    return row
+
+
+def write_report(rows: list[dict], out: Path, seconds: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = {f"{k}.gguf": s.parameters() for k, s in synthetic.SHAPES.items()} | {f"{k}.safetensors": s.parameters() for k, s in synthetic.SHAPES.items()}
+    params["default"] = 134_515_008
+    bounds = {f"{k}.{f}": memory_bound_bytes(s) for k, s in synthetic.SHAPES.items() for f in ("gguf", "safetensors")}
+    for r in rows:
+        r["parameters"] = params[r["model"]]
+        if r["model"] in bounds and r["execution"] == "streamed":
+            r["bound_gib"] = round(bounds[r["model"]] / 2**30, 2)
+            r["within_2x_bound"] = r.get("peak_rss_gib", 1e9) <= 2 * r["bound_gib"]
+    lines = [
+        "# Scale: peak memory and time of `build --target gguf`, in memory and streamed",
+        "",
+        "Command: `make bench-scale` (`python benchmarks/scale.py`); "
+        f"{machine_line('torch on 2 threads')}; one run per point, points one after another, {seconds / 60:.0f} min in all. "
+        "Load average before each point is in the table (an otherwise idle machine reads below 1).",
+        "",
+        f"Each point: `mi-prun-edge build --target gguf --model M --calib wiki.valid.tokens --n-samples {WINDOWS} --seq-len {SEQ_LEN} "
+        f"--remove {REMOVE} --streamed|--in-memory` (method mi-prun, proposals verified, compensation on). "
+        "Models: the default SmolLM2-135M Q4_1 and seeded random-weight Llama shapes (`benchmarks/synthetic.py`: Q4_0 GGUF, or bf16 "
+        "safetensors shards); quality on random weights means nothing, memory and time do. Peak RSS is the build process's own "
+        "(wait4 ru_maxrss), export and llama.cpp load check included. Bound: largest block + embedding + head + boundary states, all fp32.",
+        "",
+        "| model | parameters | execution | peak RSS (GiB) | 2 x bound (GiB) | wall (s) | stages (s) | removed | GGUF blocks (llama.cpp) | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("exit"):
+            lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | {r['wall_s']} | failed: {r['error']} | | | {r['load_before']} |")
+            continue
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items())
+        bound = f"{2 * r['bound_gib']:.2f}" if "bound_gib" in r else ""
+        lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | {bound} | {r['wall_s']} | "
+                     f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r['load_before']} |")
+    both = [m for m in {r["model"] for r in rows} if {"in-memory", "streamed"} <= {r["execution"] for r in rows if r["model"] == m and not r.get("exit")}]
+    if both:
+        largest = max(both, key=lambda m: params[m])
+        rss = {r["execution"]: r["peak_rss_gib"] for r in rows if r["model"] == largest}
+        lines += ["", f"Largest model run both ways: {largest}: streamed peak RSS {rss['streamed']} GiB = "
+                  f"{rss['streamed'] / rss['in-memory']:.2f} x in-memory ({rss['in-memory']} GiB)."]
+        for m in sorted(both, key=lambda m: params[m]):
+            same = {json.dumps(r["removed"]) for r in rows if r["model"] == m}
+            lines.append(f"- {m}: the two executions removed {'the same blocks' if len(same) == 1 else 'DIFFERENT blocks: ' + ', '.join(same)}.")
+    lines += ["", "![peak RSS and wall time against parameters](scale.png)", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "windows": WINDOWS, "seq_len": SEQ_LEN, "remove": REMOVE}, indent=2) + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for execution, marker in (("in-memory", "o"), ("streamed", "s")):
+        pts = sorted((r["parameters"] / 1e9, r["peak_rss_gib"], r["wall_s"]) for r in rows if r["execution"] == execution and not r.get("exit"))
+        if pts:
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=execution)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, label=execution)
+    axes[0].axhline(24, color="grey", linestyle=":", label="machine memory (24 GiB)")
+    for ax, label in zip(axes, ("peak RSS (GiB)", "wall time (s)")):
+        ax.set_xlabel("parameters (billions)")
+        ax.set_ylabel(label)
+        ax.set_xscale("log")
+        ax.legend()
+    fig.suptitle("mi-prun-edge build --target gguf: in memory vs streamed")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "scale")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scale")
+    parser.add_argument("--only", nargs="*", help="run only these models (names as in POINTS)")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = []
+    for name, execution in POINTS:
+        if args.only and name not in args.only:
+            continue
+        rows.append(run_point(name, execution, args.work))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "llama_cpp_check"}), flush=True)
+    write_report(rows, args.out, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The block runner: everything that executes the model passes through here.
+
+It runs token windows block by block (block-major: each block is fetched once per pass, which is
+what lets a streamed model hold one block at a time), with the masks and rotary embeddings the
+whole model would give each block. Those are not re-implemented: a pass of the model's own
+forward with every block replaced by a recording stand-in captures, per block, the exact keyword
+arguments the model's loop hands it (sliding-window masks and per-layer rope included), and the
+embeddings it starts from. Dense boundary states are cached per window set, so any later pass
+(a proposal, a compensation fit) starts at the first block it changes.
+
+Boundary b is the state entering block b (b = 0 .. n-1) or leaving the last block (b = n),
+before the final norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .archs import ArchSpec, blocks, get_path, set_path
+from .capture import block_output
+from .weights import BlockStore
+
+# Rows of logits computed at once: memory is rows x vocabulary (262k for Gemma 3).
+LOGIT_ROWS = 256
+
+
+class _Stop(Exception):
+    """Raised by the last stand-in: nothing after the blocks is needed."""
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place for one forward: records its arguments, passes the state through."""
+
+    def __init__(self, index: int, original: nn.Module, record: Callable[[int, torch.Tensor, dict], None], last: bool) -> None:
+        super().__init__()
+        self.index, self.record, self.last = index, record, last
+        if hasattr(original, "attention_type"):  # some models pick the mask by the block's attribute
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("a decoder block was called with positional arguments; the runner expects keywords")
+        self.record(self.index, hidden_states, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+@dataclass
+class Windows:
+    """Token windows (n, seq_len) and, once computed, their dense boundary states."""
+
+    ids: torch.Tensor
+    dense: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def subset(self, rows: Sequence[int] | slice) -> "Windows":
+        return Windows(self.ids[rows], {b: s[rows] for b, s in self.dense.items()})
+
+
+class BlockRunner:
+    def __init__(self, model: nn.Module, spec: ArchSpec, store: BlockStore, device: torch.device, dtype: torch.dtype,
+                 batch_size: int = 4) -> None:
+        self.model, self.spec, self.store = model, spec, store
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.n_blocks = len(blocks(model, spec))
+        self._kwargs: dict[tuple[int, int], list[dict]] = {}
+        self.block_runs = 0  # blocks run x windows batches, for the record
+
+    # -- the model's own preparation, recorded ------------------------------------------------
+    @torch.no_grad()
+    def _record(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """Embeddings of `ids` and the keyword arguments each block receives, from the model's forward."""
+        layers = blocks(self.model, self.spec)
+        seen: dict[int, dict] = {}
+        first: dict[str, torch.Tensor] = {}
+
+        def record(index, hidden, kwargs):
+            seen[index] = kwargs
+            if index == 0:
+                first["h"] = hidden
+
+        stand_ins = nn.ModuleList(_StandIn(i, layer, record, i == len(layers) - 1) for i, layer in enumerate(layers))
+        base = get_path(self.model, self.spec.blocks_path.rpartition(".")[0])
+        set_path(self.model, self.spec.blocks_path, stand_ins)
+        try:
+            base(input_ids=ids.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            set_path(self.model, self.spec.blocks_path, layers)
+        return first["h"], [seen[i] for i in range(len(layers))]
+
+    def _block_kwargs(self, batch: int, seq_len: int) -> list[dict]:
+        # Masks and rotary embeddings depend on the batch shape only (no padding), not the tokens.
+        key = (batch, seq_len)
+        if key not in self._kwargs:
+            self._kwargs[key] = self._record(torch.zeros(batch, seq_len, dtype=torch.long))[1]
+        return self._kwargs[key]
+
+    def _batches(self, count: int) -> Iterator[slice]:
+        for start in range(0, count, self.batch_size):
+            yield slice(start, min(start + self.batch_size, count))
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Boundary 0 (what the first block receives) for every window."""
+        parts = []
+        for rows in self._batches(ids.shape[0]):
+            hidden, kwargs = self._record(ids[rows])
+            self._kwargs.setdefault((hidden.shape[0], hidden.shape[1]), kwargs)
+            parts.append(hidden)
+        return torch.cat(parts)
+
+    # -- running blocks ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_block(self, index: int, states: torch.Tensor, projection_weight: torch.Tensor | None = None,
+                  tap: list | None = None) -> torch.Tensor:
+        """Block `index` (original numbering) applied to `states` (windows, seq, hidden).
+
+        `projection_weight` replaces the block's residual projection weight for this call (a
+        compensated block, as it will ship); `tap`, when given, receives that projection's output
+        (what the block adds to the residual stream through it), as one (windows, seq, hidden) tensor."""
+        out, taps = [], []
+        with self.store.block(index) as layer:
+            projection = get_path(layer, self.spec.residual_projection) if (projection_weight is not None or tap is not None) else None
+            original = None
+            if projection_weight is not None:
+                original = projection.weight.data
+                projection.weight.data = projection_weight.to(original.device, original.dtype)
+            hook = projection.register_forward_hook(lambda _m, _i, o: taps.append(o)) if tap is not None else None
+            try:
+                for rows in self._batches(states.shape[0]):
+                    h = states[rows].to(self.device)
+                    kwargs = self._block_kwargs(h.shape[0], h.shape[1])[index]
+                    out.append(block_output(layer(h, **kwargs)))
+                    self.block_runs += 1
+            finally:
+                if hook is not None:
+                    hook.remove()
+                if original is not None:
+                    projection.weight.data = original
+        if tap is not None:
+            tap.append(torch.cat(taps))
+        return torch.cat(out)
+
+    def run_blocks(self, indices: Sequence[int], states: torch.Tensor,
+                   projection_weights: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        weights = projection_weights or {}
+        for i in indices:
+            states = self.run_block(i, states, weights.get(i))
+        return states
+
+    @torch.no_grad()
+    def dense_pass(self, windows: Windows, keep: Callable[[int], bool] = lambda b: True,
+                   on_block: Callable[[], None] | None = None) -> Windows:
+        """Run the dense model over `windows`, keeping the boundary states `keep` selects (all by default)."""
+        h = self.embed(windows.ids)
+        if keep(0):
+            windows.dense[0] = h
+        for i in range(self.n_blocks):
+            h = self.run_block(i, h)
+            if keep(i + 1):
+                windows.dense[i + 1] = h
+            if on_block is not None:
+                on_block()
+        return windows
+
+    # -- after the last block ------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Final norm, head and any logit soft-capping, for (rows, hidden) states: (rows, vocab) float32."""
+        norm = get_path(self.model, self.spec.final_norm_path)
+        logits = self.model.get_output_embeddings()(norm(states.to(self.device))).float()
+        cap = getattr(self.model.config, self.spec.logit_softcap_key, None) if self.spec.logit_softcap_key else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def token_rows(self, final: torch.Tensor, ids: torch.Tensor) -> Iterator[tuple[int, slice, torch.Tensor, torch.Tensor]]:
+        """(window, positions, log-probs, targets) over every predicted token, LOGIT_ROWS rows at a time."""
+        seq = ids.shape[1]
+        for w in range(ids.shape[0]):
+            for start in range(0, seq - 1, LOGIT_ROWS):
+                pos = slice(start, min(start + LOGIT_ROWS, seq - 1))
+                lp = F.log_softmax(self.logits(final[w, pos]), dim=-1).cpu()
+                yield w, pos, lp, ids[w, pos.start + 1 : pos.stop + 1]
+
+    def nll_sum(self, final: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token NLL (nats) and the number of predicted tokens, from final boundary states."""
+        total, count = 0.0, 0
+        seq = ids.shape[1]
+        for w in range(ids.shape[0]):
+            for start in range(0, seq - 1, LOGIT_ROWS):
+                stop = min(start + LOGIT_ROWS, seq - 1)
+                logits = self.logits(final[w, start:stop])
+                targets = ids[w, start + 1 : stop + 1].to(logits.device)
+                # NLL = logsumexp - target logit: no log-probability table is materialized.
+                total += float((torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum())
+                count += stop - start
+        return total, count

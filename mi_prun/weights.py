@@ -1,0 +1,199 @@
+"""Weights providers: where a block's tensors come from when the block runner needs them.
+
+`ResidentBlocks` serves a model loaded whole (small models: fastest). `StreamedBlocks` keeps only
+the embedding, final norm and head in memory; each decoder block is built from its tensors when
+it runs and freed afterwards, so a model larger than memory can be pruned. Its tensors come from
+a `TensorSource`: a GGUF file (read one tensor at a time with pread, dequantized with gguf-py and
+transformers' own GGUF tensor processors, so the values equal transformers' whole-model load) or
+safetensors shards (`safe_open`, one tensor at a time).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+
+from .archs import ArchSpec, blocks, get_path
+from .plan import Execution
+
+
+# Whole-model loading holds the dequantized tensors and the model at once, plus activations.
+IN_MEMORY_FACTOR = 3.0
+
+
+class TensorSource(Protocol):
+    def names(self) -> list[str]:
+        """Hugging Face parameter names this source provides."""
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor, by its Hugging Face name, as a new torch tensor of `dtype`."""
+
+
+class GGUFTensors:
+    """Tensors of a GGUF file under their Hugging Face names, read one at a time.
+
+    The reader's memory map is used for metadata only (tensor bytes: `read_tensor`)."""
+
+    def __init__(self, path: Path, skeleton: nn.Module) -> None:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field)
+
+        self.path = Path(path)
+        self.reader = GGUFReader(self.path)
+        arch = read_field(self.reader, "general.architecture")[0]
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.to_dict())
+        gguf_to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
+        by_name = {t.name: t for t in self.reader.tensors}
+        self.tensors = {hf: by_name[g] for g, hf in gguf_to_hf.items() if g in by_name}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def gguf_name(self, name: str) -> str:
+        return self.tensors[name].name
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        from gguf import dequantize
+
+        from exporters.gguf_prune import read_tensor
+
+        t = self.tensors[name]
+        weights = self.processor.process(weights=dequantize(read_tensor(self.path, t), t.tensor_type), name=t.name).weights
+        return torch.from_numpy(np.ascontiguousarray(weights)).to(dtype)
+
+
+class SafetensorsTensors:
+    """Tensors of a Hugging Face folder's safetensors shards, read one at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.shard_of = dict(json.loads(index.read_text())["weight_map"])
+        else:
+            from safetensors import safe_open
+
+            single = self.folder / "model.safetensors"
+            if not single.is_file():
+                raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json")
+            with safe_open(single, framework="pt") as f:
+                self.shard_of = {k: single.name for k in f.keys()}
+
+    def names(self) -> list[str]:
+        return list(self.shard_of)
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.shard_of[name], framework="pt") as f:
+            return f.get_tensor(name).to(dtype)
+
+
+class BlockStore(Protocol):
+    @contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        """Decoder block `index` (original numbering), ready to run, for the duration."""
+
+    def tensor(self, index: int, dotted: str) -> torch.Tensor:
+        """One parameter of block `index` (e.g. "mlp.down_proj.weight"), in the compute dtype."""
+
+
+class ResidentBlocks:
+    """Every block already in memory: the model loaded whole."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec) -> None:
+        self.layers = blocks(model, spec)
+
+    @contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        yield self.layers[index]
+
+    def tensor(self, index: int, dotted: str) -> torch.Tensor:
+        return get_path(self.layers[index], dotted).data
+
+
+class StreamedBlocks:
+    """Blocks built on demand from a tensor source into the skeleton's empty (meta) block modules,
+    and emptied again after use."""
+
+    def __init__(self, skeleton: nn.Module, spec: ArchSpec, tensors: TensorSource, device: torch.device, dtype: torch.dtype) -> None:
+        self.layers = blocks(skeleton, spec)
+        self.tensors, self.device, self.dtype = tensors, device, dtype
+        self.prefix = f"{spec.blocks_path}."
+        self.loads = 0
+
+    def _name(self, index: int, dotted: str) -> str:
+        return f"{self.prefix}{index}.{dotted}"
+
+    @contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        layer = self.layers[index]
+        state = {k: self.tensors.get(self._name(index, k), self.dtype).to(self.device) for k in layer.state_dict()}
+        layer.load_state_dict(state, assign=True, strict=True)
+        self.loads += 1
+        try:
+            yield layer
+        finally:
+            layer.to(torch.device("meta"))
+
+    def tensor(self, index: int, dotted: str) -> torch.Tensor:
+        return self.tensors.get(self._name(index, dotted), self.dtype)
+
+
+def tensor_source(kind: str, location: str, gguf_file: str | None, skeleton: nn.Module) -> TensorSource:
+    if kind == "gguf":
+        return GGUFTensors(Path(location) / gguf_file, skeleton)
+    return SafetensorsTensors(Path(location))
+
+
+def empty_model(config, dtype: torch.dtype) -> nn.Module:
+    """The model's module tree with every parameter on the meta device (no memory), buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_outside_blocks(skeleton: nn.Module, spec: ArchSpec, tensors: TensorSource, device: torch.device, dtype: torch.dtype) -> None:
+    """Embedding, final norm and head: loaded once (everything not inside a decoder block)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    prefix = f"{spec.blocks_path}."
+    available = set(tensors.names())
+    for name, _ in skeleton.named_parameters():
+        if name.startswith(prefix):
+            continue
+        if name not in available:
+            if name == "lm_head.weight":
+                continue  # tied to the embedding: set below
+            raise KeyError(f"the weights have no tensor {name}")
+        set_module_tensor_to_device(skeleton, name, device, value=tensors.get(name, dtype))
+    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    if head is not None and (head.weight.is_meta or getattr(skeleton.config, "tie_word_embeddings", False) and "lm_head.weight" not in available):
+        head.weight = embed.weight
+
+
+def parameter_bytes(skeleton: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of every parameter in `dtype` (tied tensors once)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(p.numel() for p in skeleton.parameters()) * size
+
+
+def available_memory() -> int:
+    return psutil.virtual_memory().available
+
+
+def choose_execution(asked: Execution, model_bytes: int, free_bytes: int) -> Execution:
+    """In memory when the model loaded whole fits comfortably, else streamed; `asked` wins."""
+    if asked is not Execution.auto:
+        return asked
+    return Execution.in_memory if model_bytes * IN_MEMORY_FACTOR < free_bytes else Execution.streamed
