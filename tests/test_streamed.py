@@ -82,3 +82,33 @@ def test_compensated_verification_starts_late_and_shares_fits(tiny_models, calib
 def test_self_calibration_refused_for_a_streamed_model(tiny_models):
     with pytest.raises(UserError, match="--calib FILE"):
         load_model(str(tiny_models["llama"]), execution=Execution.streamed, needs_in_memory="self-generated calibration")
+
+
+GGUF_LOADABLE = [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="transformers' GGUF config for qwen3 ignores attention.key_length: wrong head_dim"))
+    if m == "qwen3" else m
+    for m in TINY_CONFIGS
+]
+
+
+@pytest.mark.parametrize("model_type", GGUF_LOADABLE)
+def test_gguf_tensors_equal_transformers_gguf_load(model_type, export_models, tmp_path):
+    """Read tensor by tensor (pread + gguf-py + transformers' processors, one name table), a
+    q8_0 GGUF gives exactly the weights of transformers' own whole-model GGUF load, in memory
+    and streamed; every parameter is found."""
+    from transformers import AutoModelForCausalLM
+
+    from exporters.gguf_export import GGUFType, export_gguf
+
+    src = tmp_path / "m.q8_0.gguf"
+    export_gguf(export_models[model_type], src, GGUFType.q8_0, tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=src.name, dtype=torch.float32).state_dict()
+    ours = load_model(str(src), execution=Execution.in_memory)
+    state = ours.model.state_dict()
+    assert set(state) == set(reference)
+    for name, value in reference.items():
+        assert torch.equal(state[name], value), name
+    streamed = load_model(str(src), execution=Execution.streamed)
+    with streamed.runner.store.block(2) as layer:
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, reference[f"model.layers.2.{k}"]), k
