@@ -31,14 +31,15 @@ WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 CLI = [sys.executable, "-m", "mi_prun"]
 WINDOWS, SEQ_LEN, REMOVE = 4, 64, 4
 
-# (model, execution) points: every synthetic size that fits in memory is run both ways; the 3B and
-# 7B shapes do not fit whole here (fp32 weights 12 and 27 GiB on 24 GiB), so they run streamed only.
+# (model, execution) points: every synthetic size that fits in memory is run both ways (the 3B
+# shape only when forced: auto would stream it); the 7B shape does not fit whole here (27 GiB of
+# fp32 weights on 24 GiB), so it runs streamed only.
 POINTS = [
     ("default", "in-memory"), ("default", "streamed"),
     ("0.3b.gguf", "in-memory"), ("0.3b.gguf", "streamed"),
     ("0.3b.safetensors", "in-memory"), ("0.3b.safetensors", "streamed"),
     ("1b.gguf", "in-memory"), ("1b.gguf", "streamed"),
-    ("3b.gguf", "streamed"),
+    ("3b.gguf", "in-memory"), ("3b.gguf", "streamed"),
     ("7b.gguf", "streamed"),
 ]
 
@@ -47,7 +48,7 @@ def model_path(name: str, work: Path) -> Path | None:
     """The model file or folder of a point, written by synthetic.py if missing (None: the default model)."""
     if name == "default":
         return None
-    shape, fmt = name.split(".")
+    shape, fmt = name.rsplit(".", 1)
     path = work / (f"llama-{shape}.Q4_0.gguf" if fmt == "gguf" else f"llama-{shape}-bf16")
     if not path.exists():
         print(f"writing {path}", flush=True)
@@ -89,6 +90,7 @@ def run_point(name: str, execution: str, work: Path) -> dict:
     row.update(
         removed=manifest["removed"], blocks=[manifest["blocks_before"], manifest["blocks_after"]],
         recorded_execution=manifest["execution"], timings_s=manifest["timings_s"],
+        peak_rss_gib_after={k: round(v / 1024, 2) for k, v in manifest.get("peak_rss_mib_after", {}).items()},
         gguf_mib=round(export["bytes"] / 2**20, 1), llama_cpp_blocks=export["check"].get("llama_cpp_layers"),
         llama_cpp_check=export["check"],
     )
@@ -113,25 +115,28 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         "# Scale: peak memory and time of `build --target gguf`, in memory and streamed",
         "",
         "Command: `make bench-scale` (`python benchmarks/scale.py`); "
-        f"{machine_line('torch on 2 threads')}; one run per point, points one after another, {seconds / 60:.0f} min in all. "
+        f"{machine_line('torch on 2 threads')}; one run per point, points one after another, {seconds / 60:.0f} min of builds in all. "
         "Load average before each point is in the table (an otherwise idle machine reads below 1).",
         "",
         f"Each point: `mi-prun-edge build --target gguf --model M --calib wiki.valid.tokens --n-samples {WINDOWS} --seq-len {SEQ_LEN} "
         f"--remove {REMOVE} --streamed|--in-memory` (method mi-prun, proposals verified, compensation on). "
         "Models: the default SmolLM2-135M Q4_1 and seeded random-weight Llama shapes (`benchmarks/synthetic.py`: Q4_0 GGUF, or bf16 "
         "safetensors shards); quality on random weights means nothing, memory and time do. Peak RSS is the build process's own "
-        "(wait4 ru_maxrss), export and llama.cpp load check included. Bound: largest block + embedding + head + boundary states, all fp32.",
+        "(wait4 ru_maxrss), export and llama.cpp load check included; the column after it is the same process's peak so far "
+        "at the end of loading, of selection and of export (from `pruning.json`), which shows which stage needed the memory. Bound: largest block + embedding + head + boundary states, all fp32.",
         "",
-        "| model | parameters | execution | peak RSS (GiB) | 2 x bound (GiB) | wall (s) | stages (s) | removed | GGUF blocks (llama.cpp) | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | parameters | execution | peak RSS (GiB) | peak so far after load / select / export (GiB) | 2 x bound (GiB) | wall (s) | stages (s) | removed | GGUF blocks (llama.cpp) | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("exit"):
-            lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | {r['wall_s']} | failed: {r['error']} | | | {r['load_before']} |")
+            lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | | {r['wall_s']} | failed: {r['error']} | | | {r['load_before']} |")
             continue
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items())
         bound = f"{2 * r['bound_gib']:.2f}" if "bound_gib" in r else ""
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | {bound} | {r['wall_s']} | "
+        after = r.get("peak_rss_gib_after", {})
+        so_far = " / ".join(str(after.get(k, "-")) for k in ("load", "select", "export"))
+        lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | {so_far} | {bound} | {r['wall_s']} | "
                      f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r['load_before']} |")
     both = [m for m in {r["model"] for r in rows} if {"in-memory", "streamed"} <= {r["execution"] for r in rows if r["model"] == m and not r.get("exit")}]
     if both:
@@ -168,16 +173,26 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "scale")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scale")
     parser.add_argument("--only", nargs="*", help="run only these models (names as in POINTS)")
+    parser.add_argument("--fresh", action="store_true", help="rerun points already measured (kept in WORK/rows.json)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    done_file = args.work / "rows.json"
+    done = {} if args.fresh or not done_file.is_file() else json.loads(done_file.read_text())
     started = time.perf_counter()
-    rows = []
     for name, execution in POINTS:
-        if args.only and name not in args.only:
+        key = f"{name}/{execution}"
+        if (args.only and name not in args.only) or (key in done and not done[key].get("exit")):
             continue
-        rows.append(run_point(name, execution, args.work))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "llama_cpp_check"}), flush=True)
-    write_report(rows, args.out, time.perf_counter() - started)
+        done[key] = run_point(name, execution, args.work)
+        done_file.write_text(json.dumps(done, indent=1))
+        print(json.dumps({k: v for k, v in done[key].items() if k != "llama_cpp_check"}), flush=True)
+    rows = [done[f"{n}/{e}"] for n, e in POINTS if f"{n}/{e}" in done]
+    for r in rows:  # rows measured before the manifest recorded the peak per stage
+        manifest = args.work / "runs" / f"{r['model']}.{r['execution']}" / "pruning.json"
+        if not r.get("exit") and "peak_rss_gib_after" not in r and manifest.is_file():
+            after = json.loads(manifest.read_text()).get("peak_rss_mib_after", {})
+            r["peak_rss_gib_after"] = {k: round(v / 1024, 2) for k, v in after.items()}
+    write_report(rows, args.out, sum(r["wall_s"] for r in rows))
 
 
 if __name__ == "__main__":

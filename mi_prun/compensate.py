@@ -206,6 +206,24 @@ def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tens
 Memo = dict[tuple[tuple[int, int], ...], tuple[list[RunCompensation], Walk]]
 
 
+class BudgetMemo(dict):
+    """Fits or walks by their leading runs, within a byte budget for the tensors an entry keeps
+    alive (its last fitted weight and its states): a fit of a 7B model's projection is 180 MB,
+    and proposals rarely share more than a run or two, so past the budget entries are not kept."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        super().__init__()
+        self.budget, self.used = budget_bytes, 0
+
+    def __setitem__(self, key, value) -> None:
+        walk = value if isinstance(value, Walk) else value[1]
+        last = walk.weights.get(key[-1][0] - 1) if key else None
+        size = sum(t.numel() * t.element_size() for t in (last, walk.states) if t is not None)
+        if self.used + size <= self.budget:
+            self.used += size
+            super().__setitem__(key, value)
+
+
 def skip_run(runner, windows, walk: Walk, record: "RunCompensation") -> Walk:
     """The walk past a removed run: the block before it carries its fitted weight (if any), and
     what entered block `first` now enters block last + 1."""

@@ -128,6 +128,9 @@ class PruningManifest(BaseModel):
     dtype: str
     execution: str = "in-memory"  # in-memory | streamed (one block at a time), as chosen for this run
     peak_rss_mib: float | None = None  # the process's peak resident memory when the manifest was written
+    # The process's peak resident memory so far, after each stage (it only grows: the stage where it
+    # grows is the one that needed the memory).
+    peak_rss_mib_after: dict[str, float] = {}
     timings_s: dict[str, float]
     versions: dict[str, str] = Field(default_factory=dict)
     exports: list[ExportInfo] = Field(default_factory=list)

@@ -25,7 +25,7 @@ from .modelcard import write_model_card
 from .plan import Method, Plan
 from .progress import QUIET, Reporter
 from .quality import measure_quality
-from .record import build_manifest
+from .record import build_manifest, peak_rss_bytes
 from .repack import save_checkpoint
 from .scoring import Scores, score_model
 from .runner import Windows
@@ -42,18 +42,22 @@ class PruneResult:
     calibration_ids: torch.Tensor | None
     timings: dict[str, float] = field(default_factory=dict)
     compensation: list[RunCompensation] = field(default_factory=list)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far, after each stage
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str):
+def _timed(timings: dict[str, float], stage: str, peaks: dict[str, float] | None = None):
     start = time.perf_counter()
     yield
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    if peaks is not None:
+        peaks[stage] = round(peak_rss_bytes() / 2**20, 1)
 
 
 def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
     """Decide which blocks go (or replay a recorded decision) and fit their compensation maps."""
     timings: dict[str, float] = {}
+    peaks: dict[str, float] = {"load": round(peak_rss_bytes() / 2**20, 1)}
     runner = loaded.runner
     runner.batch_size = plan.batch_size
     n = runner.n_blocks
@@ -62,7 +66,7 @@ def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
     cal = plan.calibration
     calib = fit = None
     if plan.replay is None or compensate:
-        with _timed(timings, "calibrate"):
+        with _timed(timings, "calibrate", peaks):
             reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
             calib = fit = Windows(calibration_batches(loaded, cal))
             if compensate and plan.compensation_samples not in (None, cal.n_samples):
@@ -76,17 +80,17 @@ def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
         info = SelectionInfo(replayed_from=plan.replay.manifest)
         reporter.say(f"replaying {plan.replay.manifest}: removing blocks {removed}")
     else:
-        with _timed(timings, "capture"):
+        with _timed(timings, "capture", peaks):
             scores = score_model(loaded, calib, plan, reporter)
-        with _timed(timings, "select"):
+        with _timed(timings, "select", peaks):
             removed, info = select_blocks(scores, plan, n_remove, _scorer(loaded, plan, calib, fit, compensate), reporter)
 
     runs: list[RunCompensation] = []
     if compensate:
-        with _timed(timings, "compensate"), reporter.task("fitting linear compensation for the removed runs", None):
+        with _timed(timings, "compensate", peaks), reporter.task("fitting linear compensation for the removed runs", None):
             runs = compensation_for(loaded, removed, ensure_dense(runner, fit))
         info.forward_passes += capture_passes(runs)
-    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib.ids if calib else None, timings, runs)
+    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib.ids if calib else None, timings, runs, peaks)
 
 
 def _scorer(loaded, plan: Plan, calib: Windows, fit: Windows, compensate: bool) -> RemovalScorer:
@@ -100,7 +104,7 @@ def _scorer(loaded, plan: Plan, calib: Windows, fit: Windows, compensate: bool) 
 def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
     """The pruned checkpoint + pruning.json, written all at once into `out`."""
     with atomic_dir(out, force) as tmp:
-        with _timed(result.timings, "repack"):
+        with _timed(result.timings, "repack", result.peak_rss_mib):
             save_checkpoint(loaded, result.kept, result.compensation, tmp)
         manifest = build_manifest(loaded, plan, result)
         manifest.write(tmp)
@@ -112,7 +116,7 @@ def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter
     result = prune(loaded, plan, reporter)
     quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter) if plan.evaluation else None
     with atomic_dir(out, force) as tmp:
-        with _timed(result.timings, "export"):
+        with _timed(result.timings, "export", result.peak_rss_mib):
             export = export_pruned(loaded, plan.export, result, tmp, reporter)
         manifest = build_manifest(loaded, plan, result)
         manifest.quality = quality

@@ -69,6 +69,7 @@ def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
         dtype=str(loaded.dtype).removeprefix("torch."),
         execution=loaded.execution.value,
         peak_rss_mib=round(peak_rss_bytes() / 2**20, 1),
+        peak_rss_mib_after=dict(result.peak_rss_mib),
         timings_s={k: round(v, 3) for k, v in result.timings.items()},
         versions=package_versions(),
     )

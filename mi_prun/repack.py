@@ -80,6 +80,7 @@ def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], f
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = copy.deepcopy(loaded.model.config)
     slice_config(config, spec, kept)
+    config.architectures = [type(loaded.model).__name__]  # as save_pretrained writes it (the GGUF converter reads it)
     config.save_pretrained(folder)
 
 

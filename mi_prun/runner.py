@@ -14,7 +14,10 @@ before the final norm.
 
 from __future__ import annotations
 
+import itertools
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -23,7 +26,7 @@ from torch import nn
 
 from .archs import ArchSpec, blocks, get_path, set_path
 from .capture import block_output
-from .weights import BlockStore
+from .weights import BlockStore, available_memory
 
 # Rows of logits computed at once: memory is rows x vocabulary (262k for Gemma 3).
 LOGIT_ROWS = 256
@@ -72,6 +75,10 @@ class BlockRunner:
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self.n_blocks = len(blocks(model, spec))
         self._kwargs: dict[tuple[int, int], list[dict]] = {}
+        self.spill_dir: Path | None = None  # where boundary states go when RAM would not hold them
+        self._spill: tempfile.TemporaryDirectory | None = None
+        self._spill_names = itertools.count()
+        self.spilled_bytes = 0
         self.block_runs = 0  # blocks run x windows batches, for the record
 
     # -- the model's own preparation, recorded ------------------------------------------------
@@ -161,17 +168,35 @@ class BlockRunner:
     @torch.no_grad()
     def dense_pass(self, windows: Windows, keep: Callable[[int], bool] = lambda b: True,
                    on_block: Callable[[], None] | None = None) -> Windows:
-        """Run the dense model over `windows`, keeping the boundary states `keep` selects (all by default)."""
+        """Run the dense model over `windows`, keeping the boundary states `keep` selects (all by
+        default): in RAM, or in files when they would take more than a quarter of the free memory."""
         h = self.embed(windows.ids)
-        if keep(0):
-            windows.dense[0] = h
-        for i in range(self.n_blocks):
-            h = self.run_block(i, h)
-            if keep(i + 1):
-                windows.dense[i + 1] = h
-            if on_block is not None:
-                on_block()
+        kept = sum(keep(b) for b in range(self.n_blocks + 1))
+        spill = kept * h.numel() * h.element_size() > available_memory() // 4
+        if spill and self.spill_dir is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="mi-prun-states-")
+            self.spill_dir = Path(self._spill.name)
+        for b in range(self.n_blocks + 1):
+            if b > 0:
+                h = self.run_block(b - 1, h)
+                if on_block is not None:
+                    on_block()
+            if keep(b):
+                windows.dense[b] = self._spilled(h) if spill else h
         return windows
+
+    def _spilled(self, states: torch.Tensor) -> torch.Tensor:
+        """`states` moved to a file-backed tensor: the kernel pages it in and out as memory allows."""
+        path = self.spill_dir / f"{next(self._spill_names)}.bin"
+        out = torch.from_file(str(path), shared=True, size=states.numel(), dtype=states.dtype).view(states.shape)
+        out.copy_(states)
+        self.spilled_bytes += states.numel() * states.element_size()
+        return out
+
+    def block_bytes(self) -> int:
+        """Bytes of one block's weights in the compute dtype (the blocks of a family are alike)."""
+        with self.store.block(0) as layer:
+            return sum(p.numel() * p.element_size() for p in layer.parameters())
 
     # -- after the last block ------------------------------------------------------------------
     @torch.no_grad()

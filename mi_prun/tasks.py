@@ -19,6 +19,7 @@ def require_lm_eval() -> None:
 def run_tasks(loaded: LoadedModel, tasks: list[str], limit: int | None = None, batch_size: int = 4) -> dict[str, dict[str, float]]:
     """Scores per task (e.g. {'arc_easy': {'acc,none': 0.61, ...}}) for the already loaded model."""
     require_lm_eval()
+    loaded.require_in_memory("--tasks (lm-evaluation-harness runs the whole model)")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .compensate import Memo, can_compensate, capture_passes, final_states, fit_compensation, plain_runs
+from .compensate import BudgetMemo, Memo, can_compensate, capture_passes, final_states, fit_compensation, plain_runs
 from .runner import BlockRunner, Windows
 
 
@@ -37,8 +37,10 @@ class RemovalScorer:
         self.passes = 0
         self.nll: dict[tuple[int, ...], float] = {}
         self._halves: list[Windows] | None = None
-        self._memos: list[Memo] = [{}, {}]  # fits, per half
-        self._score_memos: list[dict] = [{}, {}]  # walks of the scoring windows, per half
+        # Fits, per half, within a budget of about one block's weights (at least 256 MiB).
+        budget = max(256 * 2**20, self.runner.block_bytes() // 2)
+        self._memos: list[Memo] = [BudgetMemo(budget), BudgetMemo(budget)]
+        self._score_memos: list[dict] = [BudgetMemo(budget), BudgetMemo(budget)]  # walks of the scoring windows, per half
 
     @property
     def cross_fitted(self) -> bool:

@@ -72,7 +72,9 @@ class GGUFTensors:
 
         t = self.tensors[name]
         weights = self.processor.process(weights=dequantize(read_tensor(self.path, t), t.tensor_type), name=t.name).weights
-        return torch.from_numpy(np.array(weights, copy=True)).to(dtype)  # a private, writable copy
+        if not weights.flags.writeable:  # an unquantized tensor comes back as a view of the read buffer
+            weights = weights.copy()
+        return torch.from_numpy(weights).to(dtype)
 
 
 class SafetensorsTensors:

@@ -112,3 +112,47 @@ def test_gguf_tensors_equal_transformers_gguf_load(model_type, export_models, tm
     with streamed.runner.store.block(2) as layer:
         for k, v in layer.state_dict().items():
             assert torch.equal(v, reference[f"model.layers.2.{k}"]), k
+
+
+def test_boundary_states_spill_to_files_when_memory_is_short(tiny_models, calib_txt, monkeypatch):
+    """With too little free memory for the boundary cache, states live in temporary files; the
+    decision and the maps are the same."""
+    import mi_prun.runner as runner_module
+
+    plan = plan_for(calib_txt)
+    in_ram = prune(load_model(str(tiny_models["llama"]), execution=Execution.streamed), plan)
+    monkeypatch.setattr(runner_module, "available_memory", lambda: 1024)
+    loaded = load_model(str(tiny_models["llama"]), execution=Execution.streamed)
+    spilled = prune(loaded, plan)
+    assert loaded.runner.spilled_bytes > 0 and any(loaded.runner.spill_dir.iterdir())
+    assert spilled.removed == in_ram.removed
+    for a, b in zip(in_ram.compensation, spilled.compensation):
+        if a.weight is not None:
+            assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_streamed_checkpoint_equals_in_memory_checkpoint(model_type, tiny_models, calib_txt, tmp_path):
+    """`prune --streamed` writes, shard by shard, the checkpoint `prune --in-memory` writes:
+    same config (sliced), same tensors (renumbered, compensated), loadable by transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from mi_prun.cli import app
+
+    outs = {}
+    for flag in ("--in-memory", "--streamed"):
+        outs[flag] = tmp_path / flag.strip("-")
+        result = CliRunner().invoke(app, ["prune", "--model", str(tiny_models[model_type]), "--calib", str(calib_txt),
+                                          "--n-samples", "4", "--seq-len", "48", "--remove", "3", flag, "--out", str(outs[flag]), "--quiet"])
+        assert result.exit_code == 0, result.output
+    a, b = (load_file(outs[f] / "model.safetensors") for f in ("--in-memory", "--streamed"))
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    ca, cb = (AutoConfig.from_pretrained(outs[f]).to_dict() for f in ("--in-memory", "--streamed"))
+    for key in ("num_hidden_layers", "layer_types", "architectures"):
+        assert ca.get(key) == cb.get(key), key
+    assert cb["num_hidden_layers"] == TINY_BLOCKS - 3
+    AutoModelForCausalLM.from_pretrained(outs["--streamed"])
