@@ -94,13 +94,20 @@ def fit_map(moments: RunMoments, ridge: float) -> np.ndarray:
     """argmin_T |M T - R|^2 + lam |T - I|^2, lam = ridge * mean diag(M^T M), then the least change
     of T that maps outlying sink rows onto their targets."""
     dim = moments.mm.shape[0]
-    eye = np.eye(dim)
     scale = float(np.trace(moments.mm)) / dim
     if moments.tokens == 0 or scale <= 0.0:
-        return eye  # nothing observed: plain removal
+        return np.eye(dim)  # nothing observed: plain removal
     lam = ridge * scale
-    t = np.linalg.solve(moments.mm + lam * eye, moments.mr + lam * eye)
-    return t + _sink_correction(moments, t)
+    # mm + lam I and mr + lam I, with lam added on the diagonal in place (no identity matrix and
+    # no temporaries: at hidden size 4096 each d x d float64 matrix is 134 MB).
+    diagonal = np.diag_indices(dim)
+    a, b = moments.mm.copy(), moments.mr.copy()
+    a[diagonal] += lam
+    b[diagonal] += lam
+    t = np.linalg.solve(a, b)
+    del a, b
+    t += _sink_correction(moments, t)
+    return t
 
 
 def residual(moments: RunMoments, t: np.ndarray) -> float:
@@ -192,12 +199,25 @@ def run_moments(m: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> list[RunMo
     return folds
 
 
+FOLD_COLUMNS = 1024  # columns of the projection folded at a time (float64 temporaries stay small)
+
+
+def fold_map(t: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
+    """T^T W in float64, returned in W's dtype, a block of columns at a time."""
+    tt = torch.from_numpy(t.T)
+    out = torch.empty(weight.shape, dtype=weight.dtype)
+    for start in range(0, weight.shape[1], FOLD_COLUMNS):
+        cols = slice(start, start + FOLD_COLUMNS)
+        out[:, cols] = (tt @ weight[:, cols].double().cpu()).to(weight.dtype)
+    return out
+
+
 def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor) -> None:
     """Choose the ridge, fit the map and fold it into the projection `weight` (stored on `record`)."""
     choice = choose_ridge(folds)
     total = sum(folds[1:], folds[0])
     t = fit_map(total, choice.ridge)
-    record.weight = (torch.from_numpy(t.T) @ weight.double().cpu()).to(weight.dtype)
+    record.weight = fold_map(t, weight)
     record.ridge = choice.ridge
     record.heldout_ratio = choice.heldout_ratio[choice.ridge]
     record.fit_ratio = residual(total, t) / total.ee if total.ee > 0 else 1.0

@@ -36,6 +36,10 @@ class TensorSource(Protocol):
         """One tensor, by its Hugging Face name, as a new torch tensor of `dtype`."""
 
 
+# Large tensors are dequantized this many values at a time (64 MB of float32 per chunk).
+DEQUANTIZE_CHUNK = 16 * 2**20
+
+
 class GGUFTensors:
     """Tensors of a GGUF file under their Hugging Face names, read one at a time.
 
@@ -71,7 +75,19 @@ class GGUFTensors:
         from exporters.gguf_prune import read_tensor
 
         t = self.tensors[name]
-        weights = self.processor.process(weights=dequantize(read_tensor(self.path, t), t.tensor_type), name=t.name).weights
+        raw = read_tensor(self.path, t)
+        if raw.ndim == 2 and t.n_elements > DEQUANTIZE_CHUNK:
+            # Row by row chunks into one output: gguf-py's dequantization makes several temporaries
+            # the size of its output, which for a 7B model's embedding would be gigabytes.
+            first = dequantize(raw[:1], t.tensor_type)
+            out = np.empty((raw.shape[0], first.shape[1]), dtype=first.dtype)
+            step = max(1, DEQUANTIZE_CHUNK // first.shape[1])
+            for start in range(0, raw.shape[0], step):
+                out[start : start + step] = dequantize(raw[start : start + step], t.tensor_type)
+            dequantized = out
+        else:
+            dequantized = dequantize(raw, t.tensor_type)
+        weights = self.processor.process(weights=dequantized, name=t.name).weights
         if not weights.flags.writeable:  # an unquantized tensor comes back as a view of the read buffer
             weights = weights.copy()
         return torch.from_numpy(weights).to(dtype)
