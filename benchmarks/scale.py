@@ -31,15 +31,14 @@ WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 CLI = [sys.executable, "-m", "mi_prun"]
 WINDOWS, SEQ_LEN, REMOVE = 4, 64, 4
 
-# (model, execution) points: every synthetic size that fits in memory is run both ways (the 3B
-# shape only when forced: auto would stream it); the 7B shape does not fit whole here (27 GiB of
-# fp32 weights on 24 GiB), so it runs streamed only.
+# (model, execution) points: the sizes up to 1B are run both ways; the 3B shape (12 GiB of fp32
+# weights, which auto streams on 24 GiB) and the 7B shape (27 GiB, which does not fit) run streamed.
 POINTS = [
     ("default", "in-memory"), ("default", "streamed"),
     ("0.3b.gguf", "in-memory"), ("0.3b.gguf", "streamed"),
     ("0.3b.safetensors", "in-memory"), ("0.3b.safetensors", "streamed"),
     ("1b.gguf", "in-memory"), ("1b.gguf", "streamed"),
-    ("3b.gguf", "in-memory"), ("3b.gguf", "streamed"),
+    ("3b.gguf", "streamed"),
     ("7b.gguf", "streamed"),
 ]
 
@@ -92,6 +91,7 @@ def run_point(name: str, execution: str, work: Path) -> dict:
         recorded_execution=manifest["execution"], timings_s=manifest["timings_s"],
         peak_rss_gib_after={k: round(v / 1024, 2) for k, v in manifest.get("peak_rss_mib_after", {}).items()},
         gguf_mib=round(export["bytes"] / 2**20, 1), llama_cpp_blocks=export["check"].get("llama_cpp_layers"),
+        llama_cpp_check_peak_gib=round((export["check"].get("llama_cpp_peak_rss_mib") or 0) / 1024, 2),
         llama_cpp_check=export["check"],
     )
     return row
@@ -122,22 +122,22 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         f"--remove {REMOVE} --streamed|--in-memory` (method mi-prun, proposals verified, compensation on). "
         "Models: the default SmolLM2-135M Q4_1 and seeded random-weight Llama shapes (`benchmarks/synthetic.py`: Q4_0 GGUF, or bf16 "
         "safetensors shards); quality on random weights means nothing, memory and time do. Peak RSS is the build process's own "
-        "(wait4 ru_maxrss), export and llama.cpp load check included; the column after it is the same process's peak so far "
+        "(wait4 ru_maxrss), export included; the llama.cpp load check of the output runs in a child process, whose own peak is its own column; the column after it is the same process's peak so far "
         "at the end of loading, of selection and of export (from `pruning.json`), which shows which stage needed the memory. Bound: largest block + embedding + head + boundary states, all fp32.",
         "",
-        "| model | parameters | execution | peak RSS (GiB) | peak so far after load / select / export (GiB) | 2 x bound (GiB) | wall (s) | stages (s) | removed | GGUF blocks (llama.cpp) | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | parameters | execution | peak RSS (GiB) | peak so far after load / select / export (GiB) | 2 x bound (GiB) | wall (s) | stages (s) | removed | GGUF blocks (llama.cpp) | llama.cpp check's own peak (GiB) | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("exit"):
-            lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | | {r['wall_s']} | failed: {r['error']} | | | {r['load_before']} |")
+            lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | | {r['wall_s']} | failed: {r['error']} | | | | {r['load_before']} |")
             continue
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items())
         bound = f"{2 * r['bound_gib']:.2f}" if "bound_gib" in r else ""
         after = r.get("peak_rss_gib_after", {})
         so_far = " / ".join(str(after.get(k, "-")) for k in ("load", "select", "export"))
         lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | {so_far} | {bound} | {r['wall_s']} | "
-                     f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r['load_before']} |")
+                     f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r.get('llama_cpp_check_peak_gib', '')} | {r['load_before']} |")
     both = [m for m in {r["model"] for r in rows} if {"in-memory", "streamed"} <= {r["execution"] for r in rows if r["model"] == m and not r.get("exit")}]
     if both:
         largest = max(both, key=lambda m: params[m])

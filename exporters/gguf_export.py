@@ -137,6 +137,7 @@ class GGUFCheck:
     file_type: int | None
     bytes: int
     llama_cpp_layers: int | None = None
+    llama_cpp_peak_rss_mib: float | None = None  # the checking child process's own peak
 
 
 def check_gguf(path: Path, expected_blocks: int, load_in_llama_cpp: bool = True) -> GGUFCheck:
@@ -161,12 +162,9 @@ def check_gguf(path: Path, expected_blocks: int, load_in_llama_cpp: bool = True)
         raise UserError(f"written GGUF {path} failed its check: " + "; ".join(problems))
     check = GGUFCheck(info.arch, info.block_count, len(reader.tensors), info.tensor_types, info.file_type, Path(path).stat().st_size)
     if load_in_llama_cpp:
-        llm = llamacpp.load(path, n_ctx=64)
-        try:
-            check.llama_cpp_layers = llamacpp.n_layer(llm)
-            llm.eval(llm.tokenize(b"Hello", add_bos=True))
-        finally:
-            llm.close()
+        loaded = llamacpp.load_check(path)
+        check.llama_cpp_layers = loaded["layers"]
+        check.llama_cpp_peak_rss_mib = round(loaded["peak_rss_kib"] / 1024, 1)
         if check.llama_cpp_layers != expected_blocks:
             raise UserError(f"llama.cpp sees {check.llama_cpp_layers} layers in {path}, expected {expected_blocks}")
     return check

@@ -56,6 +56,43 @@ def n_layer(llm) -> int:
     return int(llama_cpp_module().llama_model_n_layer(llm.model))
 
 
+def load_check(path: Path) -> dict:
+    """Load a GGUF in llama.cpp and run one token through it, in a child process: the model's
+    pages are the child's (a 7B file maps gigabytes), and a llama.cpp abort on a bad file is an
+    error message here, not the end of this process. Returns the layers llama.cpp sees and the
+    child's peak resident memory."""
+    import subprocess
+    import sys
+
+    llama_cpp_module()
+    code = (
+        "import json, resource, sys\n"
+        "from exporters import llamacpp\n"
+        "try:\n"
+        "    llm = llamacpp.load(sys.argv[1], n_ctx=64)\n"
+        "    n = llamacpp.n_layer(llm)\n"
+        "    llm.eval(llm.tokenize(b'Hello', add_bos=True))\n"
+        "    llm.close()\n"
+        "except Exception as err:\n"
+        "    print(str(err).splitlines()[0] if str(err) else type(err).__name__)\n"
+        "    sys.exit(1)\n"
+        # VmHWM, not ru_maxrss: after fork + exec, ru_maxrss still counts the parent's pages.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+        "peak = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'layers': n, 'peak_rss_kib': peak}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        lines = [l for l in done.stdout.strip().splitlines() if l.strip()]
+        # A message from the child, else llama.cpp died (an abort on a malformed file): say so.
+        raise UserError(lines[-1] if lines else f"llama.cpp cannot load {path}: it exited with status {done.returncode}")
+    import json
+
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def logits(path: Path, tokens: Sequence[int], n_threads: int | None = None) -> np.ndarray:
     """(len(tokens), vocab) float32 logits of llama.cpp for every position of one sequence."""
     llm = load(path, n_ctx=max(64, len(tokens)), logits_all=True, n_threads=n_threads)
