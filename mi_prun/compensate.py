@@ -62,6 +62,16 @@ class RunMoments:
         self.sink_m = np.vstack([self.sink_m, m])
         self.sink_r = np.vstack([self.sink_r, r])
 
+    def absorb(self, other: "RunMoments") -> None:
+        """self += other, in place (the same sums as `+`, without new d x d matrices)."""
+        self.mm += other.mm
+        self.mr += other.mr
+        self.rr += other.rr
+        self.ee += other.ee
+        self.tokens += other.tokens
+        self.sink_m = np.vstack([self.sink_m, other.sink_m])
+        self.sink_r = np.vstack([self.sink_r, other.sink_r])
+
     def __add__(self, other: "RunMoments") -> "RunMoments":
         return RunMoments(
             self.mm + other.mm, self.mr + other.mr, self.rr + other.rr, self.ee + other.ee, self.tokens + other.tokens,
@@ -76,16 +86,17 @@ class RunMoments:
 SINK_OUTLIER = 10.0
 
 
-def _sink_correction(moments: RunMoments, t: np.ndarray) -> np.ndarray:
-    """The least change of T, within the sink rows' outlier directions, that maps them onto their targets."""
+def _sink_correction(moments: RunMoments, t: np.ndarray) -> np.ndarray | None:
+    """The least change of T, within the sink rows' outlier directions, that maps them onto their
+    targets (None: no outlying sink rows, no change)."""
     s = moments.sink_m
     if not len(s) or moments.tokens == 0:
-        return np.zeros_like(t)
+        return None
     typical = np.sqrt(np.trace(moments.mm) / moments.tokens)
     u, sv, vt = np.linalg.svd(s, full_matrices=False)
     keep = sv / np.sqrt(len(s)) > SINK_OUTLIER * typical
     if not keep.any():
-        return np.zeros_like(t)
+        return None
     pinv = vt[keep].T @ np.diag(1.0 / sv[keep]) @ u[:, keep].T
     return pinv @ (moments.sink_r - s @ t)
 
@@ -106,7 +117,9 @@ def fit_map(moments: RunMoments, ridge: float) -> np.ndarray:
     b[diagonal] += lam
     t = np.linalg.solve(a, b)
     del a, b
-    t += _sink_correction(moments, t)
+    correction = _sink_correction(moments, t)
+    if correction is not None:
+        t += correction
     return t
 
 
@@ -215,7 +228,10 @@ def fold_map(t: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
 def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor) -> None:
     """Choose the ridge, fit the map and fold it into the projection `weight` (stored on `record`)."""
     choice = choose_ridge(folds)
-    total = sum(folds[1:], folds[0])
+    total = folds[0]  # the folds are not needed once the ridge is chosen: summed in place
+    for fold in folds[1:]:
+        total.absorb(fold)
+    folds.clear()
     t = fit_map(total, choice.ridge)
     record.weight = fold_map(t, weight)
     record.ridge = choice.ridge
@@ -226,21 +242,29 @@ def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tens
 Memo = dict[tuple[tuple[int, int], ...], tuple[list[RunCompensation], Walk]]
 
 
-class BudgetMemo(dict):
-    """Fits or walks by their leading runs, within a byte budget for the tensors an entry keeps
-    alive (its last fitted weight and its states): a fit of a 7B model's projection is 180 MB,
-    and proposals rarely share more than a run or two, so past the budget entries are not kept."""
+@dataclass
+class MemoryBudget:
+    """Bytes that memos together may keep alive."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    left: int
+
+
+class BudgetMemo(dict):
+    """Fits or walks by their leading runs, within a byte budget (shared between memos) for the
+    tensors an entry keeps alive (its last fitted weight and its states): a fit of a 7B model's
+    projection is 180 MB, and proposals rarely share more than a run or two, so past the budget
+    entries are not kept."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
         super().__init__()
-        self.budget, self.used = budget_bytes, 0
+        self.budget = budget
 
     def __setitem__(self, key, value) -> None:
         walk = value if isinstance(value, Walk) else value[1]
         last = walk.weights.get(key[-1][0] - 1) if key else None
         size = sum(t.numel() * t.element_size() for t in (last, walk.states) if t is not None)
-        if self.used + size <= self.budget:
-            self.used += size
+        if size <= self.budget.left:
+            self.budget.left -= size
             super().__setitem__(key, value)
 
 

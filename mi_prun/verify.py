@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .compensate import BudgetMemo, Memo, can_compensate, capture_passes, final_states, fit_compensation, plain_runs
+from .compensate import BudgetMemo, Memo, MemoryBudget, can_compensate, capture_passes, final_states, fit_compensation, plain_runs
 from .runner import BlockRunner, Windows
 
 
@@ -37,8 +37,8 @@ class RemovalScorer:
         self.passes = 0
         self.nll: dict[tuple[int, ...], float] = {}
         self._halves: list[Windows] | None = None
-        # Fits, per half, within a budget of about one block's weights (at least 256 MiB).
-        budget = max(256 * 2**20, self.runner.block_bytes() // 2)
+        # Fits and walks, per half, within one budget of about half a block's weights (at least 256 MiB).
+        budget = MemoryBudget(max(256 * 2**20, self.runner.block_bytes() // 2))
         self._memos: list[Memo] = [BudgetMemo(budget), BudgetMemo(budget)]
         self._score_memos: list[dict] = [BudgetMemo(budget), BudgetMemo(budget)]  # walks of the scoring windows, per half
 
