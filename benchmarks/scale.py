@@ -30,15 +30,18 @@ from machine import machine_line  # noqa: E402
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 CLI = [sys.executable, "-m", "mi_prun"]
 WINDOWS, SEQ_LEN, REMOVE = 4, 64, 4
+# Rows measured before rows recorded their commit (at 8e06e85..f500977: the same engine, before the
+# memory fixes of the streamed path: shared memo budget, chunked dequantization, malloc_trim,
+# llama.cpp's check in a child process).
+EARLIER = "8e06e85..f500977"
 
-# (model, execution) points: the sizes up to 1B are run both ways; the 3B shape (12 GiB of fp32
-# weights, which auto streams on 24 GiB) and the 7B shape (27 GiB, which does not fit) run streamed.
+# (model, execution) points: the sizes up to 1B are run both ways; the 7B shape (27 GiB of fp32
+# weights, which do not fit in 24 GiB) runs streamed only. (synthetic.py also writes a 3B shape.)
 POINTS = [
     ("default", "in-memory"), ("default", "streamed"),
     ("0.3b.gguf", "in-memory"), ("0.3b.gguf", "streamed"),
     ("0.3b.safetensors", "in-memory"), ("0.3b.safetensors", "streamed"),
     ("1b.gguf", "in-memory"), ("1b.gguf", "streamed"),
-    ("3b.gguf", "streamed"),
     ("7b.gguf", "streamed"),
 ]
 
@@ -79,14 +82,20 @@ def run_point(name: str, execution: str, work: Path) -> dict:
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     output = child.stdout.read()
-    row = {"model": name, "execution": execution, "wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # wait4's ru_maxrss covers the build and its waited-for children (llama.cpp's load check);
+    # the build's own peak comes from its pruning.json.
+    row = {"model": name, "execution": execution, "commit": commit, "wall_s": round(wall, 1),
+           "peak_rss_with_children_gib": round(usage.ru_maxrss / 2**20, 2),
            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "load_before": before, "exit": os.waitstatus_to_exitcode(status)}
     if row["exit"] != 0:
         row["error"] = output.strip().splitlines()[-1:] or [""]
+        row["peak_rss_gib"] = row["peak_rss_with_children_gib"]
         return row
     manifest = json.loads((out / "pruning.json").read_text())
     export = manifest["exports"][0]
     row.update(
+        peak_rss_gib=round(manifest["peak_rss_mib"] / 1024, 2),
         removed=manifest["removed"], blocks=[manifest["blocks_before"], manifest["blocks_after"]],
         recorded_execution=manifest["execution"], timings_s=manifest["timings_s"],
         peak_rss_gib_after={k: round(v / 1024, 2) for k, v in manifest.get("peak_rss_mib_after", {}).items()},
@@ -125,19 +134,19 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         "(wait4 ru_maxrss), export included; the llama.cpp load check of the output runs in a child process, whose own peak is its own column; the column after it is the same process's peak so far "
         "at the end of loading, of selection and of export (from `pruning.json`), which shows which stage needed the memory. Bound: largest block + embedding + head + boundary states, all fp32.",
         "",
-        "| model | parameters | execution | peak RSS (GiB) | peak so far after load / select / export (GiB) | 2 x bound (GiB) | wall (s) | stages (s) | removed | GGUF blocks (llama.cpp) | llama.cpp check's own peak (GiB) | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | parameters | execution | peak RSS (GiB) | peak so far after load / select / export (GiB) | 2 x bound (GiB) | wall (s) | stages (s) | removed | GGUF blocks (llama.cpp) | llama.cpp check's own peak (GiB) | load before | code |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("exit"):
-            lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | | {r['wall_s']} | failed: {r['error']} | | | | {r['load_before']} |")
+            lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | | {r['wall_s']} | failed: {r['error']} | | | | {r['load_before']} | {r.get('commit', EARLIER)} |")
             continue
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items())
         bound = f"{2 * r['bound_gib']:.2f}" if "bound_gib" in r else ""
         after = r.get("peak_rss_gib_after", {})
         so_far = " / ".join(str(after.get(k, "-")) for k in ("load", "select", "export"))
         lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | {so_far} | {bound} | {r['wall_s']} | "
-                     f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r.get('llama_cpp_check_peak_gib', '')} | {r['load_before']} |")
+                     f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r.get('llama_cpp_check_peak_gib', '')} | {r['load_before']} | {r.get('commit', EARLIER)} |")
     both = [m for m in {r["model"] for r in rows} if {"in-memory", "streamed"} <= {r["execution"] for r in rows if r["model"] == m and not r.get("exit")}]
     if both:
         largest = max(both, key=lambda m: params[m])
@@ -147,6 +156,10 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         for m in sorted(both, key=lambda m: params[m]):
             same = {json.dumps(r["removed"]) for r in rows if r["model"] == m}
             lines.append(f"- {m}: the two executions removed {'the same blocks' if len(same) == 1 else 'DIFFERENT blocks: ' + ', '.join(same)}.")
+    for r in rows:
+        if "bound_gib" in r and not r.get("exit"):
+            lines.append(f"- {r['model']} streamed: peak {r['peak_rss_gib']} GiB = {r['peak_rss_gib'] / r['bound_gib']:.2f} x the bound "
+                         f"({r['bound_gib']} GiB); {'within' if r['within_2x_bound'] else 'NOT within'} 2x.")
     lines += ["", "![peak RSS and wall time against parameters](scale.png)", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "windows": WINDOWS, "seq_len": SEQ_LEN, "remove": REMOVE}, indent=2) + "\n")
@@ -187,6 +200,12 @@ def main(argv=None) -> None:
         done_file.write_text(json.dumps(done, indent=1))
         print(json.dumps({k: v for k, v in done[key].items() if k != "llama_cpp_check"}), flush=True)
     rows = [done[f"{n}/{e}"] for n, e in POINTS if f"{n}/{e}" in done]
+    for r in rows:  # rows measured before the row kept the build's own peak apart from its children's
+        if "peak_rss_with_children_gib" not in r:
+            r["peak_rss_with_children_gib"] = r["peak_rss_gib"]
+            manifest = args.work / "runs" / f"{r['model']}.{r['execution']}" / "pruning.json"
+            if not r.get("exit") and manifest.is_file():
+                r["peak_rss_gib"] = round(json.loads(manifest.read_text())["peak_rss_mib"] / 1024, 2)
     for r in rows:  # rows measured before the manifest recorded the peak per stage
         manifest = args.work / "runs" / f"{r['model']}.{r['execution']}" / "pruning.json"
         if not r.get("exit") and "peak_rss_gib_after" not in r and manifest.is_file():

@@ -19,8 +19,9 @@ from .blockset import blocks_kept, slice_config
 from .compensate import RunCompensation, applied
 
 
-# Shards of the streamed writer: one is written out as soon as it holds this much.
-SHARD_BYTES = 2 * 2**30
+# Shards of the streamed writer: one is written out as soon as it holds this much (what it holds
+# is in memory until then).
+SHARD_BYTES = 512 * 2**20
 
 
 def save_checkpoint(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], folder: Path) -> None:
