@@ -11,8 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from .archs import ArchSpec, UnsupportedArchitectureError, spec_for
 from .errors import UserError, first_line
-from .runner import BlockRunner
 from .plan import Execution
+from .runner import BlockRunner
 from .weights import (ResidentBlocks, StreamedBlocks, available_memory, choose_execution, empty_model,
                       load_blocks, load_outside_blocks, parameter_bytes, tensor_source)
 
