@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mi_prun.calibration import CalibrationSpec, tokenize_text
 from mi_prun.evaluate import eval_windows, perplexity
 from mi_prun.blockset import blocks_kept
-from mi_prun.compensate import applied
+from mi_prun.compensate import applied, removal_runs
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune, save_pruned
@@ -28,14 +28,15 @@ def pruned_default(tmp_path_factory):
     loaded = load_model()  # no --model: the embedded default GGUF, dequantized
     assert loaded.spec.model_type == "llama" and loaded.model.config.num_hidden_layers == 30
     windows = eval_windows(tokenize_text(loaded.tokenizer, WIKI_TEST.read_text(encoding="utf-8")), 512, 4)
-    dense = perplexity(loaded.model, windows)
+    dense = perplexity(loaded.runner, windows)
     opts = Plan(remove=4, calibration=CalibrationSpec(str(WIKI_VALID), n_samples=8, seq_len=256))
     result = prune(loaded, opts)
     out = tmp_path_factory.mktemp("real") / "smollm2-pruned"
     manifest = save_pruned(loaded, opts, result, out)
     # Saving leaves the loaded model dense; the same decision applied in memory is the reference.
+    # The runner's pruned pass, and the model's own forward with the maps folded in and the blocks skipped.
+    in_memory = perplexity(loaded.runner, windows, removal_runs(result.removed, result.compensation))
     with applied(loaded.model, loaded.spec, result.compensation), blocks_kept(loaded.model, loaded.spec, result.kept):
-        in_memory = perplexity(loaded.model, windows)
         with torch.no_grad():
             in_memory_logits = loaded.model(input_ids=windows[:1, :128]).logits
     return out, manifest, windows, dense, (in_memory, in_memory_logits), loaded
@@ -52,7 +53,7 @@ def test_default_model_prunes_reloads_and_generates(pruned_default, record_prope
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=windows[:1, :128]).logits, in_memory_logits, rtol=0, atol=0)
 
-    reloaded = perplexity(model, windows)
+    reloaded = perplexity(load_model(str(out)).runner, windows)
     assert math.isfinite(reloaded.ppl) and reloaded.ppl == pytest.approx(in_memory.ppl, rel=1e-6)
     # pruning costs quality, but a sane selection keeps the model usable
     assert dense.ppl < reloaded.ppl < 10 * dense.ppl
