@@ -194,9 +194,10 @@ class BlockRunner:
         return out
 
     def block_bytes(self) -> int:
-        """Bytes of one block's weights in the compute dtype (the blocks of a family are alike)."""
-        with self.store.block(0) as layer:
-            return sum(p.numel() * p.element_size() for p in layer.parameters())
+        """Bytes of one block's weights in the compute dtype (the blocks of a family are alike).
+        Read from the module's parameter shapes: a streamed block's empty (meta) parameters know
+        their size, so nothing is loaded."""
+        return sum(p.numel() * p.element_size() for p in blocks(self.model, self.spec)[0].parameters())
 
     # -- after the last block ------------------------------------------------------------------
     @torch.no_grad()
