@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,13 @@ class GGUFLayerFlag:
     true_value: str
 
 
+class Fold(str, Enum):
+    """How a removed run's compensation map folds into the block before it."""
+
+    matrix = "matrix"  # T^T W into the linear weight whose output is added to the residual stream
+    scale = "scale"  # diag(t) into the weight of the norm whose output is added to the residual stream
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Where the transformer blocks of one family live and how to renumber them."""
@@ -45,10 +53,15 @@ class ArchSpec:
     # Attributes inside a block that hold the block's own index (used by the KV cache).
     layer_index_attrs: tuple[str, ...] = ("self_attn.layer_idx",)
     layer_count_key: str = "num_hidden_layers"
-    # The last linear map of a block whose output is added straight to the residual stream: linear
-    # compensation of a removed run folds into it (None: a norm follows it, nothing to fold into).
+    # The last module of a block whose output is added straight to the residual stream: linear
+    # compensation of a removed run folds into its weight, in the form `compensation_fold` says
+    # (None: nowhere to fold). GGUF name of the same weight.
     residual_projection: str | None = "mlp.down_proj"
     gguf_residual_projection: str | None = "ffn_down"
+    compensation_fold: Fold = Fold.matrix
+    # A norm of the family scales by (offset + weight) (Gemma's RMSNorm: 1 + w); GGUF stores the
+    # scale itself (llama.cpp's converter adds the offset).
+    norm_scale_offset: float = 0.0
     # Config key of a cap applied to the logits after the head (tanh soft-capping), if the family has one.
     logit_softcap_key: str | None = None
     # Config lists with one entry per block: sliced by the kept indices on repack.
@@ -82,9 +95,12 @@ REGISTRY: dict[str, ArchSpec] = {
             # llama.cpp assumes every 6th layer is global unless this array says otherwise; a pruned
             # (or any non-standard) layer pattern needs it.
             gguf_layer_flags=(GGUFLayerFlag("layer_types", "attention.sliding_window_pattern", "sliding_attention"),),
-            # post_feedforward_layernorm follows down_proj: a linear map cannot be folded through it.
-            residual_projection=None,
-            gguf_residual_projection=None,
+            # post_feedforward_layernorm follows down_proj: no matrix passes through a norm, but a
+            # per-channel scale folds into the norm's own weight.
+            residual_projection="post_feedforward_layernorm",
+            gguf_residual_projection="post_ffw_norm",
+            compensation_fold=Fold.scale,
+            norm_scale_offset=1.0,
             logit_softcap_key="final_logit_softcapping",
             notes="per-layer layer_types (sliding/full attention), q/k norms, (1+w) RMSNorm",
             **_LLAMA_LIKE,

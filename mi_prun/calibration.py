@@ -195,6 +195,21 @@ def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     return torch.stack([row[pad : pad + spec.seq_len] for row, pad in zip(out, pads)])
 
 
+def distinct_ngram_ratio(ids: torch.Tensor, n: int) -> float:
+    """Distinct n-grams over all n-grams of the windows (each window on its own; "distinct-n"): near
+    1 for varied text, low for text that repeats itself, as a model sampling itself can."""
+    grams = ids.unfold(1, n, 1).reshape(-1, n) if ids.shape[1] >= n else ids.new_zeros((0, n))
+    return float(torch.unique(grams, dim=0).shape[0] / grams.shape[0]) if len(grams) else 0.0
+
+
+# n of the distinct-n ratios recorded for the calibration windows.
+DIVERSITY_N = (1, 2, 4)
+
+
+def diversity(ids: torch.Tensor) -> dict[str, float]:
+    return {f"distinct_{n}": round(distinct_ngram_ratio(ids, n), 4) for n in DIVERSITY_N}
+
+
 SELF_NEEDS_MEMORY = "self-generated calibration (--calib self)"
 
 

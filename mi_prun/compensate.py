@@ -8,7 +8,10 @@ output projection (W <- T^T W), so the checkpoint keeps its architecture and loa
 toward T = I, i.e. toward plain removal, with the strength chosen by cross-validation over
 calibration windows, so a run with nothing linear to recover stays a plain removal.)
 
-The maths (fit, residual, choice of ridge) are pure functions of streamed moments; the walks run the model through the block runner.
+The maths (fit, residual, choice of ridge) are pure functions of streamed moments (`ridge.py`);
+the walks here run the model through the block runner. Families whose residual update ends in a
+norm (Gemma 3's post-feed-forward norm) get a per-channel scale instead, folded into that norm's
+weight: a norm rescales each token, so no matrix can pass through it, but a diagonal map can.
 """
 
 from __future__ import annotations
@@ -20,137 +23,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .archs import ArchSpec, blocks, get_path
-
-# Ridge strengths, relative to the mean diagonal of M^T M; the largest is almost plain removal.
-RIDGE_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0)
-FOLDS = 2
-
-
-@dataclass
-class RunMoments:
-    """Sufficient statistics of one run's regression R ~ M T, with R = h_j - Y (R - M = h_j - h_{i-1}).
-
-    mm = M^T M, mr = M^T R, rr = sum |R|^2, ee = sum |R - M|^2 (the plain-removal error), over the
-    ordinary tokens. The first token of each window (the attention sink) is kept apart, as rows
-    `sink_m`, `sink_r`: its activations are orders of magnitude larger, so in the sums it would
-    decide the fit alone, yet a map fitted without it sends the sink somewhere else and every
-    token that attends to it goes wrong (measured: calibration NLL 4.25 -> 15.5 for blocks 12-15
-    of SmolLM2-135M). So the map is fitted on the ordinary tokens and then constrained to move
-    the sink where the removed blocks would have put it."""
-
-    mm: np.ndarray
-    mr: np.ndarray
-    rr: float
-    ee: float
-    tokens: int
-    sink_m: np.ndarray
-    sink_r: np.ndarray
-
-    @classmethod
-    def zeros(cls, dim: int) -> "RunMoments":
-        return cls(np.zeros((dim, dim)), np.zeros((dim, dim)), 0.0, 0.0, 0, np.zeros((0, dim)), np.zeros((0, dim)))
-
-    def add(self, m: np.ndarray, r: np.ndarray) -> None:
-        self.mm += m.T @ m
-        self.mr += m.T @ r
-        self.rr += float((r * r).sum())
-        self.ee += float(((r - m) ** 2).sum())
-        self.tokens += m.shape[0]
-
-    def add_sink(self, m: np.ndarray, r: np.ndarray) -> None:
-        self.sink_m = np.vstack([self.sink_m, m])
-        self.sink_r = np.vstack([self.sink_r, r])
-
-    def absorb(self, other: "RunMoments") -> None:
-        """self += other, in place (the same sums as `+`, without new d x d matrices)."""
-        self.mm += other.mm
-        self.mr += other.mr
-        self.rr += other.rr
-        self.ee += other.ee
-        self.tokens += other.tokens
-        self.sink_m = np.vstack([self.sink_m, other.sink_m])
-        self.sink_r = np.vstack([self.sink_r, other.sink_r])
-
-    def __add__(self, other: "RunMoments") -> "RunMoments":
-        return RunMoments(
-            self.mm + other.mm, self.mr + other.mr, self.rr + other.rr, self.ee + other.ee, self.tokens + other.tokens,
-            np.vstack([self.sink_m, other.sink_m]), np.vstack([self.sink_r, other.sink_r]),
-        )
-
-
-# The sink constraint acts only along directions where the sink rows are outliers: per-row
-# singular values of the sink rows above this multiple of an ordinary token's RMS norm. (A model
-# without massive sink activations gets no constraint; constraining ordinary rows would just
-# overfit them.)
-SINK_OUTLIER = 10.0
-
-
-def _sink_correction(moments: RunMoments, t: np.ndarray) -> np.ndarray | None:
-    """The least change of T, within the sink rows' outlier directions, that maps them onto their
-    targets (None: no outlying sink rows, no change)."""
-    s = moments.sink_m
-    if not len(s) or moments.tokens == 0:
-        return None
-    typical = np.sqrt(np.trace(moments.mm) / moments.tokens)
-    u, sv, vt = np.linalg.svd(s, full_matrices=False)
-    keep = sv / np.sqrt(len(s)) > SINK_OUTLIER * typical
-    if not keep.any():
-        return None
-    pinv = vt[keep].T @ np.diag(1.0 / sv[keep]) @ u[:, keep].T
-    return pinv @ (moments.sink_r - s @ t)
-
-
-def fit_map(moments: RunMoments, ridge: float) -> np.ndarray:
-    """argmin_T |M T - R|^2 + lam |T - I|^2, lam = ridge * mean diag(M^T M), then the least change
-    of T that maps outlying sink rows onto their targets."""
-    dim = moments.mm.shape[0]
-    scale = float(np.trace(moments.mm)) / dim
-    if moments.tokens == 0 or scale <= 0.0:
-        return np.eye(dim)  # nothing observed: plain removal
-    lam = ridge * scale
-    # mm + lam I and mr + lam I, with lam added on the diagonal in place (no identity matrix and
-    # no temporaries: at hidden size 4096 each d x d float64 matrix is 134 MB).
-    diagonal = np.diag_indices(dim)
-    a, b = moments.mm.copy(), moments.mr.copy()
-    a[diagonal] += lam
-    b[diagonal] += lam
-    t = np.linalg.solve(a, b)
-    del a, b
-    correction = _sink_correction(moments, t)
-    if correction is not None:
-        t += correction
-    return t
-
-
-def residual(moments: RunMoments, t: np.ndarray) -> float:
-    """sum |M T - R|^2 from the moments alone (T = I gives the plain-removal error `ee`)."""
-    # tr(T^T MM T) as a sum over (MM T) * T: one matrix product (a three-operand einsum loops in O(d^3) without BLAS).
-    return float(np.sum(t * (moments.mm @ t)) - 2.0 * np.sum(t * moments.mr) + moments.rr)
-
-
-@dataclass(frozen=True)
-class RidgeChoice:
-    ridge: float
-    # Held-out error of the fitted map relative to plain removal (1.0 = no gain), per grid value.
-    heldout_ratio: dict[float, float]
-
-
-def choose_ridge(folds: Sequence[RunMoments], grid: Sequence[float] = RIDGE_GRID) -> RidgeChoice:
-    """Cross-validate the ridge strength: fit on all folds but one, measure on that one."""
-    ratios = {}
-    for ridge in grid:
-        err = plain = 0.0
-        for k, held in enumerate(folds):
-            others = [f for i, f in enumerate(folds) if i != k]
-            t = fit_map(sum(others[1:], others[0]), ridge)
-            err += residual(held, t)
-            plain += held.ee
-        ratios[ridge] = err / plain if plain > 0 else 1.0
-    # Ties (e.g. a fold with no windows) go to the stronger ridge, the one closer to plain removal.
-    best = min(ratios, key=lambda ridge: (ratios[ridge], -ridge))
-    return RidgeChoice(best, ratios)
-
+from .archs import ArchSpec, Fold, blocks, get_path
+from .ridge import FOLDS, RunMoments, choose_ridge, fit_map, residual
 
 def runs_of(removed: Sequence[int]) -> list[tuple[int, int]]:
     """Maximal contiguous runs (first, last) of the removed indices, in order."""
@@ -216,7 +90,7 @@ FOLD_COLUMNS = 1024  # columns of the projection folded at a time (float64 tempo
 
 
 def fold_map(t: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
-    """T^T W in float64, returned in W's dtype, a block of columns at a time."""
+    """T^T W in float64, returned in W's dtype, a block of columns at a time (a linear weight)."""
     tt = torch.from_numpy(t.T)
     out = torch.empty(weight.shape, dtype=weight.dtype)
     for start in range(0, weight.shape[1], FOLD_COLUMNS):
@@ -225,15 +99,23 @@ def fold_map(t: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor) -> None:
-    """Choose the ridge, fit the map and fold it into the projection `weight` (stored on `record`)."""
-    choice = choose_ridge(folds)
+def fold_scale(t: np.ndarray, weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """A norm weight that scales by (offset + w) t instead of (offset + w), for T = diag(t)."""
+    scaled = (weight.double().cpu() + offset) * torch.from_numpy(np.diag(t).copy())
+    return (scaled - offset).to(weight.dtype)
+
+
+def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor, spec: ArchSpec) -> None:
+    """Choose the ridge, fit the map and fold it into `weight`, the block's residual projection
+    (a linear weight, or a norm's weight for a per-channel fold); the result is stored on `record`."""
+    diagonal = spec.compensation_fold is Fold.scale
+    choice = choose_ridge(folds, diagonal=diagonal)
     total = folds[0]  # the folds are not needed once the ridge is chosen: summed in place
     for fold in folds[1:]:
         total.absorb(fold)
     folds.clear()
-    t = fit_map(total, choice.ridge)
-    record.weight = fold_map(t, weight)
+    t = fit_map(total, choice.ridge, diagonal)
+    record.weight = fold_scale(t, weight, spec.norm_scale_offset) if diagonal else fold_map(t, weight)
     record.ridge = choice.ridge
     record.heldout_ratio = choice.heldout_ratio[choice.ridge]
     record.fit_ratio = residual(total, t) / total.ee if total.ee > 0 else 1.0
@@ -302,7 +184,7 @@ def fit_compensation(runner, spec: ArchSpec, removed: Sequence[int], windows, me
             h = runner.run_block(record.prev, walk.states, tap=tap)
             # Clean: the run's output is the dense boundary after it, already cached.
             t = windows.dense[last + 1] if walk.clean else runner.run_blocks(range(record.prev + 1, last + 1), h, walk.weights)
-            fit_run(record, run_moments(tap[0], h, t), runner.store.tensor(record.prev, f"{spec.residual_projection}.weight"))
+            fit_run(record, run_moments(tap[0], h, t), runner.store.tensor(record.prev, f"{spec.residual_projection}.weight"), spec)
         walk = skip_run(runner, windows, walk, record)
         out.append(record)
         if memo is not None:
@@ -361,7 +243,7 @@ def applied(model, spec: ArchSpec, runs: Sequence[RunCompensation]) -> Iterator[
 
 
 def can_compensate(spec: ArchSpec) -> bool:
-    """Whether the family has a linear weight right before the residual add to fold a map into."""
+    """Whether the family has a weight right before the residual add to fold a map into."""
     return spec.residual_projection is not None
 
 

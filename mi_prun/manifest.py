@@ -24,6 +24,8 @@ class CalibrationInfo(BaseModel):
     tokens_observed: int
     max_tokens_sampled: int | None = None
     seed: int
+    # distinct-n ratios of the calibration windows (1 = no n-gram repeats): is self-generated text varied?
+    diversity: dict[str, float] = Field(default_factory=dict)
 
 
 class RunScore(BaseModel):
@@ -54,6 +56,8 @@ class SelectionInfo(BaseModel):
     candidates: list[Candidate] = Field(default_factory=list)
     # What scored the candidates (RemovalScorer.describe), e.g. "calibration NLL on 16 windows x 256 tokens".
     verification: str | None = None
+    verified: int = 0  # distinct removals scored (proposals and swaps)
+    verification_s: float | None = None  # wall time of that scoring
     # Set when the decision was replayed from an earlier pruning.json (--plan) instead of scored.
     replayed_from: str | None = None
 
@@ -75,6 +79,7 @@ class CompensationInfo(BaseModel):
     samples: int | None = None  # calibration windows of the final fit (seq_len as calibration)
     runs: list[CompensationRun] = Field(default_factory=list)
     note: str | None = None  # why some or all runs are not compensated
+    form: str | None = None  # "matrix" (into a linear weight) or "scale" (per channel, into a norm's weight)
 
 
 class ExportInfo(BaseModel):

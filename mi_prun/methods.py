@@ -4,33 +4,31 @@ keeps the one the verifier scores best."""
 
 from __future__ import annotations
 
-from enum import Enum
+import time
 
 from . import select
 from .manifest import Candidate, SelectionInfo
-from .plan import Method, Plan
+from .plan import Method, Objective, Plan
 from .progress import QUIET, Reporter
 from .scoring import BoundaryMI, Scores
 from .verify import RemovalScorer
 
-
-class Objective(str, Enum):
-    """Forms of the MI-PRUN objective whose optima are proposed; all built from the same run MI.
-
-    channel: a run costs its measured lost fraction exp(-2 I(h_{i-1}; h_j)) (favours one long run);
-    per_block: a run costs the sum of its blocks' lost fractions (no interaction, one-shot);
-    length: the run's lost fraction times its length (between the two).
-    """
-
-    channel = "channel"
-    per_block = "per-block"
-    length = "length-penalized"
+# Rounds of single-block swaps tried around the best proposal (each verifies `Plan.swaps` removals).
+SWAP_ROUNDS = 3
 
 
-def objective_cost(objective: Objective, bmi: BoundaryMI, n_blocks: int) -> select.RunCost:
+def objective_cost(objective: Objective, scores: Scores) -> select.RunCost:
+    bmi = scores.boundary_mi
+    if objective is Objective.compensated:
+        return scores.recovery.run_cost
     if objective is Objective.per_block:
-        return select.additive_over_blocks([bmi.run_cost(i, i) for i in range(n_blocks)])
+        return select.additive_over_blocks([bmi.run_cost(i, i) for i in range(scores.n_blocks)])
     return select.length_penalized(bmi.run_cost, 1.0 if objective is Objective.length else 0.0)
+
+
+def objectives(scores: Scores, plan: Plan) -> list[Objective]:
+    """The plan's forms that these scores can give (the compensated one needs the capture's projection taps)."""
+    return [o for o in plan.objectives if o is not Objective.compensated or scores.recovery is not None]
 
 
 def select_blocks(scores: Scores, plan: Plan, n_remove: int, scorer: RemovalScorer, reporter: Reporter = QUIET) -> tuple[list[int], SelectionInfo]:
@@ -66,16 +64,18 @@ def propose(scores: Scores, plan: Plan, n_remove: int, info: SelectionInfo) -> l
     exact_method = plan.method is Method.mi_prun_exact
     # The exact optimum needs every run measured: free for the streamed token estimator,
     # expensive for population estimators, so only then is Fast-Block-Select's gap recorded.
-    gap_is_cheap = bmi.table is not None
     candidates = []
-    for objective in Objective:
-        cost = objective_cost(objective, bmi, n)
+    for objective in objectives(scores, plan):
+        cost = objective_cost(objective, scores)
+        # (the compensated cost of a run is a fit: only Fast-Block-Select's candidates are measured)
+        gap_is_cheap = bmi.table is not None and objective is not Objective.compensated
+        counter = scores.recovery if objective is Objective.compensated else bmi
         if exact_method:
             removed = exact = select.exact_select(n, n_remove, cost)
         else:
-            measured_before = bmi.measured
+            measured_before = counter.measured
             removed, trace = select.fast_block_select(n, n_remove, [cost(i, i) for i in range(n)], cost, plan.top_k)
-            info.measured_runs += bmi.measured - measured_before
+            info.measured_runs += counter.measured - measured_before
             info.iterations += trace.iterations
             info.history += trace.history
             exact = select.exact_select(n, n_remove, cost) if gap_is_cheap else None
@@ -84,23 +84,49 @@ def propose(scores: Scores, plan: Plan, n_remove: int, info: SelectionInfo) -> l
             exact_cost=None if exact is None else select.selection_cost(exact, cost),
         ))
     if exact_method:
-        info.measured_runs = bmi.measured
+        info.measured_runs = bmi.measured + (scores.recovery.measured if scores.recovery is not None else 0)
     return candidates
 
 
 def mi_prun_select(scores: Scores, plan: Plan, n_remove: int, info: SelectionInfo, scorer: RemovalScorer, reporter: Reporter) -> list[int]:
-    """Propose the optimum of each form of the MI objective; when they differ and `plan.verify`,
-    keep the one with the lowest calibration NLL (one scoring per distinct proposal)."""
+    """Propose the optimum of each form of the MI objective; with `plan.verify`, keep the one with
+    the lowest calibration NLL (one scoring per distinct proposal), then try `plan.swaps` single-block
+    swaps of it per round, cheapest by the objective first, while one scores lower."""
     info.candidates = propose(scores, plan, n_remove, info)
     distinct = list(dict.fromkeys(tuple(c.removed) for c in info.candidates))
     chosen = info.candidates[0]
-    if plan.verify and len(distinct) > 1:
-        with reporter.task("verifying MI-PRUN proposals on calibration text", len(distinct)) as advance:
+    search = plan.verify and (len(distinct) > 1 or plan.swaps > 0)
+    if search:
+        start = time.perf_counter()
+        with reporter.task("verifying MI-PRUN proposals on calibration text", None) as advance:
             scorer.advance = advance
             for candidate in info.candidates:
                 candidate.calibration_nll = scorer(candidate.removed)
+            chosen = min(info.candidates, key=lambda c: c.calibration_nll)
+            chosen = _swap_search(chosen, scores, plan, n_remove, scorer, info)
         info.forward_passes += scorer.passes
         info.verification = scorer.describe()
-        chosen = min(info.candidates, key=lambda c: c.calibration_nll)
+        info.verified = len(scorer.nll)
+        info.verification_s = round(time.perf_counter() - start, 2)
     info.objective_cost, info.exact_cost = chosen.objective_cost, chosen.exact_cost
     return chosen.removed
+
+
+def _swap_search(best: Candidate, scores: Scores, plan: Plan, n_remove: int, scorer: RemovalScorer, info: SelectionInfo) -> Candidate:
+    """Local search around the best proposal: each round scores the `plan.swaps` single-block swaps
+    the objective ranks cheapest (compensated when captured) and moves to the best that lowers the
+    calibration NLL; at most SWAP_ROUNDS rounds."""
+    objective = Objective.compensated if scores.recovery is not None else Objective.channel
+    cost = objective_cost(objective, scores)
+    for _ in range(SWAP_ROUNDS if plan.swaps else 0):
+        tried = [
+            Candidate(objective=f"swap ({objective.value})", removed=removed, objective_cost=select.selection_cost(removed, cost),
+                      calibration_nll=scorer(removed))
+            for removed in select.swap_neighbours(best.removed, scores.n_blocks, cost, plan.swaps)
+        ]
+        info.candidates += tried
+        better = min(tried, key=lambda c: c.calibration_nll, default=None)
+        if better is None or better.calibration_nll >= best.calibration_nll:
+            break
+        best = better
+    return best

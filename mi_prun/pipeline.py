@@ -22,7 +22,7 @@ from .export import HF_SUBDIR, export_pruned
 from .manifest import PruningManifest, SelectionInfo
 from .methods import select_blocks
 from .modelcard import write_model_card
-from .plan import Method, Plan
+from .plan import Method, Objective, Plan
 from .progress import QUIET, Reporter
 from .quality import measure_quality
 from .record import build_manifest, peak_rss_bytes
@@ -81,7 +81,11 @@ def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
         reporter.say(f"replaying {plan.replay.manifest}: removing blocks {removed}")
     else:
         with _timed(timings, "capture", peaks):
-            scores = score_model(loaded, calib, plan, reporter)
+            # Compensated run costs (the compensated objective, and the ranking of swaps) need the
+            # projection taps of the capture pass.
+            wants = Objective.compensated in plan.objectives or plan.swaps > 0
+            taps = compensate and wants and plan.method in (Method.mi_prun, Method.mi_prun_exact)
+            scores = score_model(loaded, calib, plan, reporter, taps=taps)
         with _timed(timings, "select", peaks):
             removed, info = select_blocks(scores, plan, n_remove, _scorer(loaded, plan, calib, fit, compensate), reporter)
 

@@ -58,6 +58,27 @@ class Estimator(str, Enum):
     renyi = "renyi"
 
 
+class Objective(str, Enum):
+    """Forms of the MI-PRUN objective whose optima are proposed (`methods.propose`).
+
+    channel: a run costs its measured lost fraction exp(-2 I(h_{i-1}; h_j)) (favours one long run);
+    per_block: a run costs the sum of its blocks' lost fractions (no interaction, one-shot);
+    length: the run's lost fraction times its length (between the two);
+    compensated: a run costs what its fitted linear map cannot recover (`recovery.py`), i.e. the
+    removal the tool ships (only where compensation is on).
+    """
+
+    channel = "channel"
+    per_block = "per-block"
+    length = "length-penalized"
+    compensated = "compensated"
+
+
+# Not the compensated form by default: measured on SmolLM2-135M it wins some budgets and texts and
+# loses others (docs/method.md, "The compensated objective").
+DEFAULT_OBJECTIVES = (Objective.channel, Objective.per_block, Objective.length)
+
+
 class StateView(str, Enum):
     """What the estimators see of a state: as captured, or RMS-normalized per token.
 
@@ -149,6 +170,8 @@ class Plan(BaseModel):
     max_tokens: int = Field(2048, ge=16)  # token sample kept for the population estimators
     top_k: int | None = Field(None, ge=1)  # Fast-Block-Select candidate runs (default 3N)
     verify: bool = True  # score differing MI-PRUN proposals by calibration NLL
+    objectives: tuple[Objective, ...] = DEFAULT_OBJECTIVES  # MI-PRUN's proposals: the optimum of each
+    swaps: int = Field(0, ge=0)  # single-block swaps of the best proposal scored per round (0: none)
     compensate: bool = True  # fold a fitted linear map for each removed run into the block before it
     # Calibration windows for the compensation fits (same source); None: the scoring windows.
     # The compensated verification of MI-PRUN's proposals uses them too, so it scores maps like

@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 
-from .calibration import canonical_source
+from .calibration import canonical_source, diversity
 from .compensate import can_compensate
 from .manifest import CalibrationInfo, CompensationInfo, CompensationRun, PruningManifest, package_versions
 from .plan import Estimator, Plan, shapes_of
@@ -16,7 +16,7 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
         return CompensationInfo(enabled=False, note="disabled (--no-compensate)")
     if not can_compensate(loaded.spec):
         return CompensationInfo(
-            enabled=False, note=f"{loaded.spec.model_type}: a norm follows the MLP output, no linear weight to fold a map into"
+            enabled=False, note=f"{loaded.spec.model_type}: no weight before the residual add to fold a map into"
         )
     weight = f"{loaded.spec.residual_projection}.weight"
     runs = [
@@ -28,7 +28,7 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
     ]
     note = "a run starting at block 0 has no block before it: removed without compensation" if any(r.prev is None for r in result.compensation) else None
     samples = plan.compensation_samples or plan.calibration.n_samples
-    return CompensationInfo(enabled=True, samples=samples, runs=runs, note=note)
+    return CompensationInfo(enabled=True, samples=samples, runs=runs, note=note, form=loaded.spec.compensation_fold.value)
 
 
 def peak_rss_bytes() -> int:
@@ -64,6 +64,7 @@ def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
             tokens_observed=scores.tokens if scores else 0,
             max_tokens_sampled=None if plan.estimator is Estimator.token else plan.max_tokens,
             seed=cal.seed,
+            diversity=diversity(result.calibration_ids) if result.calibration_ids is not None else {},
         ),
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .archs import ArchSpec
+from .archs import ArchSpec, Fold
 from .blockset import blocks_kept, slice_config
 from .compensate import RunCompensation, applied
 
@@ -86,9 +86,11 @@ def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], f
 
 
 def compensated_gguf_tensors(spec: ArchSpec, runs: Sequence[RunCompensation]) -> dict[str, np.ndarray]:
-    """The weights rewritten by compensation, under their GGUF names (original block indices)."""
+    """The weights rewritten by compensation, under their GGUF names (original block indices); a
+    norm's weight as the scale GGUF stores (with the family's offset added, as the converter does)."""
+    offset = spec.norm_scale_offset if spec.compensation_fold is Fold.scale else 0.0
     return {
-        f"blk.{r.prev}.{spec.gguf_residual_projection}.weight": r.weight.float().numpy()
+        f"blk.{r.prev}.{spec.gguf_residual_projection}.weight": r.weight.float().numpy() + offset
         for r in runs
         if r.weight is not None
     }

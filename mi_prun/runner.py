@@ -56,16 +56,18 @@ class _StandIn(nn.Module):
 
 @dataclass
 class Windows:
-    """Token windows (n, seq_len) and, once computed, their dense boundary states."""
+    """Token windows (n, seq_len) and, once computed, their dense boundary states and (when a
+    pass asked for them) each block's residual-projection output in the dense model."""
 
     ids: torch.Tensor
     dense: dict[int, torch.Tensor] = field(default_factory=dict)
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def subset(self, rows: Sequence[int] | slice) -> "Windows":
-        return Windows(self.ids[rows], {b: s[rows] for b, s in self.dense.items()})
+        return Windows(self.ids[rows], {b: s[rows] for b, s in self.dense.items()}, {b: s[rows] for b, s in self.taps.items()})
 
 
 class BlockRunner:
@@ -167,22 +169,27 @@ class BlockRunner:
 
     @torch.no_grad()
     def dense_pass(self, windows: Windows, keep: Callable[[int], bool] = lambda b: True,
-                   on_block: Callable[[], None] | None = None) -> Windows:
+                   on_block: Callable[[], None] | None = None, taps: bool = False) -> Windows:
         """Run the dense model over `windows`, keeping the boundary states `keep` selects (all by
-        default): in RAM, or in files when they would take more than a quarter of the free memory."""
+        default), and with `taps` every block's residual-projection output too: in RAM, or in
+        files when they would take more than a quarter of the free memory."""
         h = self.embed(windows.ids)
-        kept = sum(keep(b) for b in range(self.n_blocks + 1))
+        kept = sum(keep(b) for b in range(self.n_blocks + 1)) + (self.n_blocks if taps else 0)
         spill = kept * h.numel() * h.element_size() > available_memory() // 4
         if spill and self.spill_dir is None:
             self._spill = tempfile.TemporaryDirectory(prefix="mi-prun-states-")
             self.spill_dir = Path(self._spill.name)
+        store = self._spilled if spill else (lambda t: t)
         for b in range(self.n_blocks + 1):
             if b > 0:
-                h = self.run_block(b - 1, h)
+                tap: list | None = [] if taps else None
+                h = self.run_block(b - 1, h, tap=tap)
+                if taps:
+                    windows.taps[b - 1] = store(tap[0])
                 if on_block is not None:
                     on_block()
             if keep(b):
-                windows.dense[b] = self._spilled(h) if spill else h
+                windows.dense[b] = store(h)
         return windows
 
     def _spilled(self, states: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from . import mi, select
+from .archs import Fold
 from .capture import TokenSample, observe_cached
 from .manifest import RunScore
 from .plan import Estimator, Plan, StateView
 from .progress import QUIET, Reporter
+from .recovery import LinearRecovery
 from .runner import Windows
 
 RMS_EPS = 1e-6
@@ -148,6 +150,7 @@ class Scores:
     cosine: np.ndarray  # (B, B) token-mean cosine between boundaries
     angular: np.ndarray  # (B, B) token-mean angular distance
     tokens: int
+    recovery: LinearRecovery | None = None  # compensated run costs (None: not captured)
 
     def block_table(self) -> dict[str, list[float]]:
         n = self.n_blocks
@@ -178,13 +181,14 @@ class Scores:
         ]
 
 
-def score_model(loaded, windows: Windows, plan: Plan, reporter: Reporter = QUIET) -> Scores:
+def score_model(loaded, windows: Windows, plan: Plan, reporter: Reporter = QUIET, taps: bool = False) -> Scores:
     """One dense pass over the calibration windows (their boundary states stay cached for the
-    passes that follow); every score the methods need."""
+    passes that follow); every score the methods need. `taps`: also keep each block's projection
+    output, for the compensated run costs."""
     capture = CapturePlan(plan.estimator, plan.view, plan.max_tokens, plan.seed)
     runner = loaded.runner
     with reporter.task("capturing block boundaries", runner.n_blocks) as advance:
-        runner.dense_pass(windows, on_block=advance)
+        runner.dense_pass(windows, on_block=advance, taps=taps)
     tokens = observe_cached(windows, capture.observers, plan.batch_size)
     return Scores(
         n_blocks=runner.n_blocks,
@@ -192,4 +196,5 @@ def score_model(loaded, windows: Windows, plan: Plan, reporter: Reporter = QUIET
         cosine=capture.stats.mean("cosine"),
         angular=capture.stats.mean("angular"),
         tokens=tokens,
+        recovery=LinearRecovery(windows.dense, windows.taps, runner.spec.compensation_fold is Fold.scale) if taps else None,
     )

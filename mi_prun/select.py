@@ -182,6 +182,14 @@ def fast_block_select(
     return sorted(selection), trace
 
 
+def swap_neighbours(removed: Sequence[int], n_blocks: int, run_cost: RunCost, limit: int) -> list[list[int]]:
+    """The `limit` single-block swaps of `removed` (one removed block kept, one kept block removed)
+    with the lowest objective cost, cheapest first (ties by the blocks, so the order is fixed)."""
+    chosen = set(removed)
+    swaps = {tuple(sorted(chosen - {out} | {inn})) for out in chosen for inn in range(n_blocks) if inn not in chosen}
+    return [list(s) for s in sorted(swaps, key=lambda s: (selection_cost(s, run_cost), s))[:limit]]
+
+
 # --- baselines ------------------------------------------------------------------------------
 
 

@@ -66,3 +66,14 @@ def test_empty_and_short_text(tiny_models, tmp_path):
     (tmp_path / "short.txt").write_text("only a few words here")
     with pytest.raises(UserError, match="fewer than one window"):
         calibration_batches(loaded, CalibrationSpec(str(tmp_path / "short.txt"), 2, 32))
+
+
+def test_distinct_ngram_ratio_sees_repetition():
+    from mi_prun.calibration import distinct_ngram_ratio
+
+    varied = torch.arange(40).reshape(2, 20)
+    looping = torch.tensor([[1, 2, 3, 4] * 5, [1, 2, 3, 4] * 5])
+    assert distinct_ngram_ratio(varied, 2) == 1.0
+    # 2 windows x 17 four-grams, of which only 4 distinct (the loop's rotations)
+    assert distinct_ngram_ratio(looping, 4) == 4 / 34
+    assert distinct_ngram_ratio(looping, 1) == 4 / 40

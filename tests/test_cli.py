@@ -26,8 +26,9 @@ def test_prune_writes_checkpoint_and_manifest(tiny_models, calib_txt, tmp_path):
     assert not list(tmp_path.glob(".pruned.partial-*"))
     # the table names the removed blocks
     assert "removed blocks" in result.output
-    # Gemma 3 has a norm after its MLP: nothing to fold a map into, and the manifest says so
-    assert not manifest.compensation.enabled and "norm" in manifest.compensation.note
+    # Gemma 3 has a norm after its MLP: its maps are per-channel scales in that norm's weight
+    assert manifest.compensation.enabled and manifest.compensation.form == "scale"
+    assert all(r.weight == "post_feedforward_layernorm.weight" for r in manifest.compensation.runs if r.folded_into is not None)
 
 
 def test_compensation_switch_and_its_own_calibration_size(tiny_models, calib_txt, tmp_path):

@@ -8,18 +8,8 @@ import torch
 
 from mi_prun.archs import blocks, get_path
 from mi_prun.blockset import blocks_kept, keep_indices
-from mi_prun.compensate import (
-    RIDGE_GRID,
-    RunMoments,
-    applied,
-    choose_ridge,
-    final_states,
-    fit_compensation,
-    fit_map,
-    residual,
-    run_moments,
-    runs_of,
-)
+from mi_prun.compensate import applied, final_states, fit_compensation, run_moments, runs_of
+from mi_prun.ridge import RIDGE_GRID, RunMoments, choose_ridge, fit_map, residual
 from mi_prun.load import load_model
 from mi_prun.runner import Windows
 
@@ -99,7 +89,7 @@ def test_run_moments_match_hidden_states(tiny_models):
     assert [f.tokens for f in folds] == [23, 23]  # windows alternate between the two folds
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
 def test_fit_compensation_lowers_the_error_and_leaves_the_model_alone(model_type, tiny_models):
     loaded = load_model(str(tiny_models[model_type]))
     model, spec = loaded.model, loaded.spec
@@ -135,10 +125,11 @@ def test_fit_compensation_lowers_the_error_and_leaves_the_model_alone(model_type
         assert torch.equal(w, get_path(b, spec.residual_projection).weight)
 
 
-def test_walk_equals_the_model_with_the_maps_folded_in(tiny_models):
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_walk_equals_the_model_with_the_maps_folded_in(model_type, tiny_models):
     """States after a multi-run fit (from cached boundaries) equal the whole model's forward with
-    the blocks skipped and the maps folded in."""
-    loaded = load_model(str(tiny_models["llama"]))
+    the blocks skipped and the maps folded in (Gemma 3: per-channel scales in its post-norms)."""
+    loaded = load_model(str(tiny_models[model_type]))
     model, spec = loaded.model, loaded.spec
     ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(3))
     windows = dense_windows(loaded, ids)
@@ -146,8 +137,8 @@ def test_walk_equals_the_model_with_the_maps_folded_in(tiny_models):
     runs, _ = fit_compensation(loaded.runner, spec, removed, windows)
     final = final_states(loaded.runner, windows, runs)
     with torch.no_grad(), applied(model, spec, runs), blocks_kept(model, spec, keep_indices(TINY_BLOCKS, removed)):
-        out = model(input_ids=ids, output_hidden_states=True).hidden_states
-    torch.testing.assert_close(loaded.runner.logits(final[0]), model.lm_head(out[-1][0]).float(), rtol=1e-4, atol=1e-4)
+        out = model(input_ids=ids)
+    torch.testing.assert_close(loaded.runner.logits(final[0]), out.logits[0].float(), rtol=1e-4, atol=1e-4)
 
 
 def test_the_sink_rows_land_on_their_targets():

@@ -262,6 +262,15 @@ def test_in_place_gemma3_writes_its_sliding_window_pattern(smol_tokenizer, tmp_p
     hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
     parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(out / e.file, tokens))
     assert parity.top1 >= 0.99 and parity.mean_kl < 1e-3, parity
+    # The run 1..3 is compensated by a per-channel scale in block 0's post-feed-forward norm: the
+    # GGUF holds the scale itself (1 + w), the checkpoint Gemma's w.
+    assert manifest.compensation.form == "scale" and [r.folded_into for r in manifest.compensation.runs] == [0]
+    assert e.check["tensors_replaced"] == {"blk.0.post_ffw_norm.weight": "F32"}
+    written = {t.name: t for t in open_gguf(out / e.file).tensors}["blk.0.post_ffw_norm.weight"]
+    original = {t.name: t for t in open_gguf(src).tensors}["blk.0.post_ffw_norm.weight"]
+    w = hf.model.layers[0].post_feedforward_layernorm.weight.detach().numpy()
+    np.testing.assert_allclose(np.asarray(written.data), w + 1.0, rtol=1e-6)
+    assert not np.allclose(np.asarray(written.data), np.asarray(original.data))
 
 
 def test_gguf_type_rounds_compensated_tensors_once_and_plans_replay_on_a_sibling(export_models, calib_txt, tmp_path):

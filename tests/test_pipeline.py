@@ -227,3 +227,24 @@ def test_compensated_verification_uses_the_compensation_windows(tiny_models, cal
     # scored on the 4 scoring windows instead, the numbers differ
     scoring = RemovalScorer(loaded, Windows(result.calibration_ids), compensate=True)
     assert any(c.calibration_nll != pytest.approx(scoring(c.removed), rel=1e-6) for c in candidates)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_compensated_objective_and_swaps(model_type, tiny_models, calib_txt):
+    """The compensated objective proposes from the capture's projection taps; swaps of the best
+    proposal are scored by the same verifier, and the one kept is the lowest calibration NLL seen."""
+    from mi_prun.plan import Objective
+
+    loaded = load_model(str(tiny_models[model_type]))
+    opts = options(calib_txt, remove=2, objectives=(Objective.channel, Objective.compensated), swaps=2)
+    result = prune(loaded, opts)
+    info = result.selection
+    labels = [c.objective for c in info.candidates]
+    assert labels[:2] == ["channel", "compensated"] and "swap (compensated)" in labels
+    assert result.scores.recovery is not None and result.scores.recovery.measured >= TINY_BLOCKS
+    assert info.verified == len({tuple(c.removed) for c in info.candidates}) and info.verification_s > 0
+    best = min(info.candidates, key=lambda c: c.calibration_nll)
+    assert result.removed == best.removed
+    # without the compensated objective or swaps, the capture keeps no taps
+    plain = prune(loaded, options(calib_txt, remove=2))
+    assert plain.scores.recovery is None and "compensated" not in [c.objective for c in plain.selection.candidates]

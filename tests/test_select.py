@@ -93,3 +93,14 @@ def test_evaluation_driven_baselines():
 def test_budget_is_checked(k):
     with pytest.raises(ValueError):
         select.exact_select(8, k, lambda a, b: 1.0)
+
+
+def test_swap_neighbours_are_the_cheapest_single_swaps():
+    _, cost = random_run_cost(8, 5)
+    removed = [1, 4, 5]
+    got = select.swap_neighbours(removed, 8, cost, 4)
+    every = {tuple(sorted(set(removed) - {o} | {i})) for o in removed for i in range(8) if i not in removed}
+    assert len(every) == 3 * 5 and all(len(set(s) ^ set(removed)) == 2 for s in got)
+    ranked = sorted(every, key=lambda s: (select.selection_cost(s, cost), s))
+    assert [tuple(s) for s in got] == ranked[:4]
+    assert select.swap_neighbours(removed, 8, cost, 100) == [list(s) for s in ranked]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, Method, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, DEFAULT_OBJECTIVES, CompensatedType, Estimator, Method, OnnxPrecision, StateView, Target
 from . import options as o, output
 from .app import app
 from .common import execution_of, load_for_plan, make_plan
@@ -23,6 +23,8 @@ def build(
     seq_len: o.SeqLen = 256,
     top_k: o.TopK = None,
     verify: o.Verify = True,
+    objective: o.Objectives = None,
+    swaps: o.Swaps = 0,
     gguf_type: o.GGUFTypeOpt = None,
     compensated_type: o.CompensatedTypeOpt = CompensatedType.auto,
     onnx_precision: o.OnnxPrecisionOpt = OnnxPrecision.int4,
@@ -51,7 +53,8 @@ def build(
     plan = make_plan(
         plan_file, model=model, method=method, estimator=estimator, view=view, remove=remove, ratio=ratio,
         calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed), top_k=top_k,
-        verify=verify, compensate=compensate, compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
+        verify=verify, objectives=tuple(objective or DEFAULT_OBJECTIVES), swaps=swaps, compensate=compensate,
+        compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
         execution=execution_of(streamed),
         export=ExportPlan(target=target, gguf_type=gguf_type, compensated_type=compensated_type,
                           onnx_precision=onnx_precision, keep_hf=keep_hf),

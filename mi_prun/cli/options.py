@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, Method, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, Method, Objective, OnnxPrecision, StateView, Target
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
@@ -28,6 +28,11 @@ EstimatorOpt = Annotated[Estimator, typer.Option("--estimator", help="MI estimat
 ViewOpt = Annotated[StateView, typer.Option("--view", help="State view given to the estimators.")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Fast-Block-Select candidate runs (default 3N).")]
 Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="Score differing MI-PRUN proposals by calibration NLL (one pass each).")]
+Objectives = Annotated[Optional[list[Objective]], typer.Option(
+    "--objective",
+    help="MI-PRUN objective form to propose the optimum of (repeat for several; default: channel, per-block, length-penalized).",
+)]
+Swaps = Annotated[int, typer.Option("--swaps", min=0, help="Single-block swaps of the best MI-PRUN proposal verified per round (0: none).")]
 
 Calib = Annotated[str, typer.Option("--calib", help="Calibration text: .txt/.jsonl/.parquet file, a dataset (wikitext2, PATH[@CONFIG][:SPLIT]), or 'self'.")]
 NSamples = Annotated[int, typer.Option("--n-samples", help="Calibration sequences.")]

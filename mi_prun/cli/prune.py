@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..plan import Estimator, Method, StateView
+from ..plan import DEFAULT_OBJECTIVES, Estimator, Method, StateView
 from . import options as o, output
 from .app import app
 from .common import execution_of, load_for_plan, make_plan, require_one_of
@@ -22,6 +22,8 @@ def prune(
     seq_len: o.SeqLen = 256,
     top_k: o.TopK = None,
     verify: o.Verify = True,
+    objective: o.Objectives = None,
+    swaps: o.Swaps = 0,
     compensate: o.Compensate = True,
     compensation_samples: o.CompensationSamples = None,
     seed: o.Seed = 0,
@@ -42,7 +44,8 @@ def prune(
     plan = make_plan(
         plan_file, model=model, method=method, estimator=estimator, view=view, remove=remove, ratio=ratio,
         calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed), top_k=top_k,
-        verify=verify, compensate=compensate, compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
+        verify=verify, objectives=tuple(objective or DEFAULT_OBJECTIVES), swaps=swaps, compensate=compensate,
+        compensation_samples=compensation_samples, seed=seed, device=device, dtype=dtype,
         execution=execution_of(streamed),
     )
     inspected = check_plan(plan, out, force)
