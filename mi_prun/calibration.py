@@ -166,6 +166,13 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's special and control tokens (BOS, EOS, padding, markers, unused slots)."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+    return sorted(ids)
+
+
 @torch.no_grad()
 def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     """Sample `n_samples` continuations of seeded prompts from the model itself (no data needed)."""
@@ -178,7 +185,10 @@ def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        # With the tokenizer's own special tokens: a model trained with a BOS (Gemma) writes
+        # degenerate text without it (measured on Gemma 3 270M: distinct 4-grams 9%, its own NLL
+        # 0.34 nats per token, rows of "tables tables" and <start_of_image>).
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
     finally:
         tokenizer.padding_side = side
     out = model.generate(
@@ -189,6 +199,8 @@ def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
         max_new_tokens=spec.seq_len,
         min_new_tokens=spec.seq_len,
         pad_token_id=tokenizer.pad_token_id,
+        # Control tokens (image markers, turn markers, unused slots) are not text to calibrate on.
+        suppress_tokens=special_token_ids(tokenizer) or None,
     ).cpu()
     pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
     # Drop each row's left padding; prompt + continuation is at least seq_len tokens long.

@@ -77,3 +77,20 @@ def test_distinct_ngram_ratio_sees_repetition():
     # 2 windows x 17 four-grams, of which only 4 distinct (the loop's rotations)
     assert distinct_ngram_ratio(looping, 4) == 4 / 34
     assert distinct_ngram_ratio(looping, 1) == 4 / 40
+
+
+def test_self_generation_writes_no_control_tokens(tiny_models):
+    """Sampled text never holds the tokenizer's special tokens (a random tiny model would sample
+    them: 3 of its 384 tokens), and prompts get the BOS when the tokenizer adds one."""
+    from mi_prun.calibration import self_generated_ids, special_token_ids
+    from mi_prun.load import load_model
+
+    loaded = load_model(str(tiny_models["llama"]))
+    special = set(special_token_ids(loaded.tokenizer))
+    assert special >= {loaded.tokenizer.eos_token_id, loaded.tokenizer.bos_token_id}
+    ids = self_generated_ids(loaded.model, loaded.tokenizer, CalibrationSpec("self", n_samples=8, seq_len=96, seed=1))
+    # (the prompts themselves may hold <unk> for this tiny vocabulary: only the sampled part is checked)
+    assert not special & set(ids[:, 48:].flatten().tolist())
+    tokenizer = loaded.tokenizer
+    adds_bos = tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+    assert (ids[:, 0] == tokenizer.bos_token_id).all() == adds_bos
