@@ -15,7 +15,7 @@ that the best linear map of its input recovers ("linear information"). A run tha
 block 0 has no block before it to fold into, so its cost is plain removal's.
 
 The first token of every window (the attention sink) is left out, as in the fits; the shipped fit
-also constrains the sink's map (`compensate._sink_correction`), which moves T only along the sink's
+also constrains the sink's map (`ridge._sink_correction`), which moves T only along the sink's
 outlier directions and is not modelled here.
 """
 
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from .capture import SINK_TOKENS
+from .ridge import FOLDS
 
 # Ridge strengths tried (relative to the mean diagonal of M^T M, as `compensate.RIDGE_GRID`); plain
 # removal is always a further choice. A coarser grid than the shipped fit's: a ranking, not a map.
 RIDGE_GRID = (1e-2, 1e-1, 1.0)
-FOLDS = 2
 
 
 def _rows(x: torch.Tensor, fold: int) -> torch.Tensor:
@@ -98,25 +98,16 @@ class LinearRecovery:
     taps: dict[int, torch.Tensor]
     diagonal: bool = False  # the family folds a per-channel scale (`archs.Fold.scale`)
     measured: int = 0
-    _cache: dict[tuple[int, int], tuple[float, float, float]] = field(default_factory=dict)
+    _cache: dict[tuple[int, int], float] = field(default_factory=dict)
     _prev: tuple[int, list[torch.Tensor], list[FoldBasis]] | None = None
-
-    def errors(self, start: int, end: int) -> tuple[float, float, float]:
-        """(compensated held-out error, plain-removal error, output energy) of run start..end."""
-        if (start, end) not in self._cache:
-            self._cache[(start, end)] = self._measure(start, end)
-            self.measured += 1
-        return self._cache[(start, end)]
 
     def run_cost(self, start: int, end: int) -> float:
         """Lost fraction of blocks start..end removed and compensated (see the module docstring)."""
-        error, _, energy = self.errors(start, end)
-        return error / energy if energy else 0.0
-
-    def unrecovered(self, start: int, end: int) -> float:
-        """Share of plain removal's error that compensation leaves (1: the map recovers nothing)."""
-        error, plain, _ = self.errors(start, end)
-        return error / plain if plain else 1.0
+        if (start, end) not in self._cache:
+            error, energy = self._measure(start, end)
+            self._cache[(start, end)] = error / energy if energy else 0.0
+            self.measured += 1
+        return self._cache[(start, end)]
 
     def _regressor(self, prev: int) -> tuple[list[torch.Tensor], list[FoldBasis]]:
         # Runs are measured grouped by their first block, so one regressor is kept at a time
@@ -127,13 +118,14 @@ class LinearRecovery:
             self._prev = (prev, m, bases)
         return self._prev[1], self._prev[2]
 
-    def _measure(self, start: int, end: int) -> tuple[float, float, float]:
+    def _measure(self, start: int, end: int) -> tuple[float, float]:
+        """(compensated held-out error, output energy) of run start..end."""
         target = [_rows(self.dense[end + 1], f) for f in range(FOLDS)]
         entry = [_rows(self.dense[start], f) for f in range(FOLDS)]
         energy = sum(float(t.double().pow(2).sum()) for t in target)
         plain = sum(float((t - e).double().pow(2).sum()) for t, e in zip(target, entry))
         if start == 0 or energy == 0.0:
-            return plain, plain, energy
+            return plain, energy
         if self.diagonal:
             m = [_rows(self.taps[start - 1], f) for f in range(FOLDS)]
         else:
@@ -148,7 +140,7 @@ class LinearRecovery:
             mr = [(mf.T @ rf).double().numpy() for mf, rf in zip(m, r)]
             errors = heldout_errors(bases, mr, rr)
         best = min(min(errors.values()), plain)
-        return max(best, 0.0), plain, energy
+        return max(best, 0.0), energy
 
     def block_costs(self, n_blocks: int) -> list[float]:
         return [self.run_cost(i, i) for i in range(n_blocks)]
