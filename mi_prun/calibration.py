@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .errors import UserError, first_line
 from .plan import CalibrationSpec
 
@@ -231,5 +232,7 @@ def calibration_batches(loaded, spec: CalibrationSpec) -> torch.Tensor:
     if spec.source == "self":
         # Sampling token by token from a model streamed block by block would take hours.
         loaded.require_in_memory(SELF_NEEDS_MEMORY)
-        return self_generated_ids(loaded.model, loaded.tokenizer, spec)
+        # Distributed: rank 0 writes the text and hands it to the others, so it is the text one
+        # process writes, whatever the number of ranks.
+        return distributed.from_main(self_generated_ids(loaded.model, loaded.tokenizer, spec) if distributed.is_main() else None)
     return windows_from_ids(tokenize_text(loaded.tokenizer, read_text_source(spec.source)), spec.n_samples, spec.seq_len)

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .archs import ArchSpec, Fold, blocks, get_path
 from .ridge import FOLDS, RunMoments, choose_ridge, fit_map, residual
 
@@ -72,18 +73,27 @@ def start_walk(windows) -> Walk:
     return Walk(0, windows.dense[0])
 
 
-def run_moments(m: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> list[RunMoments]:
+def run_moments(m: torch.Tensor, h: torch.Tensor, t: torch.Tensor, index: torch.Tensor | None = None) -> list[RunMoments]:
     """Moments for replacing a run, per fold of windows, from the projection output `m` and the
     output `h` of the block before the run and the run's output `t` (all (windows, seq, hidden));
-    each window's first token goes to the sink rows."""
+    each window's first token goes to the sink rows. `index`: the windows' positions in the whole
+    set (`Windows.index`), which pick their folds; in a distributed run the moments are summed
+    over the ranks, so every rank holds the moments of all the windows."""
     m, h, t = (x.double().cpu().numpy() for x in (m, h, t))
     r = t - h + m  # R = h_last - Y with Y = h_prev - M
+    positions = range(m.shape[0]) if index is None else index.tolist()
     folds = [RunMoments.zeros(m.shape[-1]) for _ in range(FOLDS)]
-    for window in range(m.shape[0]):
-        fold = folds[window % FOLDS]
+    for window, position in enumerate(positions):
+        fold = folds[position % FOLDS]
         fold.add(m[window, 1:], r[window, 1:])
         fold.add_sink(m[window, :1], r[window, :1])
-    return folds
+    return [_over_ranks(f) for f in folds] if distributed.active() else folds
+
+
+def _over_ranks(f: RunMoments) -> RunMoments:
+    """One fold's moments summed over the ranks; sink rows gathered in window order."""
+    return RunMoments(distributed.all_sum(f.mm), distributed.all_sum(f.mr), distributed.all_sum(f.rr), distributed.all_sum(f.ee),
+                      distributed.all_sum(f.tokens), distributed.gather_rows(f.sink_m), distributed.gather_rows(f.sink_r))
 
 
 FOLD_COLUMNS = 1024  # columns of the projection folded at a time (float64 temporaries stay small)
@@ -184,7 +194,7 @@ def fit_compensation(runner, spec: ArchSpec, removed: Sequence[int], windows, me
             h = runner.run_block(record.prev, walk.states, tap=tap)
             # Clean: the run's output is the dense boundary after it, already cached.
             t = windows.dense[last + 1] if walk.clean else runner.run_blocks(range(record.prev + 1, last + 1), h, walk.weights)
-            fit_run(record, run_moments(tap[0], h, t), runner.store.tensor(record.prev, f"{spec.residual_projection}.weight"), spec)
+            fit_run(record, run_moments(tap[0], h, t, windows.index), runner.store.tensor(record.prev, f"{spec.residual_projection}.weight"), spec)
         walk = skip_run(runner, windows, walk, record)
         out.append(record)
         if memo is not None:

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import distributed
 from .metrics import ppl_from_nll
 from .runner import Windows
 
@@ -29,6 +30,11 @@ class EvalWindows:
 
     def __len__(self) -> int:
         return self.ids.shape[0]
+
+    def share(self) -> "EvalWindows":
+        """This rank's share of the windows (all of them in one process); `evaluate` sums over ranks."""
+        rows = distributed.share(len(self))
+        return EvalWindows(self.ids[rows], self.first_target[rows], self.stride)
 
     def target_mask(self) -> torch.Tensor:
         """(n, seq_len - 1) True where the target token is scored."""
@@ -129,12 +135,14 @@ def evaluate(runner, final: torch.Tensor, windows: EvalWindows, reference=None,
         if on_window is not None and w != last:
             on_window()
             last = w
+    # Every rank scored its share of the windows.
+    total_nll, total_kl, agree, tokens, count = distributed.all_sum([total_nll, total_kl, agree, tokens, len(windows)])
     mean = total_nll / tokens
     return EvalResult(
         ppl=ppl_from_nll(mean),
         nll=mean,
-        tokens=tokens,
-        windows=len(windows),
+        tokens=int(tokens),
+        windows=int(count),
         seq_len=windows.seq_len,
         stride=windows.stride,
         wall_s=time.perf_counter() - start,

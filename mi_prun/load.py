@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from . import distributed
 from .archs import ArchSpec, UnsupportedArchitectureError, spec_for
 from .errors import UserError, first_line
 from .plan import Execution
@@ -97,9 +98,11 @@ def resolve_source(model: str | None) -> ModelSource:
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if device == "cuda" and distributed.active():
+        return torch.device("cuda", distributed.local_rank())  # one GPU per rank
     return torch.device(device)
 
 

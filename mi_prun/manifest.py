@@ -28,6 +28,15 @@ class CalibrationInfo(BaseModel):
     diversity: dict[str, float] = Field(default_factory=dict)
 
 
+class DistributedInfo(BaseModel):
+    """A run on several ranks (torchrun): each took a share of the windows; statistics were summed."""
+
+    ranks: int
+    backend: str
+    reductions: int  # collectives this rank took part in (sums, gathers, broadcasts)
+    reduced_mib: float  # what this rank sent into them
+
+
 class RunScore(BaseModel):
     start: int  # first removed block of the run
     end: int  # last removed block, inclusive
@@ -132,7 +141,9 @@ class PruningManifest(BaseModel):
     device: str
     dtype: str
     execution: str = "in-memory"  # in-memory | streamed (one block at a time), as chosen for this run
+    distributed: DistributedInfo | None = None  # set when the run was split over ranks (torchrun)
     peak_rss_mib: float | None = None  # the process's peak resident memory when the manifest was written
+    peak_gpu_mib: float | None = None  # peak GPU memory PyTorch allocated (CUDA runs)
     # The process's peak resident memory so far, after each stage (it only grows: the stage where it
     # grows is the one that needed the memory).
     peak_rss_mib_after: dict[str, float] = {}

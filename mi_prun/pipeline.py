@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .atomic import atomic_dir
 from .blockset import keep_indices
 from .calibration import calibration_batches
@@ -64,15 +65,17 @@ def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
     n_remove = plan.n_remove(n)
     compensate = plan.compensate and can_compensate(loaded.spec)
     cal = plan.calibration
-    calib = fit = None
+    calib = fit = calib_ids = None
     if plan.replay is None or compensate:
         with _timed(timings, "calibrate", peaks):
             reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
-            calib = fit = Windows(calibration_batches(loaded, cal))
+            calib_ids = calibration_batches(loaded, cal)
+            # Each rank runs its share of the windows (all of them in one process).
+            calib = fit = Windows.share(calib_ids)
             if compensate and plan.compensation_samples not in (None, cal.n_samples):
                 spec = cal.model_copy(update={"n_samples": plan.compensation_samples})
                 reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
-                fit = Windows(calibration_batches(loaded, spec))
+                fit = Windows.share(calibration_batches(loaded, spec))
 
     scores = None
     if plan.replay is not None:
@@ -94,7 +97,7 @@ def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
         with _timed(timings, "compensate", peaks), reporter.task("fitting linear compensation for the removed runs", None):
             runs = compensation_for(loaded, removed, ensure_dense(runner, fit))
         info.forward_passes += capture_passes(runs)
-    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib.ids if calib else None, timings, runs, peaks)
+    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, timings, runs, peaks)
 
 
 def _scorer(loaded, plan: Plan, calib: Windows, fit: Windows, compensate: bool) -> RemovalScorer:
@@ -106,7 +109,9 @@ def _scorer(loaded, plan: Plan, calib: Windows, fit: Windows, compensate: bool) 
 
 
 def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
-    """The pruned checkpoint + pruning.json, written all at once into `out`."""
+    """The pruned checkpoint + pruning.json, written all at once into `out` (by rank 0 alone)."""
+    if not distributed.is_main():
+        return build_manifest(loaded, plan, result)
     with atomic_dir(out, force) as tmp:
         with _timed(result.timings, "repack", result.peak_rss_mib):
             save_checkpoint(loaded, result.kept, result.compensation, tmp)
@@ -119,6 +124,8 @@ def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter
     """Prune, measure (with --eval), export and check, describe: one output folder, written at once."""
     result = prune(loaded, plan, reporter)
     quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter) if plan.evaluation else None
+    if not distributed.is_main():  # every rank took the same decision; rank 0 writes it
+        return build_manifest(loaded, plan, result)
     with atomic_dir(out, force) as tmp:
         with _timed(result.timings, "export", result.peak_rss_mib):
             export = export_pruned(loaded, plan.export, result, tmp, reporter)
@@ -137,7 +144,7 @@ def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter
 def score_blocks(loaded, plan: Plan, reporter: Reporter = QUIET) -> tuple[Scores, list[int]]:
     """The scores of one capture pass and the blocks the plan's method would remove (uncompensated
     verification: `score` shows the MI criterion, it ships nothing)."""
-    calib = Windows(calibration_batches(loaded, plan.calibration))
+    calib = Windows.share(calibration_batches(loaded, plan.calibration))
     scores = score_model(loaded, calib, plan, reporter)
     removed, _ = select_blocks(scores, plan, plan.n_remove(scores.n_blocks), RemovalScorer(loaded, calib), reporter)
     return scores, removed

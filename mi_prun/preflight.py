@@ -8,12 +8,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .archs import ArchSpec
 from .atomic import check_target
 from .calibration import check_text_source
 from .errors import UserError
 from .load import ModelSource, inspect_model, resolve_source
-from .plan import Plan, Target, check_replay
+from .plan import Estimator, Objective, Plan, Target, check_replay
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,29 @@ def require_export_tools(target: Target) -> None:
         raise UserError("--target onnx needs onnxruntime and onnxruntime-genai (make install adds them)") from None
 
 
+def check_distributed(plan: Plan) -> None:
+    """What a run on several ranks (torchrun) cannot split, refused before anything loads."""
+    ranks = distributed.world()
+    if ranks == 1:
+        return
+    if plan.estimator is not Estimator.token:
+        raise UserError(f"--estimator {plan.estimator.value} keeps a token sample that is not split over ranks; "
+                        "use --estimator token, or run on one process")
+    if Objective.compensated in plan.objectives or plan.swaps:
+        raise UserError("--objective compensated and --swaps need every window in one process; run them without torchrun")
+    # A cross-fitted compensation gives each rank windows of both halves: two per rank.
+    per_rank = 2 if plan.compensate else 1
+    for flag, count in (("--n-samples", plan.calibration.n_samples), ("--compensation-samples", plan.compensation_samples)):
+        if count is not None and count < per_rank * ranks:
+            raise UserError(f"{flag} {count} gives some of the {ranks} ranks fewer than {per_rank} windows; "
+                            f"use at least {per_rank * ranks}, or fewer ranks")
+    if plan.evaluation is not None and plan.evaluation.windows < ranks:
+        raise UserError(f"--eval-windows {plan.evaluation.windows} is fewer than one per rank for {ranks} ranks")
+
+
 def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Inspected:
     """All checks of a prune/build run, in the order of their cost; returns the inspected model."""
+    check_distributed(plan)
     if out is not None:
         check_output(out, force)
     check_text_source(plan.calibration.source, "--calib")

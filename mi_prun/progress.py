@@ -8,12 +8,15 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from . import distributed
+
 Advance = Callable[[], None]
 
 
 class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
-        self.quiet = quiet
+        # In a distributed run only rank 0 talks to the user.
+        self.quiet = quiet or not distributed.is_main()
         self.console = console or Console(stderr=True)
 
     @contextmanager

@@ -10,7 +10,8 @@ from typing import Sequence
 from .calibration import canonical_source, read_text_source, tokenize_text
 from .compensate import RunCompensation, removal_runs
 from .errors import UserError
-from .evaluate import EvalResult, evaluate, final_states, strided_windows
+from . import distributed
+from .evaluate import EvalResult, EvalWindows, evaluate, final_states, strided_windows
 from .load import LoadedModel, ModelSource
 from .manifest import MANIFEST_NAME, PruningManifest, QualityInfo
 from .plan import EvalPlan
@@ -49,6 +50,14 @@ def check_same_vocabulary(model: LoadedModel, reference: LoadedModel) -> None:
         raise UserError("--reference uses a different tokenizer than --model; KL and top-1 need the same vocabulary")
 
 
+def _shared(windows: EvalWindows, what: str) -> EvalWindows:
+    """This rank's share of the evaluation windows; every rank needs one."""
+    if len(windows) < distributed.world():
+        raise UserError(f"{what} gives {len(windows)} windows, fewer than one per rank for {distributed.world()} ranks; "
+                        "give more text or run fewer ranks")
+    return windows.share()
+
+
 def run_eval(
     loaded: LoadedModel,
     data: str,
@@ -64,7 +73,7 @@ def run_eval(
         check_same_vocabulary(loaded, reference)
     ids = tokenize_text(loaded.tokenizer, read_text_source(eval_source(data), "evaluation"))
     try:
-        windows = strided_windows(ids, seq_len, stride, max_windows)
+        windows = _shared(strided_windows(ids, seq_len, stride, max_windows), "evaluation text")
     except ValueError:
         raise UserError(f"evaluation text has {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}") from None
     loaded.runner.batch_size = batch_size
@@ -94,7 +103,7 @@ def measure_quality(loaded: LoadedModel, removed: Sequence[int], runs: Sequence[
     """Perplexity of dense and pruned, KL and top-1 to dense, on the --eval text."""
     ids = tokenize_text(loaded.tokenizer, read_text_source(eval_source(evaluation.data), "--eval"))
     try:
-        windows = strided_windows(ids, evaluation.seq_len, max_windows=evaluation.windows)
+        windows = _shared(strided_windows(ids, evaluation.seq_len, max_windows=evaluation.windows), "--eval text")
     except ValueError:
         raise UserError(f"--eval text has {ids.numel()} tokens, fewer than one window of {evaluation.seq_len}") from None
     runner = loaded.runner
@@ -103,6 +112,6 @@ def measure_quality(loaded: LoadedModel, removed: Sequence[int], runs: Sequence[
     dense = evaluate(runner, dense_final, windows)
     pruned = evaluate(runner, pruned_final, windows, (runner, dense_final))
     return QualityInfo(
-        data=evaluation.data, windows=len(windows), seq_len=windows.seq_len, tokens=pruned.tokens,
+        data=evaluation.data, windows=pruned.windows, seq_len=windows.seq_len, tokens=pruned.tokens,
         dense_ppl=dense.ppl, pruned_ppl=pruned.ppl, kl_to_dense=pruned.kl, top1_agreement=pruned.top1,
     )

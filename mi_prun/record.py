@@ -5,9 +5,10 @@ from __future__ import annotations
 import resource
 import sys
 
+from . import distributed
 from .calibration import canonical_source, diversity
 from .compensate import can_compensate
-from .manifest import CalibrationInfo, CompensationInfo, CompensationRun, PruningManifest, package_versions
+from .manifest import CalibrationInfo, CompensationInfo, DistributedInfo, CompensationRun, PruningManifest, package_versions
 from .plan import Estimator, Plan, shapes_of
 
 
@@ -29,6 +30,22 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
     note = "a run starting at block 0 has no block before it: removed without compensation" if any(r.prev is None for r in result.compensation) else None
     samples = plan.compensation_samples or plan.calibration.n_samples
     return CompensationInfo(enabled=True, samples=samples, runs=runs, note=note, form=loaded.spec.compensation_fold.value)
+
+
+def distributed_info() -> DistributedInfo | None:
+    if not distributed.active():
+        return None
+    traffic = distributed.TRAFFIC
+    return DistributedInfo(ranks=distributed.world(), backend=distributed.backend(), reductions=traffic.reductions,
+                           reduced_mib=round(traffic.bytes / 2**20, 3))
+
+
+def peak_gpu_mib(device) -> float | None:
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
 def peak_rss_bytes() -> int:
@@ -69,7 +86,9 @@ def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
         execution=loaded.execution.value,
+        distributed=distributed_info(),
         peak_rss_mib=round(peak_rss_bytes() / 2**20, 1),
+        peak_gpu_mib=peak_gpu_mib(loaded.device),
         peak_rss_mib_after=dict(result.peak_rss_mib),
         timings_s={k: round(v, 3) for k, v in result.timings.items()},
         versions=package_versions(),

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .archs import ArchSpec, blocks, get_path, set_path
 from .capture import block_output
 from .weights import BlockStore, available_memory
@@ -57,17 +58,42 @@ class _StandIn(nn.Module):
 @dataclass
 class Windows:
     """Token windows (n, seq_len) and, once computed, their dense boundary states and (when a
-    pass asked for them) each block's residual-projection output in the dense model."""
+    pass asked for them) each block's residual-projection output in the dense model.
+
+    `index`: each window's position in the whole set, which in a distributed run is spread over
+    the ranks (`distributed.share`); folds and halves are taken by it, so they are the same
+    windows whatever the number of ranks."""
 
     ids: torch.Tensor
     dense: dict[int, torch.Tensor] = field(default_factory=dict)
     taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = torch.arange(self.ids.shape[0])
+
+    @classmethod
+    def share(cls, ids: torch.Tensor) -> "Windows":
+        """This rank's share of the windows `ids` (all of them in one process)."""
+        rows = distributed.share(ids.shape[0])
+        return cls(ids[rows], index=torch.arange(ids.shape[0])[rows])
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def subset(self, rows: Sequence[int] | slice) -> "Windows":
-        return Windows(self.ids[rows], {b: s[rows] for b, s in self.dense.items()}, {b: s[rows] for b, s in self.taps.items()})
+    def subset(self, rows: Sequence[int] | slice | torch.Tensor) -> "Windows":
+        return Windows(self.ids[rows], {b: s[rows] for b, s in self.dense.items()}, {b: s[rows] for b, s in self.taps.items()},
+                       self.index[rows])
+
+    def half(self, parity: int) -> "Windows":
+        """The windows of even (0) or odd (1) position in the whole set, renumbered within the half."""
+        # A slice where the windows are consecutive (a rank's share): spilled states stay views, not copies.
+        consecutive = len(self) and int(self.index[-1] - self.index[0]) == len(self) - 1
+        rows = slice(int(parity - self.index[0]) % 2, None, 2) if consecutive else torch.nonzero(self.index % 2 == parity).flatten()
+        out = self.subset(rows)
+        out.index = out.index // 2
+        return out
 
 
 class BlockRunner:
@@ -227,7 +253,8 @@ class BlockRunner:
                 yield w, pos, lp, ids[w, pos.start + 1 : pos.stop + 1]
 
     def nll_sum(self, final: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-        """Summed next-token NLL (nats) and the number of predicted tokens, from final boundary states."""
+        """Summed next-token NLL (nats) and the number of predicted tokens, from final boundary
+        states: over every rank's windows (each rank passes its share)."""
         total, count = 0.0, 0
         seq = ids.shape[1]
         for w in range(ids.shape[0]):
@@ -238,4 +265,5 @@ class BlockRunner:
                 # NLL = logsumexp - target logit: no log-probability table is materialized.
                 total += float((torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum())
                 count += stop - start
-        return total, count
+        total, count = distributed.all_sum([total, count])
+        return total, int(count)

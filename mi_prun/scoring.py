@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import mi, select
+from . import distributed, mi, select
 from .archs import Fold
 from .capture import TokenSample, observe_cached
 from .manifest import RunScore
@@ -58,6 +58,11 @@ class PairwiseTokenStats:
         for key, value in batch.items():
             self.sums[key] = self.sums.get(key, 0) + value.cpu()
         self.tokens += x.shape[1]
+
+    def over_ranks(self) -> None:
+        """Sums and token count of every rank's share (one process: unchanged)."""
+        self.sums = {key: distributed.all_sum(value) for key, value in self.sums.items()}
+        self.tokens = distributed.all_sum(self.tokens)
 
     def mean(self, key: str) -> np.ndarray:
         if not self.tokens:
@@ -189,7 +194,9 @@ def score_model(loaded, windows: Windows, plan: Plan, reporter: Reporter = QUIET
     runner = loaded.runner
     with reporter.task("capturing block boundaries", runner.n_blocks) as advance:
         runner.dense_pass(windows, on_block=advance, taps=taps)
-    tokens = observe_cached(windows, capture.observers, plan.batch_size)
+    observe_cached(windows, capture.observers, plan.batch_size)
+    capture.stats.over_ranks()
+    tokens = capture.stats.tokens
     return Scores(
         n_blocks=runner.n_blocks,
         boundary_mi=capture.boundary_mi(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from . import distributed
 from .compensate import BudgetMemo, Memo, MemoryBudget, can_compensate, capture_passes, final_states, fit_compensation, plain_runs
 from .runner import BlockRunner, Windows
 
@@ -34,6 +35,7 @@ class RemovalScorer:
         self.runner, self.spec, self.windows = loaded.runner, loaded.spec, windows
         self.compensate = compensate
         self.advance = advance
+        self.total = distributed.all_sum(len(windows))  # windows over every rank
         self.passes = 0
         self.nll: dict[tuple[int, ...], float] = {}
         self._halves: list[Windows] | None = None
@@ -45,10 +47,10 @@ class RemovalScorer:
     @property
     def cross_fitted(self) -> bool:
         """Whether removals are scored compensated (needs a weight to fold into and two halves)."""
-        return self.compensate and can_compensate(self.spec) and len(self.windows) >= 2
+        return self.compensate and can_compensate(self.spec) and self.total >= 2
 
     def describe(self) -> str:
-        windows = f"{len(self.windows)} windows x {self.windows.ids.shape[1]} tokens"
+        windows = f"{self.total} windows x {self.windows.ids.shape[1]} tokens"
         if self.cross_fitted:
             return f"compensated calibration NLL, maps fitted on one half of {windows} and scored on the other, both ways"
         return f"calibration NLL on {windows}"
@@ -71,7 +73,7 @@ class RemovalScorer:
 
     def _cross_fitted_nll(self, removed: Sequence[int]) -> float:
         if self._halves is None:
-            self._halves = [self.windows.subset(slice(0, None, 2)), self.windows.subset(slice(1, None, 2))]
+            self._halves = [self.windows.half(0), self.windows.half(1)]
         total = count = 0.0
         for k, (fit_half, score_half) in enumerate((self._halves, self._halves[::-1])):
             runs, _ = fit_compensation(self.runner, self.spec, removed, fit_half, self._memos[k])

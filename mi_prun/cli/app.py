@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -13,6 +14,8 @@ try:  # typer >= 0.24 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on the real click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
+from .. import distributed
+from ..distributed import RankFailure
 from ..errors import UserError
 
 
@@ -32,6 +35,9 @@ class OneLineErrors(TyperGroup):
         kwargs["standalone_mode"] = False
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:
+            distributed.start()
+            if not distributed.is_main():  # the results are rank 0's to print
+                sys.stdout = open(os.devnull, "w")
             code = super().main(*args, **kwargs)
         except NoArgsIsHelpError as err:
             err.show()
@@ -43,19 +49,26 @@ class OneLineErrors(TyperGroup):
         except UserError as err:
             _error(str(err))
             code = 2
+        except RankFailure as err:
+            _error(str(err))
+            code = 1
         except (KeyboardInterrupt, typer.Abort):
             _error("interrupted; nothing was written")
             code = 130
         except Terminated:
-            _error("terminated (SIGTERM); nothing was written")
+            # Under torchrun a SIGTERM is the launcher stopping every rank because one failed.
+            why = " by the launcher, as another rank stopped" if distributed.active() else ""
+            _error(f"terminated (SIGTERM){why}; nothing was written")
             code = 143
         finally:
             signal.signal(signal.SIGTERM, previous)
+            distributed.stop()
         sys.exit(code if isinstance(code, int) else 0)
 
 
 def _error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    where = f" ({distributed.describe()})" if distributed.active() else ""
+    print(f"error{where}: {message}", file=sys.stderr, flush=True)
 
 
 app = typer.Typer(

@@ -31,7 +31,9 @@ def eval_(
     quiet: o.Quiet = False,
 ):
     """Perplexity on held-out text; with --reference, KL(reference || model) and top-1 agreement."""
+    from .. import distributed
     from ..calibration import check_text_source
+    from ..errors import UserError
     from ..preflight import inspect
     from ..progress import Reporter
     from ..quality import calibration_overlap, check_windows, eval_rows, run_eval
@@ -40,6 +42,8 @@ def eval_(
     check_text_source(data, "--data")
     check_windows(seq_len, stride)
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if task_list and distributed.active():
+        raise UserError("--tasks runs lm-evaluation-harness, which is not split over ranks; run it on one process")
     if task_list:
         from ..tasks import require_lm_eval
 
@@ -55,6 +59,8 @@ def eval_(
     loaded = load(inspected, device, dtype, reporter, execution, batch_size)
     ref = load(ref_inspected, device, dtype, reporter, execution, batch_size) if ref_inspected is not None else None
     result = run_eval(loaded, data, seq_len, stride, max_windows, batch_size, ref, reporter)
+    if not distributed.is_main():  # every rank holds the summed result: rank 0 reports it
+        return
     payload = {"model": loaded.source.describe(), "reference": ref.source.describe() if ref else None, "data": data,
                **result.to_dict(), "warnings": [warning] if warning else []}
     if task_list:

@@ -25,10 +25,14 @@ def export(
     """Export a Hugging Face folder without pruning (e.g. the dense model, to compare in the same runtime)."""
     from exporters.gguf_export import spec_of_folder
 
+    from .. import distributed
+    from ..errors import UserError
     from ..export import export_folder
     from ..preflight import check_output, require_export_tools
     from ..progress import Reporter
 
+    if distributed.active():
+        raise UserError("export runs no model, so nothing to split over ranks: run it as one process, without torchrun")
     check_output(out, force)
     spec, _ = spec_of_folder(model)
     require_export_tools(target)

@@ -31,6 +31,7 @@ def score(
     quiet: o.Quiet = False,
 ):
     """Print the per-block MI table and draw the run-MI heatmap with the MI-PRUN choice marked."""
+    from .. import distributed
     from ..calibration import CalibrationSpec
     from ..pipeline import score_blocks
     from ..plan import Plan
@@ -45,6 +46,8 @@ def score(
     reporter = Reporter(quiet)
     loaded = load_for_plan(inspected, plan, reporter)
     scores, removed = score_blocks(loaded, plan, reporter)
+    if not distributed.is_main():  # the same scores on every rank: rank 0 writes them
+        return
     table = scores.block_table()
     output.block_table(table, removed)
     run_heatmap(scores.run_matrix(), removed, heatmap, title=f"{loaded.source.describe()} ({estimator.value} MI, nats)")
