@@ -62,6 +62,13 @@ class ArchSpec:
     # A norm of the family scales by (offset + weight) (Gemma's RMSNorm: 1 + w); GGUF stores the
     # scale itself (llama.cpp's converter adds the offset).
     norm_scale_offset: float = 0.0
+    # Linear layers of a block that healing adapts (LoRA, merged before export), with their GGUF
+    # names. Not q/k: llama.cpp's converter permutes them for rotary embeddings, so a weight rewritten
+    # in place would need the same permutation.
+    heal_modules: tuple[tuple[str, str], ...] = (
+        ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
+    )
     # Config key of a cap applied to the logits after the head (tanh soft-capping), if the family has one.
     logit_softcap_key: str | None = None
     # Config lists with one entry per block: sliced by the kept indices on repack.

@@ -252,6 +252,23 @@ def applied(model, spec: ArchSpec, runs: Sequence[RunCompensation]) -> Iterator[
             w.copy_(original)
 
 
+@contextmanager
+def replaced(model, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Parameters named in `weights` (names of the unpruned model) hold those values for the
+    duration (healed weights), the originals back afterwards."""
+    params = dict(model.named_parameters())
+    saved = []
+    for name, value in weights.items():
+        target = params[name].data
+        saved.append((target, target.clone()))
+        target.copy_(value.to(target.device, target.dtype))
+    try:
+        yield
+    finally:
+        for target, original in saved:
+            target.copy_(original)
+
+
 def can_compensate(spec: ArchSpec) -> bool:
     """Whether the family has a weight right before the residual add to fold a map into."""
     return spec.residual_projection is not None

@@ -26,7 +26,7 @@ from .load import ModelSource
 from .manifest import MANIFEST_NAME, ExportInfo
 from .plan import CompensatedType, ExportPlan, Target
 from .progress import QUIET, Reporter
-from .repack import compensated_gguf_tensors, save_checkpoint
+from .repack import compensated_gguf_tensors, healed_gguf_tensors, save_checkpoint
 
 
 DEFAULT_GGUF_TYPE = GGUFType.q8_0
@@ -94,7 +94,7 @@ def gguf_in_place(
         how = "written in f32 for the quantizer" if gguf_type is not None else f"written as {', '.join(written)}"
         route = (
             f"in-place GGUF pruning (original tensor bytes and quantization kept, except {len(report.replaced)} "
-            f"compensated tensors {how})"
+            f"rewritten (compensated or healed) tensors {how})"
         )
     if gguf_type is not None:
         final = out_dir / f"{stem}-pruned{len(removed)}.{gguf_type.value}.gguf"
@@ -139,11 +139,11 @@ def export_pruned(loaded, export: ExportPlan, result, tmp: Path, reporter: Repor
     kept = result.kept
     if export.keep_hf or not in_place:
         (tmp / HF_SUBDIR).mkdir()
-        save_checkpoint(loaded, kept, result.compensation, tmp / HF_SUBDIR)
+        save_checkpoint(loaded, kept, result.compensation, tmp / HF_SUBDIR, result.healed)
     if export.target is Target.onnx:
         return onnx_from_folder(tmp / HF_SUBDIR, export.onnx_precision, tmp, len(kept), reporter)
     if in_place:
-        replace = compensated_gguf_tensors(loaded.spec, result.compensation)
+        replace = {**compensated_gguf_tensors(loaded.spec, result.compensation), **healed_gguf_tensors(loaded.spec, result.healed)}
         flags = layer_flag_kv(loaded.spec, pruned_layer_config(loaded.model.config.to_dict(), loaded.spec, kept))
         return gguf_in_place(loaded.source, result.removed, export.gguf_type, tmp, stem, reporter, replace, flags,
                              export.compensated_type)

@@ -28,6 +28,26 @@ class CalibrationInfo(BaseModel):
     diversity: dict[str, float] = Field(default_factory=dict)
 
 
+class HealInfo(BaseModel):
+    """What healing trained (build --heal), on what, for how long."""
+
+    blocks: list[int]  # kept blocks adapted (original indices): beside each cut
+    modules: list[str]  # linear layers adapted in each
+    rank: int  # LoRA rank (merged before export)
+    trained_parameters: int
+    text: str  # heal text source (`self`: generated with the calibration seed + 1)
+    windows: int
+    seq_len: int
+    steps: int
+    tokens: int  # tokens trained on (with repeats)
+    learning_rate: float
+    seconds: float  # heal text, dense pass and training
+    kl_first: float | None = None  # KL(dense || pruned) per token, first step
+    kl_last: float | None = None  # mean of the last 10 steps
+    heldout_before: float | None = None  # --eval perplexity of the pruned model before healing
+    heldout_after: float | None = None  # and after
+
+
 class DistributedInfo(BaseModel):
     """A run on several ranks (torchrun): each took a share of the windows; statistics were summed."""
 
@@ -142,6 +162,7 @@ class PruningManifest(BaseModel):
     dtype: str
     execution: str = "in-memory"  # in-memory | streamed (one block at a time), as chosen for this run
     distributed: DistributedInfo | None = None  # set when the run was split over ranks (torchrun)
+    heal: HealInfo | None = None  # build --heal
     peak_rss_mib: float | None = None  # the process's peak resident memory when the manifest was written
     peak_gpu_mib: float | None = None  # peak GPU memory PyTorch allocated (CUDA runs)
     # The process's peak resident memory so far, after each stage (it only grows: the stage where it

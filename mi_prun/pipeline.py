@@ -18,9 +18,10 @@ from . import distributed
 from .atomic import atomic_dir
 from .blockset import keep_indices
 from .calibration import calibration_batches
-from .compensate import RunCompensation, can_compensate, capture_passes, compensation_for
+from .compensate import RunCompensation, can_compensate, capture_passes, compensation_for, replaced
 from .export import HF_SUBDIR, export_pruned
-from .manifest import PruningManifest, SelectionInfo
+from .heal import fold_healed, heal
+from .manifest import HealInfo, PruningManifest, SelectionInfo
 from .methods import select_blocks
 from .modelcard import write_model_card
 from .plan import Method, Objective, Plan
@@ -44,6 +45,8 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     compensation: list[RunCompensation] = field(default_factory=list)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far, after each stage
+    healed: dict[str, torch.Tensor] = field(default_factory=dict)  # weights rewritten by healing (beside the maps)
+    heal: HealInfo | None = None
 
 
 @contextmanager
@@ -108,13 +111,26 @@ def _scorer(loaded, plan: Plan, calib: Windows, fit: Windows, compensate: bool) 
     return RemovalScorer(loaded, calib)
 
 
+def heal_result(loaded, plan: Plan, result: PruneResult, reporter: Reporter = QUIET) -> None:
+    """Distil the pruned model toward the dense one (`heal.py`); its weights join the result (a
+    healed projection of a compensated block becomes that run's weight)."""
+    before = None
+    if plan.evaluation is not None:
+        before = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter).pruned_ppl
+    with _timed(result.timings, "heal", result.peak_rss_mib):
+        healed = heal(loaded, result.kept, result.removed, result.compensation, plan.heal, plan.seed, reporter)
+    result.healed = fold_healed(result.compensation, healed.weights, loaded.spec)
+    result.heal = healed.info
+    result.heal.heldout_before = before
+
+
 def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
     """The pruned checkpoint + pruning.json, written all at once into `out` (by rank 0 alone)."""
     if not distributed.is_main():
         return build_manifest(loaded, plan, result)
     with atomic_dir(out, force) as tmp:
         with _timed(result.timings, "repack", result.peak_rss_mib):
-            save_checkpoint(loaded, result.kept, result.compensation, tmp)
+            save_checkpoint(loaded, result.kept, result.compensation, tmp, result.healed)
         manifest = build_manifest(loaded, plan, result)
         manifest.write(tmp)
     return manifest
@@ -123,7 +139,12 @@ def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool 
 def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
     """Prune, measure (with --eval), export and check, describe: one output folder, written at once."""
     result = prune(loaded, plan, reporter)
-    quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter) if plan.evaluation else None
+    if plan.heal is not None:
+        heal_result(loaded, plan, result, reporter)
+    with replaced(loaded.model, result.healed):
+        quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter) if plan.evaluation else None
+    if quality is not None and result.heal is not None:
+        result.heal.heldout_after = quality.pruned_ppl
     if not distributed.is_main():  # every rank took the same decision; rank 0 writes it
         return build_manifest(loaded, plan, result)
     with atomic_dir(out, force) as tmp:

@@ -145,6 +145,22 @@ class ExportPlan(BaseModel):
     keep_hf: bool = False
 
 
+class HealPlan(BaseModel):
+    """A short distillation of the pruned model toward the dense one (build --heal): LoRA adapters on
+    the blocks beside each cut, trained on `samples` windows of `source` text, merged before export."""
+
+    model_config = ConfigDict(frozen=True)
+
+    steps: int = Field(300, ge=1)  # optimizer steps, at most
+    minutes: float = Field(10.0, gt=0)  # training time, at most (whichever budget ends first)
+    samples: int = Field(64, ge=1)  # heal windows
+    seq_len: int = Field(256, ge=8)
+    source: str = "self"  # `self`: the model writes it, with a seed other than the calibration's
+    rank: int = Field(8, ge=1)  # LoRA rank
+    learning_rate: float = Field(5e-4, gt=0)
+    batch_windows: int = Field(4, ge=1)  # windows per step
+
+
 class EvalPlan(BaseModel):
     """Held-out text for dense vs pruned quality (build --eval)."""
 
@@ -185,6 +201,7 @@ class Plan(BaseModel):
     replay: Replay | None = None
     export: ExportPlan | None = None  # build only
     evaluation: EvalPlan | None = None  # build --eval
+    heal: HealPlan | None = None  # build --heal
 
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":

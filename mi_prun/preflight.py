@@ -72,6 +72,8 @@ def check_distributed(plan: Plan) -> None:
     if plan.estimator is not Estimator.token:
         raise UserError(f"--estimator {plan.estimator.value} keeps a token sample that is not split over ranks; "
                         "use --estimator token, or run on one process")
+    if plan.heal is not None:
+        raise UserError("--heal trains the model in one process; run it without torchrun")
     if Objective.compensated in plan.objectives or plan.swaps:
         raise UserError("--objective compensated and --swaps need every window in one process; run them without torchrun")
     # A cross-fitted compensation gives each rank windows of both halves: two per rank.

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import distributed
 
-Advance = Callable[[], None]
+Advance = Callable[..., None]
 
 
 class Reporter:
@@ -21,13 +21,19 @@ class Reporter:
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        """A progress bar; the yielded callable advances it, and given a `note` (a loss, a rate)
+        shows it after the description."""
         if self.quiet:
-            yield lambda: None
+            yield lambda note=None: None
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
             task_id = progress.add_task(description, total=total)
-            yield lambda: progress.advance(task_id)
+
+            def advance(note: str | None = None) -> None:
+                progress.update(task_id, advance=1, description=f"{description} ({note})" if note else description)
+
+            yield advance
 
     def say(self, message: str, style: str | None = None) -> None:
         # Plain text: messages carry paths and lists such as "mi-prun[renyi]" that rich would read as markup.

@@ -87,6 +87,7 @@ def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
         dtype=str(loaded.dtype).removeprefix("torch."),
         execution=loaded.execution.value,
         distributed=distributed_info(),
+        heal=result.heal,
         peak_rss_mib=round(peak_rss_bytes() / 2**20, 1),
         peak_gpu_mib=peak_gpu_mib(loaded.device),
         peak_rss_mib_after=dict(result.peak_rss_mib),

@@ -16,7 +16,7 @@ import torch
 
 from .archs import ArchSpec, Fold
 from .blockset import blocks_kept, slice_config
-from .compensate import RunCompensation, applied
+from .compensate import RunCompensation, applied, replaced
 
 
 # Shards of the streamed writer: one is written out as soon as it holds this much (what it holds
@@ -24,25 +24,31 @@ from .compensate import RunCompensation, applied
 SHARD_BYTES = 512 * 2**20
 
 
-def save_checkpoint(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], folder: Path) -> None:
-    """A plain transformers checkpoint of the kept blocks with the maps folded in, into `folder`."""
+def save_checkpoint(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], folder: Path,
+                    healed: dict[str, torch.Tensor] | None = None) -> None:
+    """A plain transformers checkpoint of the kept blocks with the maps (and healed weights) folded
+    in, into `folder`."""
     if loaded.in_memory:
         # The fitted maps go in by original block index, so before the blocks are renumbered.
-        with applied(loaded.model, loaded.spec, runs), blocks_kept(loaded.model, loaded.spec, kept):
+        with applied(loaded.model, loaded.spec, runs), replaced(loaded.model, healed or {}), \
+                blocks_kept(loaded.model, loaded.spec, kept):
             loaded.model.save_pretrained(folder)
     else:
-        write_shards(loaded, kept, runs, Path(folder))
+        write_shards(loaded, kept, runs, Path(folder), healed)
     loaded.tokenizer.save_pretrained(folder)
 
 
-def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], folder: Path) -> None:
+def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], folder: Path,
+                 healed: dict[str, torch.Tensor] | None = None) -> None:
     """The same checkpoint from a streamed model, tensor by tensor, shard by shard: kept tensors
-    copied under their renumbered names, compensated projections replaced, config sliced."""
+    copied under their renumbered names, compensated projections (and healed weights) replaced,
+    config sliced."""
     from safetensors.torch import save_file
 
     spec, store = loaded.spec, loaded.runner.store
     prefix = f"{spec.blocks_path}."
-    replaced = {f"{prefix}{r.prev}.{spec.residual_projection}.weight": r.weight for r in runs if r.weight is not None}
+    rewritten = {f"{prefix}{r.prev}.{spec.residual_projection}.weight": r.weight for r in runs if r.weight is not None}
+    rewritten.update(healed or {})
     tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
     outside = [n for n, _ in loaded.model.named_parameters() if not n.startswith(prefix) and not (tied and n == "lm_head.weight")]
     names = [(n, n) for n in outside]
@@ -62,7 +68,7 @@ def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], f
         shard, size = {}, 0
 
     for source_name, target_name in names:
-        tensor = replaced.get(source_name)
+        tensor = rewritten.get(source_name)
         tensor = store.tensors.get(source_name, loaded.dtype) if tensor is None else tensor.to(loaded.dtype)
         if size and size + tensor.nbytes > SHARD_BYTES:
             flush()
@@ -83,6 +89,16 @@ def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], f
     slice_config(config, spec, kept)
     config.architectures = [type(loaded.model).__name__]  # as save_pretrained writes it (the GGUF converter reads it)
     config.save_pretrained(folder)
+
+
+def healed_gguf_tensors(spec: ArchSpec, healed: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Healed weights under their GGUF names (original block indices)."""
+    gguf_name = dict(spec.heal_modules)
+    out = {}
+    for name, weight in healed.items():
+        block, module = name.removeprefix(f"{spec.blocks_path}.").split(".", 1)
+        out[f"blk.{block}.{gguf_name[module.removesuffix('.weight')]}.weight"] = weight.float().numpy()
+    return out
 
 
 def compensated_gguf_tensors(spec: ArchSpec, runs: Sequence[RunCompensation]) -> dict[str, np.ndarray]:

@@ -33,6 +33,10 @@ def build(
     eval_windows: o.EvalWindows = 16,
     compensate: o.Compensate = True,
     compensation_samples: o.CompensationSamples = None,
+    heal: o.Heal = False,
+    heal_steps: o.HealSteps = 300,
+    heal_minutes: o.HealMinutes = 10.0,
+    heal_samples: o.HealSamples = 64,
     seed: o.Seed = 0,
     plan_file: o.PlanFile = None,
     device: o.Device = "auto",
@@ -44,7 +48,7 @@ def build(
     """Prune, repack and export for an edge runtime in one step (a .gguf input is pruned in place)."""
     from ..calibration import CalibrationSpec
     from ..pipeline import build as run_build
-    from ..plan import EvalPlan, ExportPlan
+    from ..plan import EvalPlan, ExportPlan, HealPlan
     from ..preflight import check_plan
     from ..progress import Reporter
 
@@ -59,6 +63,7 @@ def build(
         export=ExportPlan(target=target, gguf_type=gguf_type, compensated_type=compensated_type,
                           onnx_precision=onnx_precision, keep_hf=keep_hf),
         evaluation=EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None,
+        heal=HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples) if heal else None,
     )
     inspected = check_plan(plan, out, force)
     reporter = Reporter(quiet)
@@ -67,6 +72,10 @@ def build(
     output.decision(manifest)
     for e in manifest.exports:
         output.line(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
+    if manifest.heal:
+        h = manifest.heal
+        output.line(f"healed blocks {h.blocks} ({h.trained_parameters} LoRA parameters, rank {h.rank}): {h.steps} steps, "
+                    f"{h.tokens} tokens, {h.seconds:.0f} s; KL to dense {h.kl_first} -> {h.kl_last}")
     if manifest.quality:
         q = manifest.quality
         output.line(f"quality on {q.data}: ppl {q.dense_ppl:.2f} -> {q.pruned_ppl:.2f}, KL {q.kl_to_dense:.4f}, top-1 {q.top1_agreement:.1%}")

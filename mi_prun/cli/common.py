@@ -17,7 +17,7 @@ def make_plan(plan_file: Path | None, **choices) -> Plan:
     if plan_file is None:
         return Plan.make(**choices)
     recorded, replay = read_replay(plan_file)
-    for key in ("model", "device", "dtype", "execution", "export", "evaluation"):
+    for key in ("model", "device", "dtype", "execution", "export", "evaluation", "heal"):
         if key in choices and (choices[key] is not None or key not in recorded):
             recorded[key] = choices[key]
     recorded.pop("replay", None)
@@ -62,8 +62,8 @@ def load_for_plan(inspected: Inspected, plan: Plan, reporter: Reporter):
     from ..calibration import SELF_NEEDS_MEMORY
 
     generates = plan.calibration.source == "self" and (plan.replay is None or plan.compensate)
-    return load(inspected, plan.device, plan.dtype, reporter, plan.execution, plan.batch_size,
-                SELF_NEEDS_MEMORY if generates else None)
+    needs = "--heal (training runs the whole model)" if plan.heal is not None else SELF_NEEDS_MEMORY if generates else None
+    return load(inspected, plan.device, plan.dtype, reporter, plan.execution, plan.batch_size, needs)
 
 
 def require_one_of(remove: int | None, ratio: float | None, plan_file: Path | None) -> None:

@@ -46,6 +46,13 @@ CompensationSamples = Annotated[Optional[int], typer.Option(
     "--compensation-samples",
     help="Calibration sequences for the compensation fit (default: --n-samples); more fit better, each run costs a pass.",
 )]
+Heal = Annotated[bool, typer.Option(
+    "--heal",
+    help="Distil the pruned model toward the dense one (LoRA beside each cut, merged into plain weights) before export.",
+)]
+HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most.")]
+HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: training minutes, at most (whichever budget ends first).")]
+HealSamples = Annotated[int, typer.Option("--heal-samples", min=1, help="Healing: windows of 256 tokens of self-generated text to train on.")]
 PlanFile = Annotated[Optional[Path], typer.Option(
     "--plan",
     help="Replay the decision of a pruning.json (or its folder): same blocks, maps fitted again, no scoring. "

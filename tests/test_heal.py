@@ -1,0 +1,104 @@
+"""Healing (build --heal): LoRA distillation toward the dense model, merged into plain weights that
+every exporter writes; the loaded model is left as it was."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from exporters import llamacpp
+from exporters.gguf_export import GGUFType, export_gguf
+from exporters.gguf_prune import open_gguf
+from exporters.parity import compare_logits, transformers_logits
+from mi_prun.cli import app
+from mi_prun.compensate import removal_runs, replaced
+from mi_prun.evaluate import evaluate, final_states, strided_windows
+from mi_prun.heal import heal, healed_blocks
+from mi_prun.load import load_model
+from mi_prun.manifest import PruningManifest
+from mi_prun.pipeline import prune
+from mi_prun.plan import CalibrationSpec, HealPlan, Plan
+
+from .conftest import WIKI_TEST
+
+runner = CliRunner()
+
+
+def test_healed_blocks_are_the_kept_neighbours_of_each_cut():
+    assert healed_blocks([0, 1, 5, 6, 7], [2, 3, 4], 8) == [1, 5]
+    assert healed_blocks([1, 2, 4, 5], [0, 3, 6, 7], 8) == [1, 2, 4, 5]
+
+
+def kl_to_dense(loaded, removed, runs, windows) -> float:
+    final, dense = final_states(loaded.runner, windows.ids, removal_runs(removed, runs))
+    return evaluate(loaded.runner, final, windows, (loaded.runner, dense)).kl
+
+
+def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models, calib_txt):
+    loaded = load_model(str(tiny_models["llama"]))
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    result = prune(loaded, Plan(remove=3, calibration=CalibrationSpec(str(calib_txt), 8, 64)))
+    plan = HealPlan(steps=40, samples=16, seq_len=64, source=str(calib_txt), learning_rate=2e-3)
+    healed = heal(loaded, result.kept, result.removed, result.compensation, plan)
+    for name, p in loaded.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert not any("lora" in n for n, _ in loaded.model.named_parameters())
+    blocks = healed_blocks(result.kept, result.removed, 8)
+    assert healed.info.blocks == blocks and healed.info.steps == 40
+    assert set(healed.weights) == {f"model.layers.{b}.{m}.weight" for b in blocks for m, _ in loaded.spec.heal_modules}
+    assert healed.info.kl_last < healed.info.kl_first
+    # On held-out text (not the heal text), the healed weights bring the pruned model nearer to dense.
+    ids = loaded.tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:20000], return_tensors="pt").input_ids[0]
+    windows = strided_windows(ids, 64, max_windows=8)
+    plain = kl_to_dense(loaded, result.removed, result.compensation, windows)
+    with replaced(loaded.model, healed.weights):
+        # a healed projection of a compensated block is that run's weight (fold_healed does the same)
+        runs = [r for r in result.compensation]
+        for r in runs:
+            name = f"model.layers.{r.prev}.mlp.down_proj.weight"
+            if r.weight is not None and name in healed.weights:
+                r.weight = healed.weights[name]
+        after = kl_to_dense(loaded, result.removed, runs, windows)
+    assert after < plain
+
+
+def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(export_models, calib_txt, smol_tokenizer, tmp_path):
+    src = tmp_path / "tiny.q8_0.gguf"
+    export_gguf(export_models["llama"], src, GGUFType.q8_0, tmp_path)
+    out = tmp_path / "build"
+    result = runner.invoke(app, [str(a) for a in (
+        "build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2,
+        "--heal", "--heal-steps", 5, "--heal-samples", 8, "--keep-hf", "--out", out, "--quiet")])
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    assert manifest.heal is not None and manifest.heal.steps == 5 and manifest.heal.blocks
+    assert manifest.plan.heal is not None and "heal" in manifest.timings_s
+    [e] = manifest.exports
+    position = {old: new for new, old in enumerate(manifest.kept)}
+    rewritten = e.check["tensors_replaced"]
+    for b in manifest.heal.blocks:
+        for name in ("attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            assert rewritten.get(f"blk.{b}.{name}.weight") == "Q8_0", rewritten
+    # The GGUF holds what the healed checkpoint holds (up to Q8_0 rounding) ...
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    tensors = {t.name: t for t in open_gguf(out / e.file).tensors}
+    b = manifest.heal.blocks[0]
+    t = tensors[f"blk.{position[b]}.ffn_up.weight"]
+    expected = hf.model.layers[position[b]].mlp.up_proj.weight.detach().numpy()
+    np.testing.assert_allclose(gguf.quants.dequantize(t.data, t.tensor_type), expected, atol=np.abs(expected).max() / 127)
+    # ... and llama.cpp runs it as transformers runs the checkpoint.
+    tokens = smol_tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:4000], add_special_tokens=False)["input_ids"][:200]
+    parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(out / e.file, tokens))
+    assert parity.top1 >= 0.9, parity
+
+
+def test_heal_is_refused_on_a_streamed_model_before_work(export_models, calib_txt, tmp_path):
+    result = runner.invoke(app, [str(a) for a in (
+        "build", "--target", "gguf", "--model", export_models["llama"], "--calib", calib_txt, "--remove", 2, "--heal",
+        "--streamed", "--out", tmp_path / "out", "--quiet")])
+    assert result.exit_code == 2
+    assert "--heal" in result.output and "in memory" in result.output
+    assert not (tmp_path / "out").exists()
