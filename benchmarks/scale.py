@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import ranks  # noqa: E402
 import synthetic  # noqa: E402
 from machine import machine_line  # noqa: E402
 
@@ -185,6 +186,7 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
     ]
     lines += ["", "![peak RSS and wall time against parameters](scale.png)", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
+    ranks.attach(out.with_name("scale_ranks.md"), out.with_suffix(".md"))  # the torch.distributed section
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "windows": WINDOWS, "seq_len": SEQ_LEN, "remove": REMOVE}, indent=2) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
