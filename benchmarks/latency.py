@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from exporters.gguf_export import GGUFType  # noqa: E402
 from exporters.onnx_export import OnnxPrecision  # noqa: E402
-from machine import machine_line  # noqa: E402
+from machine import Contention, contention_line, machine_line  # noqa: E402
 from mi_prun.export import export_folder  # noqa: E402
 from mi_prun.load import load_model  # noqa: E402
 from mi_prun.manifest import MANIFEST_NAME, ExportInfo, PruningManifest  # noqa: E402
@@ -223,6 +223,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     reporter = Reporter()
     started = time.perf_counter()
+    contention = Contention()
     args.work.mkdir(parents=True, exist_ok=True)
     variants, removed = build_variants(args, reporter)
     flops = {v: flops_model(p) for v, p in variants.items()}
@@ -276,6 +277,7 @@ def main(argv=None) -> None:
         "settings": {"repeats": args.repeats, "threads": args.threads, "decode_tokens": args.decode_tokens, "prompts": [128, 512]},
         "skipped": skipped,
         "wall_s": round(time.perf_counter() - started, 1),
+        "contention": contention.summary(),
         "results": results,
     }
     write_report(payload, args.out)
@@ -301,6 +303,8 @@ def write_report(payload: dict, out: Path) -> None:
         f"Command: `{payload['command']}`"
         + (f"; peak memory re-measured with `{payload['memory_command']}`" if payload.get("memory_command") else "") + "  ",
         f"Machine: {payload['machine']}. Wall time {payload['wall_s']} s.  ",
+        (contention_line(payload["contention"]) if payload.get("contention") else
+         "Machine load: not recorded by this run (made before the benchmark recorded it): its absolute times may be contended.") + "  ",
         f"Model: {payload['model']}; removed blocks (MI-PRUN): "
         + ", ".join(f"{k}: {v}" for k, v in payload["removed"].items())
         + (f", built by `{payload['pruned_with']}` (compensated, as shipped)" if payload.get("pruned_with") else "") + ".  ",

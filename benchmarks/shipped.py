@@ -6,13 +6,16 @@ flags), so it is what a user gets. All rows share the build default's calibratio
 the model generates itself, `--calib self`) and its compensation (fitted on the same windows).
 Held-out text, tokenized by llama.cpp: the first W x 512 tokens of WikiText-2 test, and of the
 licence texts Debian ships (GPL-3, Apache-2.0, MPL-2.0, GFDL-1.3): out of domain for the
-self-generated calibration. SLEB and ppl are left out (tens of verification passes per build).
+self-generated calibration. SLEB and ppl score every candidate by a forward pass, so their builds
+take longer. The `wiki-valid` row is the one that does not share the default calibration: it is
+the default build calibrated on wiki.valid, to compare self-generated calibration with in-domain text.
 
 The calibration's diversity (distinct-n ratios, recorded in pruning.json) and the dense model's own
 NLL on it (through the block runner) say whether the self-generated text is degenerate.
 
     python benchmarks/shipped.py --n 4 8                         # the default model -> reports/shipped_smollm2.md
     python benchmarks/shipped.py --model gemma3-270m --n 3       # Gemma 3 270M (assembled from PyPI chunks)
+    python benchmarks/shipped.py --n 4 8 --rows default heal --out reports/heal   # healing against the default
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from exporters import llamacpp  # noqa: E402
-from machine import machine_line  # noqa: E402
+from machine import Contention, contention_line, machine_line  # noqa: E402
 from mi_prun.load import default_model_path  # noqa: E402
 from mi_prun.manifest import PruningManifest  # noqa: E402
 
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+WIKI_VALID = WIKI_TEST.with_name("wiki.valid.tokens")
 LICENCES = [Path("/usr/share/common-licenses") / n for n in ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3")]
 CLI = [sys.executable, "-m", "mi_prun"]
 # Row key (for --rows) -> (label, the build's flags).
@@ -45,9 +49,16 @@ ROWS = {
     "no-compensate": ("--no-compensate", ["--no-compensate"]),
     "shortgpt": ("--method shortgpt", ["--method", "shortgpt"]),
     "angular": ("--method angular", ["--method", "angular"]),
+    "sleb": ("--method sleb", ["--method", "sleb"]),
+    "ppl": ("--method ppl", ["--method", "ppl"]),
+    # The default calibrated on in-domain text for wikitext-2 (its validation split), to see what
+    # self-generated calibration costs on text out of domain for both (the licence texts).
+    "wiki-valid": ("--calib wiki.valid.tokens", ["--calib", str(WIKI_VALID)]),
     "objectives": ("--objective (all four, compensated included)", [
         "--objective", "channel", "--objective", "per-block", "--objective", "length-penalized", "--objective", "compensated"]),
     "swaps": ("--swaps 4", ["--swaps", "4"]),
+    # The default build healed with its default budget (10 minutes or 300 steps of LoRA distillation).
+    "heal": ("--heal", ["--heal"]),
 }
 
 
@@ -99,7 +110,7 @@ def main(argv=None) -> None:
     work = args.work or ROOT / "out" / f"bench-shipped-{tag}"
     out = args.out or ROOT / "reports" / f"shipped_{tag}"
     work.mkdir(parents=True, exist_ok=True)
-    start, load_before = time.time(), list(os.getloadavg())
+    start, load_before, contention = time.time(), list(os.getloadavg()), Contention()
     model = model_path(args.model, work)
     texts = {"wikitext-2 test": WIKI_TEST.read_text(encoding="utf-8"),
              "licence texts": "\n\n".join(p.read_text(encoding="utf-8") for p in LICENCES)}
@@ -117,6 +128,7 @@ def main(argv=None) -> None:
             [e] = manifest.exports
             ppl = {name: llamacpp.perplexity(folder / e.file, w) for name, w in windows.items()}
             rows.append({"n": n, "row": label, "removed": manifest.removed, "ppl": ppl, "build_s": wall,
+                         "heal": manifest.heal.model_dump() if manifest.heal else None,
                          "verified": manifest.selection.verified, "compensation": manifest.compensation.form if manifest.compensation.enabled else None,
                          "diversity": manifest.calibration.diversity})
             print(json.dumps(rows[-1]), flush=True)
@@ -126,6 +138,7 @@ def main(argv=None) -> None:
         "eval": f"first {args.windows} x {args.seq_len} tokens of each text (llama.cpp tokenizer)",
         "dense_ppl": dense, "calibration_nll": calibration_nll(model), "rows": rows,
         "loadavg_before_after": [load_before, list(os.getloadavg())], "wall_s": round(time.time() - start, 1),
+        "contention": contention.summary(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -138,9 +151,11 @@ def report(payload: dict) -> str:
     lines = [
         f"# What `build --target gguf` ships: {Path(payload['model']).name}", "",
         f"Command: `{payload['command']}`. {payload['machine']}. Wall time {payload['wall_s']} s; load average "
-        f"(1, 5, 15 min) before {payload['loadavg_before_after'][0]}, after {payload['loadavg_before_after'][1]}.", "",
+        f"(1, 5, 15 min) before {payload['loadavg_before_after'][0]}, after {payload['loadavg_before_after'][1]}. "
+        + (contention_line(payload["contention"]) + " (Build times only; perplexities do not depend on load.)" if payload.get("contention") else ""), "",
         "Every row is `mi-prun-edge build --target gguf --remove N` with the row's flags: calibration 16 x 256 tokens "
-        "the model generates itself (`--calib self`, the default), compensation fitted on the same windows; the "
+        "the model generates itself (`--calib self`, the default; the `--calib wiki.valid.tokens` row instead takes 16 "
+        "windows of WikiText-2 validation), compensation fitted on the same windows; the "
         f"shipped GGUF measured in llama.cpp, {payload['eval']}. Dense: wikitext-2 test "
         f"{dense['wikitext-2 test']:.2f}, licence texts {dense['licence texts']:.2f}. The dense model's own NLL on its "
         f"self-generated calibration: {payload['calibration_nll']:.3f} nats per token.", "",
@@ -151,10 +166,47 @@ def report(payload: dict) -> str:
         w, lic = r["ppl"]["wikitext-2 test"], r["ppl"]["licence texts"]
         lines.append(f"| {r['n']} | {r['row']} | {r['removed']} | {w:.2f} ({w / dense['wikitext-2 test']:.2f}x) | "
                      f"{lic:.2f} ({lic / dense['licence texts']:.2f}x) | {r['compensation'] or 'none'} | {r['verified']} | {r['build_s']} |")
+    lines += verdicts(payload["rows"])
+    lines += heal_lines(payload["rows"], dense)
     div = payload["rows"][0]["diversity"] if payload["rows"] else {}
     lines += ["", f"Calibration diversity (distinct-n ratios of the 16 x 256 self-generated tokens, from pruning.json): "
               + ", ".join(f"{k} {v:.3f}" for k, v in div.items()) + "."]
     return "\n".join(lines)
+
+
+def heal_lines(rows: list[dict], dense: dict) -> list[str]:
+    """Per N: the share of the perplexity gap to dense that healing closed, on each text."""
+    out = []
+    for n in sorted({r["n"] for r in rows}):
+        at = {r["row"]: r for r in rows if r["n"] == n}
+        healed, default = at.get(ROWS["heal"][0]), at.get(ROWS["default"][0])
+        if healed is None or default is None:
+            continue
+        shares = ", ".join(f"{name} {(default['ppl'][name] - healed['ppl'][name]) / (default['ppl'][name] - dense[name]):.0%}"
+                           for name in dense)
+        h = healed["heal"] or {}
+        out.append(f"- N = {n}: healing closed this share of the gap to dense: {shares} ({h.get('steps')} steps, "
+                   f"{h.get('tokens')} tokens, {h.get('seconds')} s; KL to dense on the heal text {h.get('kl_first')} -> {h.get('kl_last')})")
+    return (["", "Healing (`--heal`, the default budget) against the same build unhealed:", ""] + out) if out else []
+
+
+BASELINES = ("--method shortgpt", "--method angular", "--method sleb", "--method ppl")
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Per N: whether the default is strictly better than each baseline built, on both texts."""
+    out = []
+    for n in sorted({r["n"] for r in rows}):
+        at = {r["row"]: r["ppl"] for r in rows if r["n"] == n}
+        default = at.get(ROWS["default"][0])
+        if default is None:
+            continue
+        for label in (b for b in BASELINES if b in at):
+            wins = [name for name in default if default[name] < at[label][name]]
+            verdict = "strictly better on both texts" if len(wins) == len(default) else (
+                f"better only on {', '.join(wins)}" if wins else "not better on either text")
+            out.append(f"- N = {n}: default vs `{label}`: {verdict}")
+    return (["", "Default against each baseline (same calibration and compensation):", ""] + out) if out else []
 
 
 if __name__ == "__main__":
