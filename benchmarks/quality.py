@@ -19,7 +19,7 @@ through `pipeline.prune` (a `Plan.replay`, as `prune --plan pruning.json` does).
 
 Selections and evaluations are cached (`--cache`), so an interrupted run resumes where it stopped.
 
-    .venv/bin/python benchmarks/quality.py            # writes reports/quality.{md,json,png}; a few hours on 2 cores
+    .venv/bin/python benchmarks/quality.py            # writes reports/methods.{md,json,png}; a few hours on 2 cores
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def parse_args(argv=None):
                         help=f"first row: `mi-prun-edge build`'s default plan ({DEFAULT_LABEL})")
     parser.add_argument("--only-default", action="store_true",
                         help="measure only the dense model and the build default row (minutes, not hours; write it to its own --out)")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "quality")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "methods")
     parser.add_argument("--cache", type=Path, default=ROOT / "out" / "bench-cache" / "quality.json")
     return parser.parse_args(argv)
 

@@ -76,12 +76,28 @@ def model_path(name: str | None, work: Path) -> Path:
 
 
 def build(out: Path, model: Path, n: int, flags: list[str]) -> tuple[PruningManifest, float]:
-    """One CLI build (reused if its folder is complete) and its wall time."""
-    start = time.time()
+    """One CLI build (reused if its folder is complete) and the wall time it took when it was built."""
+    timing = out.with_name(out.name + ".build_s")
     if not (out / "pruning.json").is_file():
+        start = time.time()
         subprocess.run([*CLI, "build", "--target", "gguf", "--model", str(model), "--remove", str(n), "--out", str(out),
                         "--quiet", "--force", *flags], check=True, cwd=ROOT)
-    return PruningManifest.read(out), round(time.time() - start, 1)
+        timing.write_text(f"{time.time() - start:.1f}\n")
+    return PruningManifest.read(out), float(timing.read_text()) if timing.is_file() else float("nan")
+
+
+def evaluated(folder: Path, file: str, windows: dict, setting: str) -> dict[str, float]:
+    """llama.cpp perplexity of the built GGUF on each text, kept beside the folder (an interrupted
+    run resumes without measuring again; a rebuilt folder is measured again)."""
+    cache = folder.with_name(folder.name + ".eval.json")
+    stamp = {"file": file, "mtime": (folder / file).stat().st_mtime, "windows": setting}
+    if cache.is_file():
+        hit = json.loads(cache.read_text())
+        if hit.get("stamp") == stamp:
+            return hit["ppl"]
+    ppl = {name: llamacpp.perplexity(folder / file, w) for name, w in windows.items()}
+    cache.write_text(json.dumps({"stamp": stamp, "ppl": ppl}))
+    return ppl
 
 
 def calibration_nll(model: Path) -> float:
@@ -101,6 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="a GGUF, or gemma3-270m (default: the embedded SmolLM2-135M)")
     p.add_argument("--n", type=int, nargs="+", default=[4, 8])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to build")
+    p.add_argument("--skip", nargs="*", default=[], help="row@N combinations not to build (e.g. sleb@8: SLEB's builds are the slowest)")
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--work", type=Path, default=None)
@@ -124,9 +141,11 @@ def main(argv=None) -> None:
         for key in args.rows:
             label, flags = ROWS[key]
             folder = work / f"n{n}-{key}"
+            if f"{key}@{n}" in args.skip:
+                continue
             manifest, wall = build(folder, model, n, flags)
             [e] = manifest.exports
-            ppl = {name: llamacpp.perplexity(folder / e.file, w) for name, w in windows.items()}
+            ppl = evaluated(folder, e.file, windows, f"{args.windows}x{args.seq_len}")
             rows.append({"n": n, "row": label, "removed": manifest.removed, "ppl": ppl, "build_s": wall,
                          "heal": manifest.heal.model_dump() if manifest.heal else None,
                          "verified": manifest.selection.verified, "compensation": manifest.compensation.form if manifest.compensation.enabled else None,
