@@ -155,7 +155,9 @@ class BudgetMemo(dict):
         walk = value if isinstance(value, Walk) else value[1]
         last = walk.weights.get(key[-1][0] - 1) if key else None
         size = sum(t.numel() * t.element_size() for t in (last, walk.states) if t is not None)
-        if size <= self.budget.left:
+        # Ranks hold different shares: a hit on one and a miss on another would desynchronize the
+        # fits' collectives, so an entry is kept only where every rank keeps it.
+        if distributed.all_true(size <= self.budget.left):
             self.budget.left -= size
             super().__setitem__(key, value)
 

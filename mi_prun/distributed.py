@@ -156,6 +156,14 @@ def all_sum(values: "np.ndarray | torch.Tensor | float | int | Sequence[float]")
     return buffer.tolist()
 
 
+def all_true(flag: bool) -> bool:
+    """Whether `flag` holds on every rank: a choice that decides whether collectives follow (a memo
+    kept or not) must be the same everywhere, or the ranks would wait on different calls."""
+    if not active():
+        return flag
+    return all_sum(1.0 if flag else 0.0) == world()
+
+
 def gather_rows(rows: np.ndarray) -> np.ndarray:
     """Every rank's rows stacked in rank order (which is window order: shares are contiguous)."""
     if not active():
