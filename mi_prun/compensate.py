@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .archs import ArchSpec, Fold, blocks, get_path
+from .archs import ArchSpec, Fold
 from .ridge import FOLDS, RunMoments, choose_ridge, fit_map, residual
 
 def runs_of(removed: Sequence[int]) -> list[tuple[int, int]]:
@@ -230,34 +230,20 @@ def removal_runs(removed: Sequence[int], runs: Sequence["RunCompensation"]) -> l
     return list(runs) if runs else plain_runs(removed)
 
 
-def fold_in(model, spec: ArchSpec, runs: Sequence[RunCompensation]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Write the fitted weights into the model (original block indices); return (weight, original) pairs."""
-    layers = blocks(model, spec)
-    saved = []
-    for r in runs:
-        if r.weight is None:
-            continue
-        w = get_path(layers[r.prev], spec.residual_projection).weight.data
-        saved.append((w, w.clone()))
-        w.copy_(r.weight.to(w.device))
-    return saved
+def compensated_weights(spec: ArchSpec, runs: Sequence[RunCompensation]) -> dict[str, torch.Tensor]:
+    """The fitted weights by parameter name in the unpruned model (original block indices)."""
+    return {f"{spec.blocks_path}.{r.prev}.{spec.residual_projection}.weight": r.weight for r in runs if r.weight is not None}
 
 
-@contextmanager
-def applied(model, spec: ArchSpec, runs: Sequence[RunCompensation]) -> Iterator[None]:
+def applied(model, spec: ArchSpec, runs: Sequence[RunCompensation]):
     """The fitted weights in place for the duration, the originals back afterwards."""
-    saved = fold_in(model, spec, runs)
-    try:
-        yield
-    finally:
-        for w, original in saved:
-            w.copy_(original)
+    return replaced(model, compensated_weights(spec, runs))
 
 
 @contextmanager
 def replaced(model, weights: dict[str, torch.Tensor]) -> Iterator[None]:
     """Parameters named in `weights` (names of the unpruned model) hold those values for the
-    duration (healed weights), the originals back afterwards."""
+    duration (fitted or healed weights), the originals back afterwards."""
     params = dict(model.named_parameters())
     saved = []
     for name, value in weights.items():

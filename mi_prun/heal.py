@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .archs import ArchSpec, get_path, set_path
 from .blockset import blocks_kept
 from .calibration import calibration_batches
-from .compensate import RunCompensation, applied
+from .compensate import RunCompensation, applied, compensated_weights
 from .manifest import HealInfo
 from .plan import CalibrationSpec, HealPlan
 from .progress import QUIET, Reporter
@@ -156,9 +156,7 @@ def fold_healed(runs: list[RunCompensation], weights: dict[str, torch.Tensor], s
     was trained on top of it); the other healed weights are returned, to be written as they are."""
     rest = dict(weights)
     for run in runs:
-        if run.weight is None or spec.residual_projection is None:
-            continue
-        name = f"{spec.blocks_path}.{run.prev}.{spec.residual_projection}.weight"
+        name = next(iter(compensated_weights(spec, [run])), None)
         if name in rest:
             run.weight = rest.pop(name)
     return rest

@@ -16,7 +16,7 @@ import torch
 
 from .archs import ArchSpec, Fold
 from .blockset import blocks_kept, slice_config
-from .compensate import RunCompensation, applied, replaced
+from .compensate import RunCompensation, applied, compensated_weights, replaced
 
 
 # Shards of the streamed writer: one is written out as soon as it holds this much (what it holds
@@ -47,8 +47,7 @@ def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], f
 
     spec, store = loaded.spec, loaded.runner.store
     prefix = f"{spec.blocks_path}."
-    rewritten = {f"{prefix}{r.prev}.{spec.residual_projection}.weight": r.weight for r in runs if r.weight is not None}
-    rewritten.update(healed or {})
+    rewritten = {**compensated_weights(spec, runs), **(healed or {})}
     tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
     outside = [n for n, _ in loaded.model.named_parameters() if not n.startswith(prefix) and not (tied and n == "lm_head.weight")]
     names = [(n, n) for n in outside]

@@ -16,7 +16,7 @@ from exporters.parity import compare_logits, transformers_logits
 from mi_prun.cli import app
 from mi_prun.compensate import removal_runs, replaced
 from mi_prun.evaluate import evaluate, final_states, strided_windows
-from mi_prun.heal import heal, healed_blocks
+from mi_prun.heal import fold_healed, heal, healed_blocks
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune
@@ -55,13 +55,9 @@ def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models,
     windows = strided_windows(ids, 64, max_windows=8)
     plain = kl_to_dense(loaded, result.removed, result.compensation, windows)
     with replaced(loaded.model, healed.weights):
-        # a healed projection of a compensated block is that run's weight (fold_healed does the same)
-        runs = [r for r in result.compensation]
-        for r in runs:
-            name = f"model.layers.{r.prev}.mlp.down_proj.weight"
-            if r.weight is not None and name in healed.weights:
-                r.weight = healed.weights[name]
-        after = kl_to_dense(loaded, result.removed, runs, windows)
+        # a healed projection of a compensated block becomes that run's weight, as build ships it
+        fold_healed(result.compensation, healed.weights, loaded.spec)
+        after = kl_to_dense(loaded, result.removed, result.compensation, windows)
     assert after < plain
 
 
