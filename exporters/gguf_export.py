@@ -28,6 +28,10 @@ class GGUFType(str, Enum):
     f32 = "f32"
     f16 = "f16"
     q8_0 = "q8_0"
+    q6_k = "q6_k"
+    q5_k_m = "q5_k_m"
+    q4_k_m = "q4_k_m"
+    q4_1 = "q4_1"
     q4_0 = "q4_0"
 
 
@@ -41,6 +45,10 @@ GGUF_TYPES: dict[GGUFType, GGUFTypeInfo] = {
     GGUFType.f32: GGUFTypeInfo("f32", "LLAMA_FTYPE_ALL_F32"),
     GGUFType.f16: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_F16"),
     GGUFType.q8_0: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+    GGUFType.q6_k: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q6_K"),
+    GGUFType.q5_k_m: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q5_K_M"),
+    GGUFType.q4_k_m: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
+    GGUFType.q4_1: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q4_1"),
     GGUFType.q4_0: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q4_0"),
 }
 

@@ -129,23 +129,97 @@ def quantize(source: Path, output: Path, ftype_name: str, threads: int = 0) -> N
         raise UserError(f"llama.cpp failed to quantize {source} to {ftype_name} (status {status})")
 
 
+def _log_softmax_rows(logits: np.ndarray, chunk: int = 64):
+    """Row blocks of float64 log-probabilities (a 262k vocabulary makes one 512-row block 1 GiB)."""
+    for start in range(0, len(logits), chunk):
+        block = np.array(logits[start : start + chunk], dtype=np.float64)
+        block -= block.max(-1, keepdims=True)
+        yield start, block - np.log(np.exp(block).sum(-1, keepdims=True))
+
+
 def perplexity(path: Path, windows: np.ndarray, n_threads: int | None = None) -> float:
     """Perplexity of a GGUF in llama.cpp over token windows (n, seq_len), every token but each
     window's first predicted (the same windows and count as onnx_perplexity and the torch eval)."""
+    return compare(path, windows, n_threads=n_threads)["ppl"]
+
+
+def compare(path: Path, windows: np.ndarray, reference: Path | None = None, kl_windows: int | None = None,
+            n_threads: int | None = None) -> dict:
+    """llama.cpp perplexity of a GGUF over token windows (n, seq_len); with a reference GGUF (the
+    dense model), also KL(reference || model) and top-1 agreement per predicted token, over the
+    first `kl_windows` windows (all by default). Both models run in llama.cpp, window by window."""
     from mi_prun.metrics import ppl_from_nll
 
     windows = np.asarray(windows)
-    llm = load(path, n_ctx=max(64, windows.shape[1]), logits_all=True, n_threads=n_threads)
-    total, count = 0.0, 0
+    n_ctx = max(64, windows.shape[1])
+    kl_windows = len(windows) if kl_windows is None else min(kl_windows, len(windows))
+    llm = load(path, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
+    ref = load(reference, n_ctx=n_ctx, logits_all=True, n_threads=n_threads) if reference is not None else None
+    nll, count, kl, agree, compared = 0.0, 0, 0.0, 0, 0
     try:
-        for window in windows:
+        for i, window in enumerate(windows):
+            n = len(window) - 1
             llm.reset()
             llm.eval(window.tolist())
-            logits = np.array(llm.scores[: len(window)], dtype=np.float64)
-            logits -= logits.max(-1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-            total -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
-            count += len(window) - 1
+            for start, block in _log_softmax_rows(llm.scores[:n]):
+                rows = np.arange(start, start + len(block))
+                nll -= float(block[rows - start, window[rows + 1]].sum())
+            count += n
+            if ref is None or i >= kl_windows:
+                continue
+            ref.reset()
+            ref.eval(window.tolist())
+            for (start, mine), (_, theirs) in zip(_log_softmax_rows(llm.scores[:n]), _log_softmax_rows(ref.scores[:n])):
+                kl += float((np.exp(theirs) * (theirs - mine)).sum())
+                agree += int((theirs.argmax(-1) == mine.argmax(-1)).sum())
+                compared += len(mine)
     finally:
         llm.close()
-    return ppl_from_nll(total / count)
+        if ref is not None:
+            ref.close()
+    out = {"ppl": ppl_from_nll(nll / count), "tokens": count}
+    if ref is not None:
+        out.update(kl_to_dense=kl / compared, top1_agreement=agree / compared, compared_tokens=compared)
+    return out
+
+
+def _prompt(n: int, vocab: int, seed: int) -> list[int]:
+    # Timing does not depend on which ids; ids from a fixed text would need the model's tokenizer.
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, min(vocab, 30000), size=n).tolist()
+
+
+def speeds(paths: Sequence[Path], repeats: int = 3, prompt: int = 128, decode: int = 64,
+           n_threads: int | None = None, on_round=None) -> list[dict]:
+    """Prefill time of a `prompt`-token prompt and greedy decode speed over `decode` tokens, for
+    every GGUF, measured side by side: all are loaded, warmed up, then timed in turn, round after
+    round (a drift in the machine's speed then touches every model alike). Per model: each
+    round's prefill_ms and decode_tok_s."""
+    import time
+
+    models = [load(p, n_ctx=prompt + decode + 8, n_threads=n_threads) for p in paths]
+    runs = [{"prefill_ms": [], "decode_tok_s": []} for _ in paths]
+    try:
+        for llm in models:  # the first calls allocate buffers and pick kernels
+            llm.reset()
+            llm.eval(_prompt(32, llm.n_vocab(), 1))
+        for r in range(repeats):
+            for llm, run in zip(models, runs):
+                tokens = _prompt(prompt, llm.n_vocab(), r)
+                llm.reset()
+                start = time.perf_counter()
+                llm.eval(tokens)
+                run["prefill_ms"].append(1000 * (time.perf_counter() - start))
+                llm.reset()
+                for i, _ in enumerate(llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, reset=True)):
+                    if i == 0:
+                        first = time.perf_counter()  # the prompt is done: decoding starts
+                    if i == decode:
+                        break
+                run["decode_tok_s"].append(decode / (time.perf_counter() - first))
+            if on_round is not None:
+                on_round()
+    finally:
+        for llm in models:
+            llm.close()
+    return runs

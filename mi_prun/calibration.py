@@ -227,8 +227,15 @@ SELF_NEEDS_MEMORY = "self-generated calibration (--calib self)"
 
 
 def calibration_batches(loaded, spec: CalibrationSpec) -> torch.Tensor:
-    """(n_samples, seq_len) token ids for `spec`."""
+    """(n_samples, seq_len) token ids for `spec` (made once per loaded model and spec)."""
     spec.validate()
+    key = spec.model_dump_json()
+    if key not in loaded.calibration_cache:
+        loaded.calibration_cache[key] = _calibration_batches(loaded, spec)
+    return loaded.calibration_cache[key]
+
+
+def _calibration_batches(loaded, spec: CalibrationSpec) -> torch.Tensor:
     if spec.source == "self":
         # Sampling token by token from a model streamed block by block would take hours.
         loaded.require_in_memory(SELF_NEEDS_MEMORY)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,9 @@ class LoadedModel:
     runner: BlockRunner
     execution: Execution
     weight_bytes: int  # parameters in the compute dtype, loaded whole or not
+    # Calibration windows made for this model, by spec: runs that build several points from one
+    # load (frontier) generate the seeded self-calibration text once.
+    calibration_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def in_memory(self) -> bool:

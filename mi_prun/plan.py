@@ -221,7 +221,7 @@ class Plan(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as err:
-            raise UserError(_validation_line(err)) from None
+            raise UserError(validation_line(err)) from None
 
     def n_remove(self, n_blocks: int) -> int:
         """Blocks this plan removes from a model of `n_blocks`; checked before any weights load."""
@@ -230,7 +230,7 @@ class Plan(BaseModel):
         return blocks_to_remove(n_blocks, self.remove, self.ratio)
 
 
-def _validation_line(err: ValidationError) -> str:
+def validation_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
     message = first["msg"].removeprefix("Value error, ")

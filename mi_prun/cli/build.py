@@ -42,6 +42,10 @@ def build(
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
     streamed: o.Streamed = None,
+    max_size: o.MaxSize = None,
+    min_speedup: o.MinSpeedup = None,
+    max_ppl_increase: o.MaxPplIncrease = None,
+    frontier: o.FrontierDir = None,
     force: o.Force = False,
     quiet: o.Quiet = False,
 ):
@@ -52,6 +56,8 @@ def build(
     from ..preflight import check_plan
     from ..progress import Reporter
 
+    if max_size is not None or min_speedup is not None or max_ppl_increase is not None or frontier is not None:
+        return ship_budget(out, model, remove, ratio, plan_file, max_size, min_speedup, max_ppl_increase, frontier, force)
     if remove is None and ratio is None and plan_file is None:
         ratio = DEFAULT_BUILD_RATIO
     plan = make_plan(
@@ -81,3 +87,29 @@ def build(
         output.line(f"quality on {q.data}: ppl {q.dense_ppl:.2f} -> {q.pruned_ppl:.2f}, KL {q.kl_to_dense:.4f}, top-1 {q.top1_agreement:.1%}")
     output.timings(manifest)
     output.line(f"wrote {out} (model card: {out / 'README.md'})")
+
+
+def ship_budget(out, model, remove, ratio, plan_file, max_size, min_speedup, max_ppl_increase, frontier, force) -> None:
+    """build with budgets: the best point of a measured frontier that meets them, shipped as measured."""
+    from ..budget import Budget, parse_fraction, parse_size, pick, read_frontier, ship
+    from ..errors import UserError
+    from ..preflight import check_output, inspect
+
+    budget = Budget(max_bytes=parse_size(max_size) if max_size is not None else None, min_speedup=min_speedup,
+                    max_ppl_increase=parse_fraction(max_ppl_increase) if max_ppl_increase is not None else None)
+    if not budget.given:
+        raise UserError("--frontier picks a point by a budget: add --max-size, --min-speedup or --max-ppl-increase")
+    if frontier is None:
+        raise UserError("budgets pick from measured points: run `mi-prun-edge frontier --out DIR --eval TEXT` first, then pass --frontier DIR")
+    if remove is not None or ratio is not None or plan_file is not None:
+        raise UserError("a budget decides how many blocks go: drop --remove / --ratio / --plan, or drop the budget")
+    check_output(out, force)
+    measured = read_frontier(frontier)
+    source = inspect(model).source.describe()
+    if source != measured["model"]:
+        raise UserError(f"{frontier} measured {measured['model']}, not {source}: measure this model's frontier first")
+    point, why = pick(measured, budget)
+    shipped = ship(frontier, measured, point, why, budget, out, force)
+    for line in why:
+        output.line(line)
+    output.line(f"wrote {shipped} (the file the frontier measured; why: {out / 'budget.json'})")

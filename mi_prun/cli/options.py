@@ -70,3 +70,12 @@ CompensatedTypeOpt = Annotated[CompensatedType, typer.Option(
     help="GGUF type of the tensors compensation rewrites in a GGUF pruned in place: auto (their own type if 8-bit or more, "
     "else q8_0), same (their own type), q8_0 or f16.",
 )]
+
+MaxSize = Annotated[Optional[str], typer.Option(
+    "--max-size", help="Budget: largest GGUF to ship (e.g. 64MiB); picks from a measured --frontier.")]
+MinSpeedup = Annotated[Optional[float], typer.Option(
+    "--min-speedup", help="Budget: decode speed at least this many times the model as given; picks from a measured --frontier.")]
+MaxPplIncrease = Annotated[Optional[str], typer.Option(
+    "--max-ppl-increase", help="Budget: perplexity at most this much above the model as given (e.g. 10%); picks from a measured --frontier.")]
+FrontierDir = Annotated[Optional[Path], typer.Option(
+    "--frontier", help="A folder written by `mi-prun-edge frontier`: the budgets pick its best point that meets them, and that file ships.")]

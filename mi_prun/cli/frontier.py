@@ -1,0 +1,83 @@
+"""`mi-prun-edge frontier`: build and measure every blocks-removed x llama.cpp type point, mark the fronts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..frontier import DEFAULT_RATIOS, DEFAULT_TYPES
+from ..plan import DEFAULT_OBJECTIVES, Method, Target
+from . import options as o, output
+from .app import app
+
+
+def _numbers(text: str | None, kind, flag: str):
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes a comma-separated list of numbers, got {text!r}") from None
+
+
+@app.command()
+def frontier(
+    out: o.Out,
+    eval_data: Annotated[list[str], typer.Option(
+        "--eval", help="Held-out text (repeat for several; the first decides the fronts and carries the KL to the model as given).")],
+    target: o.TargetOpt = Target.gguf,
+    model: o.Model = None,
+    remove: Annotated[Optional[str], typer.Option("--remove", "-n", help="Blocks removed at each point, e.g. 0,2,4,6,8.")] = None,
+    ratio: Annotated[Optional[str], typer.Option(
+        "--ratio", help=f"Fractions of the blocks removed at each point (default {','.join(map(str, DEFAULT_RATIOS))}).")] = None,
+    gguf_types: Annotated[str, typer.Option("--gguf-types", help="llama.cpp types every point is quantized to.")] = ",".join(DEFAULT_TYPES),
+    heal_at: Annotated[Optional[str], typer.Option(
+        "--heal-at", help="Blocks-removed values also built with --heal (e.g. 4,8; healing takes up to --heal-minutes each).")] = None,
+    heal_minutes: o.HealMinutes = 10.0,
+    heal_steps: o.HealSteps = 300,
+    windows: Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of --eval-seq-len tokens per held-out text.")] = 24,
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", min=16, help="Tokens per evaluation window.")] = 512,
+    kl_windows: Annotated[int, typer.Option("--kl-windows", min=1, help="Windows of the first text the KL and top-1 are taken on.")] = 8,
+    speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="Rounds of timing (every model in turn each round).")] = 3,
+    calib: o.Calib = "self",
+    n_samples: o.NSamples = 16,
+    seq_len: o.SeqLen = 256,
+    seed: o.Seed = 0,
+    device: o.Device = "auto",
+    force: o.Force = False,
+    quiet: o.Quiet = False,
+):
+    """Which model to ship: every blocks-removed x type point built, measured in llama.cpp, the Pareto fronts marked."""
+    from ..calibration import CalibrationSpec
+    from ..errors import UserError
+    from ..frontier import FrontierPlan, label, run
+    from pydantic import ValidationError
+
+    from ..plan import HealPlan, Plan, validation_line
+    from ..progress import Reporter
+
+    if target is not Target.gguf:
+        raise UserError("frontier measures GGUF points in llama.cpp; --target onnx is not measured by it yet")
+    removes, ratios = _numbers(remove, int, "--remove"), _numbers(ratio, float, "--ratio")
+    if removes is None and ratios is None:
+        ratios = DEFAULT_RATIOS
+    try:
+        plan = FrontierPlan(
+            build=Plan.make(model=model, method=Method.mi_prun, remove=1, objectives=DEFAULT_OBJECTIVES, seed=seed, device=device,
+                            calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed),
+                            heal=HealPlan(steps=heal_steps, minutes=heal_minutes)),
+            removes=removes, ratios=ratios, gguf_types=tuple(t.strip() for t in gguf_types.split(",") if t.strip()),
+            heal_at=_numbers(heal_at, int, "--heal-at") or (), texts=tuple(eval_data), windows=windows, seq_len=eval_seq_len,
+            kl_windows=kl_windows, speed_repeats=speed_repeats)
+    except ValidationError as err:
+        raise UserError(validation_line(err)) from None
+    import shlex
+    import sys
+
+    result = run(plan, out, force, Reporter(quiet), "mi-prun-edge " + shlex.join(sys.argv[1:]))
+    for p in result["points"]:
+        marks = [m for m, key in (("size", "on_size_front"), ("speed", "on_speed_front")) if p[key]]
+        output.line(f"{label(p)}: {p['bytes'] / 2**20:.1f} MiB, ppl {p['ppl_primary']:.2f}, {p['decode_tok_s']['median']:.1f} tok/s"
+                    + (f"  [front: {', '.join(marks)}]" if marks else ""))
+    output.line(f"wrote {out / 'frontier.md'}")

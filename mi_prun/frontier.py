@@ -1,0 +1,308 @@
+"""The prune x quantize frontier: which model to ship, measured.
+
+Every combination of blocks removed (each pruned point made by `build`, healed as well where asked)
+and llama.cpp type (made by llama.cpp's own quantizer from that build) is measured in llama.cpp
+side by side: held-out perplexity, KL and top-1 agreement to the model as given, file size,
+prefill time and decode speed. A point is on a front when no other point is at least as good on
+both axes and better on one. `build --max-size / --min-speedup / --max-ppl-increase` pick from it
+(`budget.py`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from . import pipeline
+from .atomic import atomic_dir
+from .calibration import check_text_source, read_text_source
+from .errors import UserError
+from .machine import Contention, contention_line, machine_line
+from .plan import ExportPlan, HealPlan, Plan, Target
+from .progress import QUIET, Reporter
+
+FRONTIER_JSON = "frontier.json"
+DEFAULT_RATIOS = (0.0, 0.0625, 0.125, 0.1875, 0.25)
+DEFAULT_TYPES = ("f16", "q8_0", "q4_k_m", "q4_0")
+
+
+class FrontierPlan(BaseModel):
+    """What `frontier` builds and measures. Every pruned point is `build` with `build`'s choices."""
+
+    model_config = ConfigDict(frozen=True)
+
+    build: Plan  # the build of every pruned point; its remove/ratio is replaced per point
+    removes: tuple[int, ...] | None = None  # blocks removed at each point (0: the model as given)
+    ratios: tuple[float, ...] | None = None  # or fractions of the blocks
+    gguf_types: tuple[str, ...] = DEFAULT_TYPES  # llama.cpp types every point is quantized to
+    heal_at: tuple[int, ...] = ()  # blocks-removed values also built healed (build.heal's budget)
+    texts: tuple[str, ...]  # held-out texts; the first decides the fronts and carries the KL
+    windows: int = Field(24, ge=1)
+    seq_len: int = Field(512, ge=16)
+    kl_windows: int = Field(8, ge=1)
+    speed_repeats: int = Field(3, ge=1)
+    prompt_tokens: int = Field(128, ge=1)
+    decode_tokens: int = Field(64, ge=2)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FrontierPlan":
+        if (self.removes is None) == (self.ratios is None):
+            raise ValueError("give the points as --remove 0,2,4 or as --ratio 0,0.1,0.2, not both")
+        if any(r < 0 for r in self.removes or ()) or any(not 0 <= r < 1 for r in self.ratios or ()):
+            raise ValueError("blocks removed must be >= 0 and ratios in [0, 1)")
+        if not self.texts:
+            raise ValueError("give at least one held-out text (--eval)")
+        return self
+
+    def counts(self, n_blocks: int) -> list[int]:
+        """The distinct numbers of blocks removed, checked against the model before any weights load."""
+        counts = sorted({*(self.removes or ()), *(round(r * n_blocks) for r in self.ratios or ())} | {0})
+        if counts[-1] >= n_blocks:
+            raise UserError(f"cannot remove {counts[-1]} of {n_blocks} blocks: at least one must stay")
+        missing = [n for n in self.heal_at if n not in counts or n == 0]
+        if missing:
+            raise UserError(f"--heal-at {missing}: heal only points that are built (removing {counts[1:]} blocks)")
+        return counts
+
+    def point_plan(self, n: int, healed: bool) -> Plan:
+        return self.build.model_copy(update={
+            "remove": n, "ratio": None, "heal": (self.build.heal or HealPlan()) if healed else None,
+            "export": ExportPlan(target=Target.gguf), "evaluation": None})
+
+
+def check(plan: FrontierPlan, out: Path, force: bool):
+    """Everything that can be checked before a model loads: output, texts, tools, the points."""
+    from exporters.gguf_export import GGUFType
+
+    from .preflight import check_output, inspect, require_export_tools
+
+    check_output(out, force)
+    require_export_tools(Target.gguf)
+    for text in plan.texts:
+        check_text_source(text, "--eval")
+    check_text_source(plan.build.calibration.source, "--calib")
+    unknown = [t for t in plan.gguf_types if t not in GGUFType.__members__]
+    if unknown:
+        raise UserError(f"unknown GGUF type {unknown}: choose from {', '.join(GGUFType.__members__)}")
+    inspected = inspect(plan.build.model)
+    if inspected.source.kind != "gguf":
+        raise UserError("frontier measures llama.cpp quantizations of a .gguf model: convert the model first "
+                        "(mi-prun-edge export, or llama.cpp's convert_hf_to_gguf) and pass the .gguf as --model")
+    return inspected, plan.counts(inspected.n_blocks)
+
+
+def source_file_type(path: Path) -> str:
+    """The GGUF's general.file_type as llama.cpp names it (q4_1, q4_k_m, ...)."""
+    from exporters.gguf_prune import model_info, open_gguf
+
+    from .export import file_type_name
+
+    return file_type_name(model_info(open_gguf(path), path).file_type)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def pareto(points: list[dict], better_x) -> list[bool]:
+    """Whether each point is on the front of quality (lower ppl is better) against an axis where
+    `better_x(a, b)` says a is at least as good as b; ties on both count as not beaten."""
+    flags = []
+    for p in points:
+        beaten = False
+        for q in points:
+            if q is p:
+                continue
+            if q["ppl_primary"] <= p["ppl_primary"] and better_x(q, p) and (
+                    q["ppl_primary"] < p["ppl_primary"] or not better_x(p, q)):
+                beaten = True
+                break
+        flags.append(not beaten)
+    return flags
+
+
+def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter = QUIET, command: str | None = None) -> dict:
+    """Build every point into `out` (written all at once), measure them in llama.cpp, write
+    frontier.json / frontier.md / frontier.png; returns the frontier."""
+    import numpy as np
+    from exporters import llamacpp
+    from exporters.gguf_export import GGUF_TYPES, GGUFType
+
+    from .cli.common import load_for_plan
+    from .load import default_model_path
+
+    inspected, counts = check(plan, out, force)
+    dense = Path(inspected.source.location) / inspected.source.gguf_file
+    texts = {name: read_text_source(name, "evaluation") for name in plan.texts}
+    contention = Contention()
+    with atomic_dir(out, force) as tmp:
+        # Held-out windows, tokenized by llama.cpp (cheap: vocabulary only) before any weights load.
+        windows = {}
+        for name, text in texts.items():
+            ids = np.array(llamacpp.tokenize(dense, text))
+            n = min(plan.windows, len(ids) // plan.seq_len)
+            if n < 1:
+                raise UserError(f"--eval {name} has {len(ids)} tokens: fewer than one window of {plan.seq_len}")
+            windows[name] = ids[: n * plan.seq_len].reshape(n, plan.seq_len)
+
+        source_type = source_file_type(dense)
+        bases = [{"removed_blocks": 0, "removed": [], "healed": False, "file": dense, "type": f"{source_type} (as given)", "build": None}]
+        builds = [(n, False) for n in counts if n > 0] + [(n, True) for n in counts if n in plan.heal_at]
+        if builds:
+            # Loaded once for every build (a healed one needs the whole model in memory); the
+            # calibration text is made once too (calibration_batches keeps it on the model).
+            loaded = load_for_plan(inspected, plan.point_plan(*builds[-1]), reporter)
+            for n, healed in builds:
+                folder = tmp / (f"remove-{n}" + ("-healed" if healed else ""))
+                reporter.say(f"building: {n} blocks removed" + (", healed" if healed else ""))
+                manifest = pipeline.build(loaded, plan.point_plan(n, healed), folder, reporter=reporter)
+                [export] = manifest.exports
+                bases.append({"removed_blocks": n, "removed": manifest.removed, "healed": healed, "file": folder / export.file,
+                              "type": f"{export.format_type} (in place)", "build": manifest.timings_s})
+            del loaded
+            gc.collect()
+
+        points = []
+        with reporter.task("quantizing with llama.cpp", len(bases) * len(plan.gguf_types)) as advance:
+            for base in bases:
+                folder = base["file"].parent if base["build"] else tmp / "remove-0"
+                folder.mkdir(exist_ok=True)
+                points.append({**base})
+                for name in plan.gguf_types:
+                    target = folder / f"{base['file'].name.split('.')[0]}.{name}.gguf"
+                    llamacpp.quantize(base["file"], target, GGUF_TYPES[GGUFType(name)].llama_ftype)
+                    points.append({**base, "file": target, "type": name})
+                    advance(name)
+
+        primary = plan.texts[0]
+        with reporter.task("measuring quality in llama.cpp", len(points)) as advance:
+            for p in points:
+                p["ppl"] = {}
+                for name, w in windows.items():
+                    ref = dense if name == primary else None
+                    got = llamacpp.compare(p["file"], w, reference=ref, kl_windows=plan.kl_windows)
+                    p["ppl"][name] = got["ppl"]
+                    if ref is not None:
+                        p["kl_to_dense"], p["top1_agreement"] = got["kl_to_dense"], got["top1_agreement"]
+                p["ppl_primary"] = p["ppl"][primary]
+                p["bytes"] = p["file"].stat().st_size
+                advance(f"{p['removed_blocks']} removed, {p['type']}: ppl {p['ppl_primary']:.2f}")
+
+        with reporter.task(f"timing {len(points)} models side by side in llama.cpp", plan.speed_repeats) as advance:
+            runs = llamacpp.speeds([p["file"] for p in points], plan.speed_repeats, plan.prompt_tokens, plan.decode_tokens,
+                                   on_round=advance)
+        for p, r in zip(points, runs):
+            p["prefill_ms"], p["decode_tok_s"] = _stats(r["prefill_ms"]), _stats(r["decode_tok_s"])
+
+        as_given = points[0]
+        for p in points:
+            p["speedup"] = p["decode_tok_s"]["median"] / as_given["decode_tok_s"]["median"]
+            p["ppl_increase"] = p["ppl_primary"] / as_given["ppl_primary"] - 1
+        for p, on in zip(points, pareto(points, lambda a, b: a["bytes"] <= b["bytes"])):
+            p["on_size_front"] = on
+        for p, on in zip(points, pareto(points, lambda a, b: a["decode_tok_s"]["median"] >= b["decode_tok_s"]["median"])):
+            p["on_speed_front"] = on
+        for p in points:
+            p["file"] = str(p["file"].relative_to(tmp)) if p["file"].is_relative_to(tmp) else str(p["file"])
+
+        frontier = {
+            "command": command, "model": inspected.source.describe(), "default_model": dense == default_model_path(),
+            "n_blocks": inspected.n_blocks, "source_type": source_type,
+            "plan": json.loads(plan.model_dump_json()), "primary_text": primary,
+            "eval": {name: f"first {len(w)} x {plan.seq_len} tokens (llama.cpp tokenizer)" for name, w in windows.items()},
+            "kl": f"KL(as given || point) and top-1 agreement over the first {min(plan.kl_windows, len(windows[primary]))} windows of {primary}",
+            "speed": f"prefill of {plan.prompt_tokens} tokens and greedy decode of {plan.decode_tokens}, llama.cpp default threads, "
+                     f"{plan.speed_repeats} rounds, every model in turn",
+            "machine": machine_line("llama.cpp default threads"),
+            "points": points,
+        }
+        frontier["contention"] = contention.summary()
+        (tmp / FRONTIER_JSON).write_text(json.dumps(frontier, indent=2, default=str) + "\n")
+        (tmp / "frontier.md").write_text(report(frontier))
+        chart(frontier, tmp / "frontier.png")
+    return frontier
+
+
+def label(p: dict) -> str:
+    return f"{p['removed_blocks']} removed{' healed' if p['healed'] else ''}, {p['type']}"
+
+
+def report(frontier: dict) -> str:
+    points, primary = frontier["points"], frontier["primary_text"]
+    others = [t for t in points[0]["ppl"] if t != primary]
+    lines = [
+        f"# Prune x quantize frontier: {Path(frontier['model']).name}",
+        "",
+        f"Command: `{frontier['command']}`" if frontier.get("command") else "",
+        "",
+        "Every point measured in llama.cpp in one run. Quality: perplexity on "
+        + "; ".join(f"{k} ({v})" for k, v in frontier["eval"].items()) + f"; {frontier['kl']}. "
+        f"Speed: {frontier['speed']}; median (min-max). Machine: {frontier['machine']}.",
+        contention_line(frontier["contention"]),
+        "",
+        "| blocks removed | removed | type | size MiB | ppl " + Path(primary).name + " | " + " | ".join(f"ppl {Path(t).name}" for t in others)
+        + (" | " if others else "") + "KL | top-1 | prefill ms | decode tok/s | speedup | front: size | front: speed |",
+        "|---" * (12 + len(others)) + "|",
+    ]
+    for p in points:
+        d, f = p["decode_tok_s"], p["prefill_ms"]
+        lines.append(
+            f"| {p['removed_blocks']}{' healed' if p['healed'] else ''} | {p['removed']} | {p['type']} | {p['bytes'] / 2**20:.1f} | "
+            f"{p['ppl_primary']:.2f} | " + "".join(f"{p['ppl'][t]:.2f} | " for t in others)
+            + f"{p['kl_to_dense']:.4f} | {p['top1_agreement']:.1%} | {f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f}) | "
+            f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {p['speedup']:.2f}x | "
+            f"{'yes' if p['on_size_front'] else ''} | {'yes' if p['on_speed_front'] else ''} |")
+    lines += ["", *answer(frontier), ""]
+    return "\n".join(lines) + "\n"
+
+
+def answer(frontier: dict) -> list[str]:
+    """The question the frontier is for, answered from its own points."""
+    points = frontier["points"]
+    out = []
+    for front, what in (("on_size_front", "quality against size"), ("on_speed_front", "quality against decode speed")):
+        pruned = [label(p) for p in points if p[front] and p["removed_blocks"] > 0]
+        dense = [label(p) for p in points if p[front] and p["removed_blocks"] == 0]
+        if pruned:
+            out.append(f"- Front of {what}: pruned points on it: {', '.join(pruned)}; unpruned: {', '.join(dense) or 'none'}.")
+        else:
+            out.append(f"- Front of {what}: no pruned point is on it; every pruned point is beaten by an unpruned "
+                       f"quantization ({', '.join(dense)}): a lower quantization pays more than removing blocks here.")
+    if frontier.get("source_type") not in (None, "f32", "f16", "bf16"):
+        out.append(f"- The model as given is {frontier['source_type']}: every other type is made from its weights, so "
+                   "f16 and q8_0 carry its quantization error (they cannot beat it by more than the rounding of the "
+                   "activations), and a lower type rounds already rounded weights again.")
+    return out
+
+
+def chart(frontier: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, primary = frontier["points"], frontier["primary_text"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, x_of, xlabel, front in (
+            (axes[0], lambda p: p["bytes"] / 2**20, "file size (MiB)", "on_size_front"),
+            (axes[1], lambda p: p["decode_tok_s"]["median"], "decode tokens/s (llama.cpp)", "on_speed_front")):
+        for n in sorted({p["removed_blocks"] for p in points}):
+            for healed in (False, True):
+                group = [p for p in points if p["removed_blocks"] == n and p["healed"] == healed]
+                if group:
+                    ax.scatter([x_of(p) for p in group], [p["ppl_primary"] for p in group], marker="^" if healed else "o",
+                               label=f"{n} removed{' healed' if healed else ''}")
+        best = sorted((p for p in points if p[front]), key=x_of)
+        ax.plot([x_of(p) for p in best], [p["ppl_primary"] for p in best], "k--", lw=1, label="front")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"perplexity, {Path(primary).name}")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"prune x quantize: {Path(frontier['model']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

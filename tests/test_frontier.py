@@ -1,0 +1,107 @@
+"""frontier on a tiny GGUF: every point built, quantized and measured in llama.cpp; budgets pick from it."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from exporters import llamacpp
+from exporters.gguf_export import GGUFType, export_gguf
+from mi_prun.budget import Budget, parse_fraction, parse_size, pick
+from mi_prun.cli import app
+from mi_prun.errors import UserError
+from mi_prun.frontier import pareto
+from tests.conftest import TINY_BLOCKS, WIKI_TEST
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def measured(export_models, calib_txt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("frontier")
+    src = root / "tiny.f16.gguf"
+    export_gguf(export_models["llama"], src, GGUFType.f16, root)
+    out = root / "frontier"
+    result = invoke("frontier", "--model", src, "--remove", "0,2,4", "--gguf-types", "q8_0,q4_0", "--eval", WIKI_TEST,
+                    "--eval-windows", 2, "--eval-seq-len", 64, "--kl-windows", 1, "--speed-repeats", 2,
+                    "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return src, out, json.loads((out / "frontier.json").read_text())
+
+
+def test_every_point_is_built_loaded_and_measured(measured):
+    src, out, frontier = measured
+    points = frontier["points"]
+    # 0, 2 and 4 blocks removed, each as built (f16 in place) and quantized to q8_0 and q4_0.
+    assert sorted((p["removed_blocks"], p["type"].split()[0]) for p in points) == sorted(
+        (n, t) for n in (0, 2, 4) for t in ("f16", "q8_0", "q4_0"))
+    for p in points:
+        path = out / p["file"] if not p["file"].startswith("/") else p["file"]
+        assert llamacpp.load_check(path)["layers"] == TINY_BLOCKS - p["removed_blocks"]
+        assert p["bytes"] > 0 and p["decode_tok_s"]["median"] > 0 and len(p["decode_tok_s"]["runs"]) == 2
+    as_given = points[0]
+    assert as_given["removed_blocks"] == 0 and as_given["file"] == str(src)
+    # The model as given against itself: no divergence, every top-1 the same.
+    assert as_given["kl_to_dense"] == pytest.approx(0, abs=1e-9) and as_given["top1_agreement"] == 1.0
+    # Fewer blocks and fewer bits make smaller files, and quality measured in llama.cpp moves away from the model as given.
+    by = {(p["removed_blocks"], p["type"].split()[0]): p for p in points}
+    assert by[(4, "q4_0")]["bytes"] < by[(2, "q4_0")]["bytes"] < by[(0, "q4_0")]["bytes"] < by[(0, "q8_0")]["bytes"]
+    assert by[(4, "f16")]["kl_to_dense"] > 0
+    assert (out / "frontier.md").read_text().count("\n|") == len(points) + 2 and (out / "frontier.png").stat().st_size > 0
+
+
+def test_fronts_hold_the_points_no_other_beats(measured):
+    points = measured[2]["points"]
+    best = min(points, key=lambda p: p["ppl_primary"])
+    smallest = min(points, key=lambda p: (p["bytes"], p["ppl_primary"]))
+    assert best["on_size_front"] and best["on_speed_front"] and smallest["on_size_front"]
+    for p in points:
+        if p["on_size_front"]:  # nothing both smaller-or-equal and strictly better
+            assert not any(q["bytes"] <= p["bytes"] and q["ppl_primary"] < p["ppl_primary"] for q in points)
+    # A point beaten on both axes is off the front.
+    toy = [{"ppl_primary": 1.0, "bytes": 10}, {"ppl_primary": 2.0, "bytes": 20}, {"ppl_primary": 3.0, "bytes": 5}]
+    assert pareto(toy, lambda a, b: a["bytes"] <= b["bytes"]) == [True, False, True]
+
+
+def test_build_with_a_size_budget_ships_the_best_point_that_fits(measured, tmp_path):
+    src, out, frontier = measured
+    points = frontier["points"]
+    limit = sorted(p["bytes"] for p in points)[len(points) // 2]  # about half the points fit
+    result = invoke("build", "--model", src, "--frontier", out, "--max-size", f"{limit}B", "--out", tmp_path / "ship")
+    assert result.exit_code == 0, result.output
+    fits = [p for p in points if p["bytes"] <= limit]
+    expected = min(fits, key=lambda p: (p["ppl_primary"], p["bytes"]))
+    [shipped] = (tmp_path / "ship").glob("*.gguf")
+    assert shipped.stat().st_size <= limit
+    assert llamacpp.load_check(shipped)["layers"] == TINY_BLOCKS - expected["removed_blocks"]
+    picked = json.loads((tmp_path / "ship" / "budget.json").read_text())["picked"]
+    assert (picked["removed_blocks"], picked["type"]) == (expected["removed_blocks"], expected["type"])
+    assert (tmp_path / "ship" / "pruning.json").is_file() == (expected["removed_blocks"] > 0)
+
+
+def test_speed_budget_and_unmeetable_budget(measured, tmp_path):
+    src, out, frontier = measured
+    fastest = max(p["speedup"] for p in frontier["points"])
+    result = invoke("build", "--model", src, "--frontier", out, "--min-speedup", fastest * 2, "--out", tmp_path / "none")
+    assert result.exit_code == 2 and "no measured point meets the budget" in result.output
+    assert not (tmp_path / "none").exists()
+    point, why = pick(frontier, Budget(min_speedup=1.0))
+    assert point["speedup"] >= 1.0 and all(p["ppl_primary"] >= point["ppl_primary"] for p in frontier["points"] if p["speedup"] >= 1.0)
+
+
+def test_budget_input_errors_are_one_line_before_any_work(measured, tmp_path):
+    src, out, _ = measured
+    assert parse_size("64MiB") == 64 * 2**20 and parse_size("1.5GB") == 1_500_000_000 and parse_fraction("10%") == 0.1
+    with pytest.raises(UserError):
+        parse_size("sixty")
+    no_frontier = invoke("build", "--model", src, "--max-size", "1MiB", "--out", tmp_path / "a")
+    assert no_frontier.exit_code == 2 and "mi-prun-edge frontier" in no_frontier.output
+    both = invoke("build", "--model", src, "--frontier", out, "--max-size", "1MiB", "--remove", 2, "--out", tmp_path / "b")
+    assert both.exit_code == 2 and "--remove" in both.output
+    missing = invoke("build", "--model", src, "--frontier", tmp_path, "--max-size", "1MiB", "--out", tmp_path / "c")
+    assert missing.exit_code == 2 and "frontier.json" in missing.output
+    assert not any((tmp_path / n).exists() for n in "abc")
