@@ -33,6 +33,26 @@ class OnnxPrecision(str, Enum):
     int4 = "int4"
 
 
+@dataclass(frozen=True)
+class Int4Settings:
+    """The model builder's weight-only int4 options (its `--extra_options`)."""
+
+    block_size: int = 32  # weights per scale
+    accuracy_level: int = 4  # activations of the int4 matmuls: 4 = int8, 1 = fp32
+    is_symmetric: bool = True  # int4 (True) or uint4 with zero points (False)
+    algo_config: str = "default"  # default / rtn / k_quant
+    mixed_precision: str | None = None  # e.g. last_matmul:int8,mixed_layers:int8
+
+    def extra_options(self) -> list[str]:
+        out = [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}",
+               f"is_symmetric={'true' if self.is_symmetric else 'false'}", f"algo_config={self.algo_config}"]
+        return out + ([f"matmul_mixed_precision={self.mixed_precision}"] if self.mixed_precision else [])
+
+
+# The builder's own defaults; measured against fp32 in reports/onnx_int4.md.
+DEFAULT_INT4 = Int4Settings()
+
+
 def check_supported(spec: ArchSpec) -> None:
     if not spec.onnx_genai_supported:
         raise UserError(f"onnxruntime-genai's model builder does not support '{spec.model_type}'; use --target gguf")
@@ -55,7 +75,7 @@ def stage_for_builder(folder: Path, cache_dir: Path) -> Path:
     return staged
 
 
-def export_onnx(folder: Path, output: Path, precision: OnnxPrecision, cache_dir: Path) -> None:
+def export_onnx(folder: Path, output: Path, precision: OnnxPrecision, cache_dir: Path, int4: Int4Settings = DEFAULT_INT4) -> None:
     """Run the model builder: `output` becomes an onnxruntime-genai model folder."""
     spec, _ = spec_of_folder(folder)
     check_supported(spec)
@@ -68,7 +88,7 @@ def export_onnx(folder: Path, output: Path, precision: OnnxPrecision, cache_dir:
            "-p", precision.value, "-e", "cpu", "-c", str(cache_dir),
            # A full-length KV cache on sliding-window layers too: the windowed (ring) cache is
            # only fed correctly by onnxruntime-genai, and plain onnxruntime must run the model.
-           "--extra_options", "windowed_kv_cache=false"]
+           "--extra_options", "windowed_kv_cache=false", *(int4.extra_options() if precision is OnnxPrecision.int4 else [])]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
     if done.returncode != 0 or not (Path(output) / ONNX_MODEL_FILE).is_file():
         raise UserError(f"onnxruntime-genai's model builder failed on {folder}: {tool_error_line(done.stderr + done.stdout, r'Error|error:|Exception|not supported')[:400]}")

@@ -1,0 +1,110 @@
+"""int4 ONNX settings of onnxruntime-genai's model builder against fp32, on the default model.
+
+Each setting is exported by the product's own exporter (`exporters.onnx_export.export_onnx`, the
+model builder with those `--extra_options`) from the dense default model and its 4-blocks-removed
+build (the models `benchmarks/latency.py` builds, as `mi-prun-edge prune` writes them); perplexity by
+plain onnxruntime on the first `--windows` windows of 512 tokens of wiki.test.raw, as in
+reports/onnx_quality.md. The best setting becomes `DEFAULT_INT4`.
+
+    .venv/bin/python benchmarks/onnx_int4.py        # writes reports/onnx_int4.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import latency  # noqa: E402
+from exporters.onnx_export import Int4Settings, OnnxPrecision, export_onnx, onnx_perplexity  # noqa: E402
+from machine import Contention, contention_line, machine_line  # noqa: E402
+from mi_prun.calibration import tokenize_text  # noqa: E402
+from mi_prun.evaluate import eval_windows  # noqa: E402
+from mi_prun.progress import Reporter  # noqa: E402
+
+WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+
+SETTINGS = {
+    "builder default (int8 activations)": Int4Settings(),
+    "fp32 activations": Int4Settings(accuracy_level=1),
+    "fp32 act., asymmetric": Int4Settings(accuracy_level=1, is_symmetric=False),
+    "fp32 act., k_quant": Int4Settings(accuracy_level=1, algo_config="k_quant"),
+    "fp32 act., last matmul int8": Int4Settings(accuracy_level=1, mixed_precision="last_matmul:int8"),
+    "fp32 act., asym., last matmul int8": Int4Settings(accuracy_level=1, is_symmetric=False, mixed_precision="last_matmul:int8"),
+    "fp32 act., k_quant, last matmul + mixed layers int8": Int4Settings(
+        accuracy_level=1, algo_config="k_quant", mixed_precision="last_matmul:int8,mixed_layers:int8"),
+    "int8 act., asym., last matmul int8": Int4Settings(is_symmetric=False, mixed_precision="last_matmul:int8"),
+}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-work")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "onnx_int4")
+    args = parser.parse_args(argv)
+    reporter, contention = Reporter(), Contention()
+    bench_args = latency.parse_args(["--remove", "4", "--work", str(args.work)])
+    variants, removed = latency.build_variants(bench_args, reporter)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(variants["dense"])
+    windows = eval_windows(tokenize_text(tokenizer, WIKI_TEST.read_text(encoding="utf-8")), 512, args.windows).numpy()
+    rows = []
+    for name, hf in variants.items():
+        work = args.work / "onnx-int4" / name
+        runs = {"fp32": (OnnxPrecision.fp32, Int4Settings())} | {k: (OnnxPrecision.int4, v) for k, v in SETTINGS.items()}
+        for label, (precision, settings) in runs.items():
+            out = work / label.replace(" ", "_").replace(",", "").replace(".", "").replace("(", "").replace(")", "")
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            export_onnx(hf, out, precision, work / ".cache", settings)
+            seconds = time.perf_counter() - start
+            row = {"model": name, "removed": removed.get(name, []), "setting": label,
+                   "options": settings.extra_options() if precision is OnnxPrecision.int4 else [],
+                   "bytes": folder_bytes(out), "export_s": round(seconds, 1), "ppl": onnx_perplexity(out, windows)}
+            rows.append(row)
+            reporter.say(json.dumps(row))
+            shutil.rmtree(out)  # hundreds of MB each: the numbers are what is kept
+    for r in rows:
+        fp32 = next(x for x in rows if x["model"] == r["model"] and x["setting"] == "fp32")
+        r["ratio_to_fp32"] = r["ppl"] / fp32["ppl"]
+    payload = {
+        "command": " ".join(["python benchmarks/onnx_int4.py", *argv]),
+        "evaluation": f"first {len(windows)} windows x 512 tokens of wiki.test.raw, perplexity by plain onnxruntime",
+        "machine": machine_line("onnxruntime default threads"), "contention": contention.summary(), "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [
+        "# ONNX int4 settings of the model builder against fp32",
+        "",
+        f"Command: `{payload['command']}`. Evaluation: {payload['evaluation']}. Models: dense = the default SmolLM2-135M "
+        f"(Q4_1 GGUF dequantized to fp32); pruned-4 = `{latency.prune_command(bench_args)}`. Machine: {payload['machine']}.",
+        contention_line(payload["contention"]),
+        "",
+        "| model | setting | builder options | ppl | x fp32 | MiB | export s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['setting']} | {' '.join(r['options'])} | {r['ppl']:.2f} | {r['ratio_to_fp32']:.3f} | "
+                     f"{r['bytes'] / 2**20:.1f} | {r['export_s']} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
