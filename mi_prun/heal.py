@@ -144,11 +144,14 @@ def _merged(model, spec: ArchSpec, targets: list[str], kept: Sequence[int]) -> d
 
 
 def _remove_adapters(model, targets: list[str]) -> None:
-    """Put every adapted layer's original module back (nothing merged into the loaded model)."""
+    """Put every adapted layer's original module back (nothing merged into the loaded model), and
+    drop peft's record of the adapter, so the same loaded model heals again cleanly (frontier)."""
     for name in targets:
         layer = get_path(model, name)
         if hasattr(layer, "base_layer"):
             set_path(model, name, layer.base_layer)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def fold_healed(runs: list[RunCompensation], weights: dict[str, torch.Tensor], spec: ArchSpec) -> dict[str, torch.Tensor]:
