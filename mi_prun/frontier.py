@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from . import pipeline
 from .atomic import atomic_dir
 from .calibration import check_text_source, read_text_source
 from .errors import UserError
+from .manifest import MANIFEST_NAME
 from .machine import Contention, contention_line, machine_line
 from .plan import ExportPlan, HealPlan, Plan, Target
 from .progress import QUIET, Reporter
@@ -125,9 +127,67 @@ def pareto(points: list[dict], better_x) -> list[bool]:
     return flags
 
 
+def _point_name(n: int, healed: bool) -> str:
+    return f"remove-{n}" + ("-healed" if healed else "")
+
+
+def work_dir(out: Path) -> Path:
+    """Where an unfinished run keeps its complete points (beside `out`, hidden): a run interrupted
+    after an hour of builds and measurements resumes from them; a finished run moves them into `out`."""
+    return out.parent / f".{out.name}.work"
+
+
+def _same_plan(work: Path, plan: FrontierPlan, model: str) -> bool:
+    stamp = work / "plan.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == {"model": model, "plan": json.loads(plan.model_dump_json())}
+
+
+def _built(folder: Path, point_plan: Plan):
+    """The manifest of a complete earlier build of this very point, else None."""
+    from .manifest import PruningManifest
+
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    manifest = PruningManifest.read(folder)
+    return manifest if manifest.plan == point_plan and manifest.exports and (folder / manifest.exports[0].file).is_file() else None
+
+
+def _quantized(base: Path, target: Path, ftype: str) -> None:
+    """llama.cpp's quantizer into a temporary name, renamed when complete (resumable)."""
+    from exporters import llamacpp
+
+    if target.is_file():
+        return
+    partial = target.with_name(target.name + ".partial")
+    llamacpp.quantize(base, partial, ftype)
+    partial.rename(target)
+
+
+def _measured(p: dict, windows: dict, primary: str, dense: Path, kl_windows: int) -> dict:
+    """Quality of one point in llama.cpp, kept beside its file (resumable; stamped with the windows)."""
+    from exporters import llamacpp
+
+    cache = p["file"].with_name(p["file"].name + ".quality.json") if p["file"] != dense else None
+    stamp = {"windows": {k: [len(w), w.shape[1], int(w.sum())] for k, w in windows.items()}, "kl_windows": kl_windows,
+             "bytes": p["file"].stat().st_size}
+    if cache is not None and cache.is_file():
+        hit = json.loads(cache.read_text())
+        if hit["stamp"] == stamp:
+            return hit["quality"]
+    quality = {"ppl": {}}
+    for name, w in windows.items():
+        got = llamacpp.compare(p["file"], w, reference=dense if name == primary else None, kl_windows=kl_windows)
+        quality["ppl"][name] = got["ppl"]
+        if name == primary:
+            quality["kl_to_dense"], quality["top1_agreement"] = got["kl_to_dense"], got["top1_agreement"]
+    if cache is not None:
+        cache.write_text(json.dumps({"stamp": stamp, "quality": quality}))
+    return quality
+
+
 def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter = QUIET, command: str | None = None) -> dict:
-    """Build every point into `out` (written all at once), measure them in llama.cpp, write
-    frontier.json / frontier.md / frontier.png; returns the frontier."""
+    """Build every point, measure them in llama.cpp, and write `out` at once: every GGUF, each
+    build's pruning.json, frontier.json / frontier.md / frontier.png. Returns the frontier."""
     import numpy as np
     from exporters import llamacpp
     from exporters.gguf_export import GGUF_TYPES, GGUFType
@@ -139,91 +199,102 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
     dense = Path(inspected.source.location) / inspected.source.gguf_file
     texts = {name: read_text_source(name, "evaluation") for name in plan.texts}
     contention = Contention()
+    # Held-out windows, tokenized by llama.cpp (cheap: vocabulary only) before any weights load.
+    windows = {}
+    for name, text in texts.items():
+        ids = np.array(llamacpp.tokenize(dense, text))
+        n = min(plan.windows, len(ids) // plan.seq_len)
+        if n < 1:
+            raise UserError(f"--eval {name} has {len(ids)} tokens: fewer than one window of {plan.seq_len}")
+        windows[name] = ids[: n * plan.seq_len].reshape(n, plan.seq_len)
+
+    work = work_dir(out)
+    if work.exists() and not _same_plan(work, plan, inspected.source.describe()):
+        shutil.rmtree(work)  # points of another frontier: not reusable
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "plan.json").write_text(json.dumps({"model": inspected.source.describe(), "plan": json.loads(plan.model_dump_json())}))
+
+    source_type = source_file_type(dense)
+    bases = [{"removed_blocks": 0, "removed": [], "healed": False, "file": dense, "type": f"{source_type} (as given)", "build": None}]
+    builds = [(n, False) for n in counts if n > 0] + [(n, True) for n in counts if n in plan.heal_at]
+    done = {b: _built(work / _point_name(*b), plan.point_plan(*b)) for b in builds}
+    if any(m is None for m in done.values()):
+        # Loaded once for every build (a healed one needs the whole model in memory); the
+        # calibration text is made once too (calibration_batches keeps it on the model).
+        loaded = load_for_plan(inspected, plan.point_plan(*builds[-1]), reporter)
+        for b, manifest in done.items():
+            if manifest is None:
+                reporter.say(f"building: {b[0]} blocks removed" + (", healed" if b[1] else ""))
+                done[b] = pipeline.build(loaded, plan.point_plan(*b), work / _point_name(*b), force=True, reporter=reporter)
+        del loaded
+        gc.collect()
+    for (n, healed), manifest in done.items():
+        [export] = manifest.exports
+        bases.append({"removed_blocks": n, "removed": manifest.removed, "healed": healed, "file": work / _point_name(n, healed) / export.file,
+                      "type": f"{export.format_type} (in place)", "build": manifest.timings_s})
+
+    points = []
+    with reporter.task("quantizing with llama.cpp", len(bases) * len(plan.gguf_types)) as advance:
+        for base in bases:
+            folder = base["file"].parent if base["build"] else work / _point_name(0, False)
+            folder.mkdir(exist_ok=True)
+            points.append({**base})
+            for name in plan.gguf_types:
+                target = folder / f"{base['file'].name.split('.')[0]}.{name}.gguf"
+                _quantized(base["file"], target, GGUF_TYPES[GGUFType(name)].llama_ftype)
+                points.append({**base, "file": target, "type": name})
+                advance(name)
+
+    primary = plan.texts[0]
+    with reporter.task("measuring quality in llama.cpp", len(points)) as advance:
+        for p in points:
+            p.update(_measured(p, windows, primary, dense, plan.kl_windows))
+            p["ppl_primary"] = p["ppl"][primary]
+            p["bytes"] = p["file"].stat().st_size
+            advance(f"{p['removed_blocks']} removed, {p['type']}: ppl {p['ppl_primary']:.2f}")
+
+    # The times are what a busy machine falsifies: the load is taken over the timing too, on its own.
+    timing = Contention()
+    with reporter.task(f"timing {len(points)} models side by side in llama.cpp", plan.speed_repeats) as advance:
+        runs = llamacpp.speeds([p["file"] for p in points], plan.speed_repeats, plan.prompt_tokens, plan.decode_tokens,
+                               on_round=advance)
+    for p, r in zip(points, runs):
+        p["prefill_ms"], p["decode_tok_s"] = _stats(r["prefill_ms"]), _stats(r["decode_tok_s"])
+
+    as_given = points[0]
+    for p in points:
+        p["speedup"] = p["decode_tok_s"]["median"] / as_given["decode_tok_s"]["median"]
+        p["ppl_increase"] = p["ppl_primary"] / as_given["ppl_primary"] - 1
+    for p, on in zip(points, pareto(points, lambda a, b: a["bytes"] <= b["bytes"])):
+        p["on_size_front"] = on
+    for p, on in zip(points, pareto(points, lambda a, b: a["decode_tok_s"]["median"] >= b["decode_tok_s"]["median"])):
+        p["on_speed_front"] = on
+    for p in points:
+        p["file"] = str(p["file"].relative_to(work)) if p["file"].is_relative_to(work) else str(p["file"])
+
+    frontier = {
+        "command": command, "model": inspected.source.describe(), "default_model": dense == default_model_path(),
+        "n_blocks": inspected.n_blocks, "source_type": source_type,
+        "plan": json.loads(plan.model_dump_json()), "primary_text": primary,
+        "eval": {name: f"first {len(w)} x {plan.seq_len} tokens (llama.cpp tokenizer)" for name, w in windows.items()},
+        "kl": f"KL(as given || point) and top-1 agreement over the first {min(plan.kl_windows, len(windows[primary]))} windows of {primary}",
+        "speed": f"prefill of {plan.prompt_tokens} tokens and greedy decode of {plan.decode_tokens}, llama.cpp default threads, "
+                 f"{plan.speed_repeats} rounds, every model in turn",
+        "machine": machine_line("llama.cpp default threads"),
+        "points": points,
+        "contention": contention.summary(), "timing_contention": timing.summary(),
+    }
     with atomic_dir(out, force) as tmp:
-        # Held-out windows, tokenized by llama.cpp (cheap: vocabulary only) before any weights load.
-        windows = {}
-        for name, text in texts.items():
-            ids = np.array(llamacpp.tokenize(dense, text))
-            n = min(plan.windows, len(ids) // plan.seq_len)
-            if n < 1:
-                raise UserError(f"--eval {name} has {len(ids)} tokens: fewer than one window of {plan.seq_len}")
-            windows[name] = ids[: n * plan.seq_len].reshape(n, plan.seq_len)
-
-        source_type = source_file_type(dense)
-        bases = [{"removed_blocks": 0, "removed": [], "healed": False, "file": dense, "type": f"{source_type} (as given)", "build": None}]
-        builds = [(n, False) for n in counts if n > 0] + [(n, True) for n in counts if n in plan.heal_at]
-        if builds:
-            # Loaded once for every build (a healed one needs the whole model in memory); the
-            # calibration text is made once too (calibration_batches keeps it on the model).
-            loaded = load_for_plan(inspected, plan.point_plan(*builds[-1]), reporter)
-            for n, healed in builds:
-                folder = tmp / (f"remove-{n}" + ("-healed" if healed else ""))
-                reporter.say(f"building: {n} blocks removed" + (", healed" if healed else ""))
-                manifest = pipeline.build(loaded, plan.point_plan(n, healed), folder, reporter=reporter)
-                [export] = manifest.exports
-                bases.append({"removed_blocks": n, "removed": manifest.removed, "healed": healed, "file": folder / export.file,
-                              "type": f"{export.format_type} (in place)", "build": manifest.timings_s})
-            del loaded
-            gc.collect()
-
-        points = []
-        with reporter.task("quantizing with llama.cpp", len(bases) * len(plan.gguf_types)) as advance:
-            for base in bases:
-                folder = base["file"].parent if base["build"] else tmp / "remove-0"
-                folder.mkdir(exist_ok=True)
-                points.append({**base})
-                for name in plan.gguf_types:
-                    target = folder / f"{base['file'].name.split('.')[0]}.{name}.gguf"
-                    llamacpp.quantize(base["file"], target, GGUF_TYPES[GGUFType(name)].llama_ftype)
-                    points.append({**base, "file": target, "type": name})
-                    advance(name)
-
-        primary = plan.texts[0]
-        with reporter.task("measuring quality in llama.cpp", len(points)) as advance:
-            for p in points:
-                p["ppl"] = {}
-                for name, w in windows.items():
-                    ref = dense if name == primary else None
-                    got = llamacpp.compare(p["file"], w, reference=ref, kl_windows=plan.kl_windows)
-                    p["ppl"][name] = got["ppl"]
-                    if ref is not None:
-                        p["kl_to_dense"], p["top1_agreement"] = got["kl_to_dense"], got["top1_agreement"]
-                p["ppl_primary"] = p["ppl"][primary]
-                p["bytes"] = p["file"].stat().st_size
-                advance(f"{p['removed_blocks']} removed, {p['type']}: ppl {p['ppl_primary']:.2f}")
-
-        with reporter.task(f"timing {len(points)} models side by side in llama.cpp", plan.speed_repeats) as advance:
-            runs = llamacpp.speeds([p["file"] for p in points], plan.speed_repeats, plan.prompt_tokens, plan.decode_tokens,
-                                   on_round=advance)
-        for p, r in zip(points, runs):
-            p["prefill_ms"], p["decode_tok_s"] = _stats(r["prefill_ms"]), _stats(r["decode_tok_s"])
-
-        as_given = points[0]
-        for p in points:
-            p["speedup"] = p["decode_tok_s"]["median"] / as_given["decode_tok_s"]["median"]
-            p["ppl_increase"] = p["ppl_primary"] / as_given["ppl_primary"] - 1
-        for p, on in zip(points, pareto(points, lambda a, b: a["bytes"] <= b["bytes"])):
-            p["on_size_front"] = on
-        for p, on in zip(points, pareto(points, lambda a, b: a["decode_tok_s"]["median"] >= b["decode_tok_s"]["median"])):
-            p["on_speed_front"] = on
-        for p in points:
-            p["file"] = str(p["file"].relative_to(tmp)) if p["file"].is_relative_to(tmp) else str(p["file"])
-
-        frontier = {
-            "command": command, "model": inspected.source.describe(), "default_model": dense == default_model_path(),
-            "n_blocks": inspected.n_blocks, "source_type": source_type,
-            "plan": json.loads(plan.model_dump_json()), "primary_text": primary,
-            "eval": {name: f"first {len(w)} x {plan.seq_len} tokens (llama.cpp tokenizer)" for name, w in windows.items()},
-            "kl": f"KL(as given || point) and top-1 agreement over the first {min(plan.kl_windows, len(windows[primary]))} windows of {primary}",
-            "speed": f"prefill of {plan.prompt_tokens} tokens and greedy decode of {plan.decode_tokens}, llama.cpp default threads, "
-                     f"{plan.speed_repeats} rounds, every model in turn",
-            "machine": machine_line("llama.cpp default threads"),
-            "points": points,
-        }
-        frontier["contention"] = contention.summary()
         (tmp / FRONTIER_JSON).write_text(json.dumps(frontier, indent=2, default=str) + "\n")
         (tmp / "frontier.md").write_text(report(frontier))
         chart(frontier, tmp / "frontier.png")
+        # Last, so that a failure above leaves the work folder whole for the next run.
+        for entry in work.iterdir():
+            if entry.name != "plan.json":
+                entry.rename(tmp / entry.name)
+        for cache in tmp.glob("*/*.quality.json"):
+            cache.unlink()
+    shutil.rmtree(work, ignore_errors=True)
     return frontier
 
 
@@ -242,7 +313,8 @@ def report(frontier: dict) -> str:
         "Every point measured in llama.cpp in one run. Quality: perplexity on "
         + "; ".join(f"{k} ({v})" for k, v in frontier["eval"].items()) + f"; {frontier['kl']}. "
         f"Speed: {frontier['speed']}; median (min-max). Machine: {frontier['machine']}.",
-        contention_line(frontier["contention"]),
+        "Whole run: " + contention_line(frontier["contention"]),
+        "While timing: " + contention_line(frontier["timing_contention"]) if "timing_contention" in frontier else "",
         "",
         "| blocks removed | removed | type | size MiB | ppl " + Path(primary).name + " | " + " | ".join(f"ppl {Path(t).name}" for t in others)
         + (" | " if others else "") + "KL | top-1 | prefill ms | decode tok/s | speedup | front: size | front: speed |",

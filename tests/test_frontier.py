@@ -1,6 +1,7 @@
 """frontier on a tiny GGUF: every point built, quantized and measured in llama.cpp; budgets pick from it."""
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -10,7 +11,8 @@ from exporters.gguf_export import GGUFType, export_gguf
 from mi_prun.budget import Budget, parse_fraction, parse_size, pick
 from mi_prun.cli import app
 from mi_prun.errors import UserError
-from mi_prun.frontier import pareto
+from mi_prun.frontier import pareto, work_dir
+from mi_prun.manifest import PruningManifest
 from tests.conftest import TINY_BLOCKS, WIKI_TEST
 
 runner = CliRunner()
@@ -20,16 +22,21 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def frontier_args(src, calib_txt, out):
+    return ("frontier", "--model", src, "--remove", "0,2,4", "--gguf-types", "q8_0,q4_0", "--eval", WIKI_TEST,
+            "--eval-windows", 2, "--eval-seq-len", 64, "--kl-windows", 1, "--speed-repeats", 2,
+            "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet")
+
+
 @pytest.fixture(scope="module")
 def measured(export_models, calib_txt, tmp_path_factory):
     root = tmp_path_factory.mktemp("frontier")
     src = root / "tiny.f16.gguf"
     export_gguf(export_models["llama"], src, GGUFType.f16, root)
     out = root / "frontier"
-    result = invoke("frontier", "--model", src, "--remove", "0,2,4", "--gguf-types", "q8_0,q4_0", "--eval", WIKI_TEST,
-                    "--eval-windows", 2, "--eval-seq-len", 64, "--kl-windows", 1, "--speed-repeats", 2,
-                    "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet")
+    result = invoke(*frontier_args(src, calib_txt, out))
     assert result.exit_code == 0, result.output
+    assert not work_dir(out).exists()
     return src, out, json.loads((out / "frontier.json").read_text())
 
 
@@ -51,6 +58,8 @@ def test_every_point_is_built_loaded_and_measured(measured):
     by = {(p["removed_blocks"], p["type"].split()[0]): p for p in points}
     assert by[(4, "q4_0")]["bytes"] < by[(2, "q4_0")]["bytes"] < by[(0, "q4_0")]["bytes"] < by[(0, "q8_0")]["bytes"]
     assert by[(4, "f16")]["kl_to_dense"] > 0
+    # Machine load recorded over the whole run and over the timing alone (the figures it can falsify).
+    assert frontier["timing_contention"]["wall_s"] <= frontier["contention"]["wall_s"]
     assert (out / "frontier.md").read_text().count("\n|") == len(points) + 2 and (out / "frontier.png").stat().st_size > 0
 
 
@@ -105,3 +114,31 @@ def test_budget_input_errors_are_one_line_before_any_work(measured, tmp_path):
     missing = invoke("build", "--model", src, "--frontier", tmp_path, "--max-size", "1MiB", "--out", tmp_path / "c")
     assert missing.exit_code == 2 and "frontier.json" in missing.output
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_an_interrupted_frontier_resumes_from_its_complete_points(measured, calib_txt, tmp_path):
+    src, out, frontier = measured
+    again = tmp_path / "again"
+    work = work_dir(again)
+    # What a run of the same frontier interrupted after its first build leaves beside its output.
+    shutil.copytree(out / "remove-2", work / "remove-2")
+    (work / "plan.json").write_text(json.dumps({"model": frontier["model"], "plan": frontier["plan"]}))
+    result = invoke(*frontier_args(src, calib_txt, again))
+    assert result.exit_code == 0, result.output
+    # The complete point is reused as it was (same build record), the missing one is built.
+    assert PruningManifest.read(again / "remove-2").timings_s == PruningManifest.read(out / "remove-2").timings_s
+    assert PruningManifest.read(again / "remove-4").timings_s != PruningManifest.read(out / "remove-4").timings_s
+    assert not work.exists() and not list(again.glob("*/*.quality.json"))
+    resumed = {(p["removed_blocks"], p["type"]): p["ppl_primary"] for p in json.loads((again / "frontier.json").read_text())["points"]}
+    assert resumed == pytest.approx({(p["removed_blocks"], p["type"]): p["ppl_primary"] for p in frontier["points"]}, rel=1e-6)
+
+
+def test_points_of_another_frontier_are_not_reused(measured, calib_txt, tmp_path):
+    src, out, frontier = measured
+    again = tmp_path / "other"
+    work = work_dir(again)
+    shutil.copytree(out / "remove-2", work / "remove-2")
+    (work / "plan.json").write_text(json.dumps({"model": frontier["model"], "plan": {**frontier["plan"], "windows": 99}}))
+    result = invoke(*frontier_args(src, calib_txt, again))
+    assert result.exit_code == 0, result.output
+    assert PruningManifest.read(again / "remove-2").timings_s != PruningManifest.read(out / "remove-2").timings_s
