@@ -234,12 +234,15 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
                       "type": f"{export.format_type} (in place)", "build": manifest.timings_s})
 
     points = []
-    with reporter.task("quantizing with llama.cpp", len(bases) * len(plan.gguf_types)) as advance:
+    total = sum(b["type"].split()[0] != t for b in bases for t in plan.gguf_types)
+    with reporter.task("quantizing with llama.cpp", total) as advance:
         for base in bases:
             folder = base["file"].parent if base["build"] else work / _point_name(0, False)
             folder.mkdir(exist_ok=True)
             points.append({**base})
             for name in plan.gguf_types:
+                if base["type"].split()[0] == name:
+                    continue  # the point as built (or as given) is that type already: same file name, same weights
                 target = folder / f"{base['file'].name.split('.')[0]}.{name}.gguf"
                 _quantized(base["file"], target, GGUF_TYPES[GGUFType(name)].llama_ftype)
                 points.append({**base, "file": target, "type": name})

@@ -23,7 +23,8 @@ def invoke(*args):
 
 
 def frontier_args(src, calib_txt, out):
-    return ("frontier", "--model", src, "--remove", "0,2,4", "--gguf-types", "q8_0,q4_0", "--eval", WIKI_TEST,
+    # f16 is the type of the source and of its in-place builds: those points are not quantized again.
+    return ("frontier", "--model", src, "--remove", "0,2,4", "--gguf-types", "f16,q8_0,q4_0", "--eval", WIKI_TEST,
             "--eval-windows", 2, "--eval-seq-len", 64, "--kl-windows", 1, "--speed-repeats", 2,
             "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet")
 
@@ -133,6 +134,7 @@ def test_an_interrupted_frontier_resumes_from_its_complete_points(measured, cali
     assert resumed == pytest.approx({(p["removed_blocks"], p["type"]): p["ppl_primary"] for p in frontier["points"]}, rel=1e-6)
 
 
+@pytest.mark.slow  # a whole frontier run again (about a minute): make test-slow
 def test_points_of_another_frontier_are_not_reused(measured, calib_txt, tmp_path):
     src, out, frontier = measured
     again = tmp_path / "other"
