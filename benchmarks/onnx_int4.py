@@ -71,14 +71,16 @@ def main(argv=None) -> None:
             out = work / label.replace(" ", "_").replace(",", "").replace(".", "").replace("(", "").replace(")", "")
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            export_onnx(hf, out, precision, work / ".cache", settings)
-            seconds = time.perf_counter() - start
             row = {"model": name, "removed": removed.get(name, []), "setting": label,
-                   "options": settings.extra_options() if precision is OnnxPrecision.int4 else [],
-                   "bytes": folder_bytes(out), "export_s": round(seconds, 1), "ppl": onnx_perplexity(out, windows)}
+                   "options": settings.extra_options() if precision is OnnxPrecision.int4 else []}
+            try:
+                export_onnx(hf, out, precision, work / ".cache", settings)
+                row.update(bytes=folder_bytes(out), export_s=round(time.perf_counter() - start, 1), ppl=onnx_perplexity(out, windows))
+            except Exception as err:  # a setting the builder or onnxruntime rejects is a result too
+                row.update(error=str(err).splitlines()[0][:300], ppl=float("nan"), bytes=0, export_s=None)
             rows.append(row)
             reporter.say(json.dumps(row))
-            shutil.rmtree(out)  # hundreds of MB each: the numbers are what is kept
+            shutil.rmtree(out, ignore_errors=True)  # hundreds of MB each: the numbers are what is kept
     for r in rows:
         fp32 = next(x for x in rows if x["model"] == r["model"] and x["setting"] == "fp32")
         r["ratio_to_fp32"] = r["ppl"] / fp32["ppl"]
@@ -100,6 +102,9 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['setting']} | {' '.join(r['options'])} | failed: {r['error']} | | | |")
+            continue
         lines.append(f"| {r['model']} | {r['setting']} | {' '.join(r['options'])} | {r['ppl']:.2f} | {r['ratio_to_fp32']:.3f} | "
                      f"{r['bytes'] / 2**20:.1f} | {r['export_s']} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
