@@ -161,18 +161,21 @@ def compare(path: Path, windows: np.ndarray, reference: Path | None = None, kl_w
             n = len(window) - 1
             llm.reset()
             llm.eval(window.tolist())
-            for start, block in _log_softmax_rows(llm.scores[:n]):
-                rows = np.arange(start, start + len(block))
-                nll -= float(block[rows - start, window[rows + 1]].sum())
+            reference_rows = None
+            if ref is not None and i < kl_windows:
+                ref.reset()
+                ref.eval(window.tolist())
+                reference_rows = _log_softmax_rows(ref.scores[:n])
+            # One log-softmax of the model's logits serves the NLL and the comparison.
+            for start, mine in _log_softmax_rows(llm.scores[:n]):
+                rows = np.arange(start, start + len(mine))
+                nll -= float(mine[rows - start, window[rows + 1]].sum())
+                if reference_rows is not None:
+                    _, theirs = next(reference_rows)
+                    kl += float((np.exp(theirs) * (theirs - mine)).sum())
+                    agree += int((theirs.argmax(-1) == mine.argmax(-1)).sum())
+                    compared += len(mine)
             count += n
-            if ref is None or i >= kl_windows:
-                continue
-            ref.reset()
-            ref.eval(window.tolist())
-            for (start, mine), (_, theirs) in zip(_log_softmax_rows(llm.scores[:n]), _log_softmax_rows(ref.scores[:n])):
-                kl += float((np.exp(theirs) * (theirs - mine)).sum())
-                agree += int((theirs.argmax(-1) == mine.argmax(-1)).sum())
-                compared += len(mine)
     finally:
         llm.close()
         if ref is not None:
