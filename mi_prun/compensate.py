@@ -100,19 +100,21 @@ FOLD_COLUMNS = 1024  # columns of the projection folded at a time (float64 tempo
 
 
 def fold_map(t: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
-    """T^T W in float64, returned in W's dtype, a block of columns at a time (a linear weight)."""
+    """T^T W in float64, returned in W's dtype (float32 for a half-precision W: the map is written to the
+    exported file, which must not carry bf16 rounding of a CUDA run), a block of columns at a time."""
     tt = torch.from_numpy(t.T)
-    out = torch.empty(weight.shape, dtype=weight.dtype)
+    dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+    out = torch.empty(weight.shape, dtype=dtype)
     for start in range(0, weight.shape[1], FOLD_COLUMNS):
         cols = slice(start, start + FOLD_COLUMNS)
-        out[:, cols] = (tt @ weight[:, cols].double().cpu()).to(weight.dtype)
+        out[:, cols] = (tt @ weight[:, cols].double().cpu()).to(dtype)
     return out
 
 
 def fold_scale(t: np.ndarray, weight: torch.Tensor, offset: float) -> torch.Tensor:
     """A norm weight that scales by (offset + w) t instead of (offset + w), for T = diag(t)."""
     scaled = (weight.double().cpu() + offset) * torch.from_numpy(np.diag(t).copy())
-    return (scaled - offset).to(weight.dtype)
+    return (scaled - offset).to(torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype)
 
 
 def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor, spec: ArchSpec) -> None:

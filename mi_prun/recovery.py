@@ -114,7 +114,7 @@ class LinearRecovery:
         # (at hidden size 4096 its bases take about 1 GB).
         if self._prev is None or self._prev[0] != prev:
             m = [_rows(self.taps[prev], f) for f in range(FOLDS)]
-            bases = fold_bases([(x.T @ x).double().numpy() for x in m])
+            bases = fold_bases([(x.T @ x).double().cpu().numpy() for x in m])
             self._prev = (prev, m, bases)
         return self._prev[1], self._prev[2]
 
@@ -133,11 +133,11 @@ class LinearRecovery:
         r = [t - e + mf for t, e, mf in zip(target, entry, m)]  # R = h_{b+1} - Y, Y = h_a - M
         rr = [float(rf.double().pow(2).sum()) for rf in r]
         if self.diagonal:
-            mm = [mf.double().pow(2).sum(0).numpy() for mf in m]
-            mr = [(mf.double() * rf.double()).sum(0).numpy() for mf, rf in zip(m, r)]
+            mm = [mf.double().pow(2).sum(0).cpu().numpy() for mf in m]
+            mr = [(mf.double() * rf.double()).sum(0).cpu().numpy() for mf, rf in zip(m, r)]
             errors = heldout_errors_diagonal(mm, mr, rr)
         else:
-            mr = [(mf.T @ rf).double().numpy() for mf, rf in zip(m, r)]
+            mr = [(mf.T @ rf).double().cpu().numpy() for mf, rf in zip(m, r)]
             errors = heldout_errors(bases, mr, rr)
         best = min(min(errors.values()), plain)
         return max(best, 0.0), energy

@@ -224,6 +224,9 @@ def load_outside_blocks(skeleton: nn.Module, spec: ArchSpec, tensors: TensorSour
                 continue  # tied to the embedding: set below
             raise KeyError(f"the weights have no tensor {name}")
         set_module_tensor_to_device(skeleton, name, device, value=tensors.get(name, dtype))
+    for name, buffer in skeleton.named_buffers():  # rotary inv_freq and the like: built on the CPU by the skeleton
+        if not name.startswith(prefix) and not buffer.is_meta and buffer.device != device:
+            set_module_tensor_to_device(skeleton, name, device, value=buffer)
     head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
     if head is not None and (head.weight.is_meta or getattr(skeleton.config, "tie_word_embeddings", False) and "lm_head.weight" not in available):
         head.weight = embed.weight
