@@ -36,13 +36,15 @@ WINDOWS, SEQ_LEN, REMOVE = 4, 64, 4
 # llama.cpp's check in a child process).
 EARLIER = "8e06e85..f500977"
 
-# (model, execution) points: the sizes up to 1B are run both ways; the 7B shape (27 GiB of fp32
-# weights, which do not fit in 24 GiB) runs streamed only. (synthetic.py also writes a 3B shape.)
+# (model, execution) points: the sizes up to 3B are run both ways (the 3B shape's 12.8 GiB of fp32
+# weights are the most a 24 GiB machine loads whole); the 7B shape (27 GiB of fp32 weights, which
+# do not fit) runs streamed only.
 POINTS = [
     ("default", "in-memory"), ("default", "streamed"),
     ("0.3b.gguf", "in-memory"), ("0.3b.gguf", "streamed"),
     ("0.3b.safetensors", "in-memory"), ("0.3b.safetensors", "streamed"),
     ("1b.gguf", "in-memory"), ("1b.gguf", "streamed"),
+    ("3b.gguf", "in-memory"), ("3b.gguf", "streamed"),
     ("7b.gguf", "streamed"),
 ]
 
@@ -171,7 +173,8 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
             f"Where the memory goes (streamed): the process itself (Python, torch, transformers, the tokenizer, llama.cpp's "
             f"library) holds most of the {base} GiB the default model's streamed run has after loading (its embedding is 0.1 GiB); "
             "the bound does not count it, which is why small models sit far above 2x. On the 7B shape, loading ends at "
-            f"{after.get('load')} GiB (that base + embedding and head in fp32, 1.5 GiB); selection adds one block in fp32 "
+            f"{after.get('load')} GiB (that base + the head in fp32, 0.75 GiB: an untied embedding is read a row at a time when "
+            "streamed); selection adds one block in fp32 "
             "(0.75 GiB), the ridge regression's float64 moments (d x d matrices of 134 MB at d = 4096, a few at a time) and "
             f"the memoized fits of the proposals (at most half a block's weights), reaching {after.get('select')} GiB: "
             f"{big['peak_rss_gib'] / big['bound_gib']:.2f} x the bound, {(big['peak_rss_gib'] - base) / big['bound_gib']:.2f} x "
@@ -211,11 +214,14 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "scale")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scale")
     parser.add_argument("--only", nargs="*", help="run only these models (names as in POINTS)")
-    parser.add_argument("--fresh", action="store_true", help="rerun points already measured (kept in WORK/rows.json)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rerun points already measured (kept in WORK/rows.json): those of --only, or all")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     done_file = args.work / "rows.json"
-    done = {} if args.fresh or not done_file.is_file() else json.loads(done_file.read_text())
+    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    if args.fresh:
+        done = {k: v for k, v in done.items() if args.only and k.split("/")[0] not in args.only}
     started = time.perf_counter()
     for name, execution in POINTS:
         key = f"{name}/{execution}"

@@ -117,6 +117,13 @@ def test_gguf_tensors_equal_transformers_gguf_load(model_type, export_models, tm
     with streamed.runner.store.block(2) as layer:
         for k, v in layer.state_dict().items():
             assert torch.equal(v, reference[f"model.layers.2.{k}"]), k
+    # An untied streamed embedding reads only the rows it embeds: the same states as the whole table.
+    from mi_prun.weights import GatheredEmbedding
+
+    tied = "lm_head.weight" not in reference or getattr(streamed.model.config, "tie_word_embeddings", False)
+    assert isinstance(streamed.model.get_input_embeddings(), GatheredEmbedding) is (not tied)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(streamed.runner.embed(ids), ours.runner.embed(ids))
 
 
 def test_boundary_states_spill_to_files_when_memory_is_short(tiny_models, calib_txt, monkeypatch):
