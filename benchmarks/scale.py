@@ -150,6 +150,10 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         so_far = " / ".join(str(after.get(k, "-")) for k in ("load", "select", "export"))
         lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | {so_far} | {bound} | {r['wall_s']} | "
                      f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r.get('llama_cpp_check_peak_gib', '')} | {r['load_before']} | {r.get('commit', EARLIER)} |")
+    commits = sorted({r.get("commit", EARLIER) for r in rows})
+    if len(commits) > 1:
+        lines += ["", f"Rows come from {len(commits)} states of the code ({', '.join(commits)}: the code column); "
+                  "`python benchmarks/scale.py --fresh` measures every point at one."]
     both = [m for m in {r["model"] for r in rows} if {"in-memory", "streamed"} <= {r["execution"] for r in rows if r["model"] == m and not r.get("exit")}]
     if both:
         largest = max(both, key=lambda m: params[m])
