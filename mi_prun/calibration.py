@@ -174,14 +174,48 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def window_seed(seed: int, window: int) -> int:
+    """The sampling seed of self-generated window `window`: its text depends on --seed and its
+    index only, not on the batch or the process that writes it."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, window]).generate_state(1)[0])
+
+
+class RowSeededSampler:
+    """A logits processor that samples every row with its own generator (after top-k and top-p, by
+    transformers' own warpers) and leaves only the sampled token, which greedy decoding then takes.
+    transformers' sampling draws all rows from one global generator, so a row's text would
+    depend on the rows beside it; with this, window i is the same written alone or in any batch."""
+
+    def __init__(self, seeds: list[int], top_k: int, top_p: float) -> None:
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.warpers = [TopKLogitsWarper(top_k=top_k), TopPLogitsWarper(top_p=top_p)]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = scores.softmax(-1).cpu()
+        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        only = torch.full_like(scores, float("-inf"))
+        only[torch.arange(len(picks)), picks.to(scores.device)] = 0.0
+        return only
+
+
 @torch.no_grad()
-def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
-    """Sample `n_samples` continuations of seeded prompts from the model itself (no data needed)."""
+def self_generated_ids(model, tokenizer, spec: CalibrationSpec, windows: range | None = None) -> torch.Tensor:
+    """Sample continuations of seeded prompts from the model itself (no data needed): the windows
+    `windows` (default all `n_samples`), each seeded by `window_seed(spec.seed, i)`."""
+    windows = range(spec.n_samples) if windows is None else windows
     generator = torch.Generator().manual_seed(spec.seed)
     order = torch.randperm(len(SELF_PROMPTS), generator=generator).tolist()
-    prompts = [SELF_PROMPTS[order[i % len(order)]] for i in range(spec.n_samples)]
+    prompts = [SELF_PROMPTS[order[i % len(order)]] for i in windows]
+    if not prompts:
+        return torch.zeros(0, spec.seq_len, dtype=torch.long)
     device = next(model.parameters()).device
-    torch.manual_seed(spec.seed)
     # One batched generate call (left padding): sequential calls take minutes on a CPU.
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -194,9 +228,10 @@ def self_generated_ids(model, tokenizer, spec: CalibrationSpec) -> torch.Tensor:
         tokenizer.padding_side = side
     out = model.generate(
         **batch,
-        do_sample=True,
-        temperature=1.0,
-        top_p=0.95,
+        # Sampling at temperature 1, top-k 50 (transformers' default) and top-p 0.95, done row by row
+        # by the sampler; greedy decoding takes its pick.
+        do_sample=False,
+        logits_processor=[RowSeededSampler([window_seed(spec.seed, i) for i in windows], top_k=50, top_p=0.95)],
         max_new_tokens=spec.seq_len,
         min_new_tokens=spec.seq_len,
         pad_token_id=tokenizer.pad_token_id,
@@ -239,7 +274,9 @@ def _calibration_batches(loaded, spec: CalibrationSpec) -> torch.Tensor:
     if spec.source == "self":
         # Sampling token by token from a model streamed block by block would take hours.
         loaded.require_in_memory(SELF_NEEDS_MEMORY)
-        # Distributed: rank 0 writes the text and hands it to the others, so it is the text one
-        # process writes, whatever the number of ranks.
-        return distributed.from_main(self_generated_ids(loaded.model, loaded.tokenizer, spec) if distributed.is_main() else None)
+        # Distributed: each rank writes its share of the windows (each window seeded by its index),
+        # and every rank gets them all: the text one process writes, whatever the number of ranks.
+        share = distributed.share(spec.n_samples)
+        mine = self_generated_ids(loaded.model, loaded.tokenizer, spec, range(share.start, share.stop))
+        return torch.from_numpy(distributed.gather_rows(mine.numpy()))
     return windows_from_ids(tokenize_text(loaded.tokenizer, read_text_source(spec.source)), spec.n_samples, spec.seq_len)

@@ -94,3 +94,20 @@ def test_self_generation_writes_no_control_tokens(tiny_models):
     tokenizer = loaded.tokenizer
     adds_bos = tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
     assert (ids[:, 0] == tokenizer.bos_token_id).all() == adds_bos
+
+
+def test_self_generated_window_depends_on_seed_and_index_only(tiny_models):
+    """Window i is sampled with its own seed: written in one batch or split in two (as two ranks
+    split it), the windows are the same; another --seed writes other text."""
+    from mi_prun.calibration import self_generated_ids
+    from mi_prun.load import load_model
+
+    loaded = load_model(str(tiny_models["llama"]))
+    spec = CalibrationSpec("self", n_samples=6, seq_len=32, seed=5)
+    whole = self_generated_ids(loaded.model, loaded.tokenizer, spec)
+    parts = torch.cat([self_generated_ids(loaded.model, loaded.tokenizer, spec, range(0, 2)),
+                       self_generated_ids(loaded.model, loaded.tokenizer, spec, range(2, 6))])
+    assert whole.shape == (6, 32)
+    assert torch.equal(whole, parts)
+    other = self_generated_ids(loaded.model, loaded.tokenizer, CalibrationSpec("self", n_samples=6, seq_len=32, seed=6))
+    assert not torch.equal(whole, other)

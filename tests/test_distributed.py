@@ -82,6 +82,22 @@ def test_two_ranks_decide_and_fit_as_one(tiny_models, calib_txt, tmp_path):
     assert "error" not in result.stderr
 
 
+def test_two_ranks_write_the_self_generated_text_of_one(tiny_models, tmp_path):
+    """`--calib self` split over two ranks (each writes its share of the windows, each window
+    seeded by its index): the same text as one process, so the same decision."""
+    model = tiny_models["llama"]
+    args = ["prune", "--model", str(model), "--remove", "2", "--calib", "self", "--n-samples", "5", "--seq-len", "32",
+            "--seed", "3", "--quiet"]
+    ok(one_process(*args, "--out", str(tmp_path / "one")))
+    ok(two_ranks(*args, "--out", str(tmp_path / "two")))
+    one = json.loads((tmp_path / "one" / "pruning.json").read_text())
+    two = json.loads((tmp_path / "two" / "pruning.json").read_text())
+    assert two["calibration"]["diversity"] == one["calibration"]["diversity"]
+    assert two["removed"] == one["removed"]
+    for c_one, c_two in zip(one["selection"]["candidates"], two["selection"]["candidates"], strict=True):
+        assert c_two["calibration_nll"] == pytest.approx(c_one["calibration_nll"], rel=1e-6)
+
+
 def test_two_ranks_evaluate_as_one(tiny_models, calib_txt):
     args = ["eval", "--model", str(tiny_models["gemma3_text"]), "--data", str(calib_txt), "--seq-len", "64",
             "--max-windows", "6", "--reference", str(tiny_models["llama"]), "--json", "-", "--quiet"]
