@@ -14,15 +14,13 @@ import os
 import sys
 import time
 
-import numpy as np
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exporters.llamacpp import timing_prompt as prompt_tokens  # noqa: E402  (the frontier times with the same ids)
 
 PROMPT_LENGTHS = (128, 512)
-
-
-def prompt_tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
-    # Token ids from a fixed text would need each runtime's tokenizer; latency does not depend on which ids.
-    rng = np.random.default_rng(seed)
-    return rng.integers(100, min(vocab, 30000), size=n).tolist()
 
 
 class TorchRuntime:

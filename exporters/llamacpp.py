@@ -186,8 +186,9 @@ def compare(path: Path, windows: np.ndarray, reference: Path | None = None, kl_w
     return out
 
 
-def _prompt(n: int, vocab: int, seed: int) -> list[int]:
-    # Timing does not depend on which ids; ids from a fixed text would need the model's tokenizer.
+def timing_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
+    """`n` token ids for timing a runtime (benchmarks/latency_worker.py uses them too).
+    Timing does not depend on which ids; ids from a fixed text would need each model's tokenizer."""
     rng = np.random.default_rng(seed)
     return rng.integers(100, min(vocab, 30000), size=n).tolist()
 
@@ -205,10 +206,10 @@ def speeds(paths: Sequence[Path], repeats: int = 3, prompt: int = 128, decode: i
     try:
         for llm in models:  # the first calls allocate buffers and pick kernels
             llm.reset()
-            llm.eval(_prompt(32, llm.n_vocab(), 1))
+            llm.eval(timing_prompt(32, llm.n_vocab(), 1))
         for r in range(repeats):
             for llm, run in zip(models, runs):
-                tokens = _prompt(prompt, llm.n_vocab(), r)
+                tokens = timing_prompt(prompt, llm.n_vocab(), r)
                 llm.reset()
                 start = time.perf_counter()
                 llm.eval(tokens)

@@ -26,17 +26,7 @@ import torch
 from . import distributed
 from .archs import ArchSpec, Fold
 from .ridge import FOLDS, RunMoments, choose_ridge, fit_map, residual
-
-def runs_of(removed: Sequence[int]) -> list[tuple[int, int]]:
-    """Maximal contiguous runs (first, last) of the removed indices, in order."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(removed):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
-
+from .select import runs_of
 
 @dataclass
 class RunCompensation:

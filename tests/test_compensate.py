@@ -8,7 +8,8 @@ import torch
 
 from mi_prun.archs import blocks, get_path
 from mi_prun.blockset import blocks_kept, keep_indices
-from mi_prun.compensate import applied, final_states, fit_compensation, run_moments, runs_of
+from mi_prun.compensate import applied, final_states, fit_compensation, run_moments
+from mi_prun.select import runs_of
 from mi_prun.ridge import RIDGE_GRID, RunMoments, choose_ridge, fit_map, residual
 from mi_prun.load import load_model
 from mi_prun.runner import Windows

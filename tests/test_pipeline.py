@@ -14,7 +14,8 @@ from mi_prun import mi, select
 from mi_prun.archs import blocks
 from mi_prun.calibration import CalibrationSpec
 from mi_prun.blockset import blocks_kept
-from mi_prun.compensate import applied, runs_of
+from mi_prun.compensate import applied
+from mi_prun.select import runs_of
 from mi_prun.capture import TokenSample, observe_cached
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
