@@ -201,7 +201,7 @@ class BlockRunner:
         files when they would take more than a quarter of the free memory."""
         h = self.embed(windows.ids)
         kept = sum(keep(b) for b in range(self.n_blocks + 1)) + (self.n_blocks if taps else 0)
-        spill = kept * h.numel() * h.element_size() > available_memory() // 4
+        spill = kept * h.numel() * h.element_size() > available_memory(h.device) // 4
         if spill and self.spill_dir is None:
             self._spill = tempfile.TemporaryDirectory(prefix="mi-prun-states-")
             self.spill_dir = Path(self._spill.name)

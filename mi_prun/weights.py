@@ -286,7 +286,11 @@ def parameter_bytes(skeleton: nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in skeleton.parameters()) * size
 
 
-def available_memory() -> int:
+def available_memory(device: torch.device | None = None) -> int:
+    """Free bytes where tensors on `device` live: the GPU's own memory for a CUDA device (the
+    weights and boundary states go there, however much RAM the host has), else the RAM."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     return psutil.virtual_memory().available
 
 

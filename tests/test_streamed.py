@@ -133,7 +133,7 @@ def test_boundary_states_spill_to_files_when_memory_is_short(tiny_models, calib_
 
     plan = plan_for(calib_txt)
     in_ram = prune(load_model(str(tiny_models["llama"]), execution=Execution.streamed), plan)
-    monkeypatch.setattr(runner_module, "available_memory", lambda: 1024)
+    monkeypatch.setattr(runner_module, "available_memory", lambda device=None: 1024)
     loaded = load_model(str(tiny_models["llama"]), execution=Execution.streamed)
     spilled = prune(loaded, plan)
     assert loaded.runner.spilled_bytes > 0 and any(loaded.runner.spill_dir.iterdir())
