@@ -42,15 +42,30 @@ class Int4Settings:
     is_symmetric: bool = True  # int4 (True) or uint4 with zero points (False)
     algo_config: str = "default"  # default / rtn / k_quant
     mixed_precision: str | None = None  # e.g. last_matmul:int8,mixed_layers:int8
+    # None: the builder's choice (one matrix for a tied embedding and head). False: the embedding
+    # gets its own matrix (asymmetric int4 of a shared matrix does not load in onnxruntime).
+    shared_embeddings: bool | None = None
+    nodes_to_exclude: str | None = None  # left unquantized, e.g. /lm_head/MatMul
+    op_types_to_quantize: str | None = None  # e.g. MatMul/Gather (an embedding of its own quantized too)
 
     def extra_options(self) -> list[str]:
         out = [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}",
                f"is_symmetric={'true' if self.is_symmetric else 'false'}", f"algo_config={self.algo_config}"]
+        if self.shared_embeddings is not None:
+            out.append(f"shared_embeddings={'true' if self.shared_embeddings else 'false'}")
+        if self.nodes_to_exclude:
+            out.append(f"nodes_to_exclude={self.nodes_to_exclude}")
+        if self.op_types_to_quantize:
+            out.append(f"op_types_to_quantize={self.op_types_to_quantize}")
         return out + ([f"matmul_mixed_precision={self.mixed_precision}"] if self.mixed_precision else [])
 
 
-# The builder's own defaults; measured against fp32 in reports/onnx_int4.md.
-DEFAULT_INT4 = Int4Settings()
+# Measured against fp32 and the builder's own defaults in reports/onnx_int4.md (dense default model,
+# wikitext-2 test): the builder's defaults cost 1.38x perplexity; most of that is the tied head/embedding
+# in int4 and the most sensitive layers. This keeps the embedding a matrix of its own (int4 lookup),
+# the head and llama.cpp's "mixed" layers (first and last eighth, every third qkv/v/down) in int8.
+DEFAULT_INT4 = Int4Settings(shared_embeddings=False, op_types_to_quantize="MatMul/Gather",
+                            mixed_precision="last_matmul:int8,mixed_layers:int8")
 
 
 def check_supported(spec: ArchSpec) -> None:

@@ -49,6 +49,27 @@ def test_int4_export_is_weight_only_and_measured(export_models, smol_tokenizer, 
     assert all(v < float("inf") for v in ppl.values())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_default_int4_of_a_tied_model_loads_in_both_runtimes(arch, smol_tokenizer, tmp_path):
+    """The default int4 settings give a tied model's embedding a matrix of its own (int4 lookup) and
+    its head int8 (a tied head in int8 or asymmetric int4 does not load in onnxruntime): the export
+    loads in onnxruntime and onnxruntime-genai, with int8 and int4 weights, and scores text."""
+    from tests.conftest import build_export_model
+
+    folder = build_export_model(arch, tmp_path / "tied", smol_tokenizer, tie_word_embeddings=True)
+    out = tmp_path / "int4"
+    export_onnx(folder, out, OnnxPrecision.int4, tmp_path / "cache")
+    check = check_onnx(out, TINY_BLOCKS)
+    assert check.genai_loads and check.matmul_nbits > 0
+    import onnx
+
+    bits = {a.i for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized") for a in node.attribute if a.name == "bits"}
+    assert bits == {4, 8}
+    _, tokens = wiki_tokens(smol_tokenizer, 128)
+    assert onnx_perplexity(out, torch.tensor(tokens).view(1, 128).numpy()) < float("inf")
+
+
 def test_onnx_build_and_export_cli(export_models, calib_txt, tmp_path):
     out = tmp_path / "build"
     result = runner.invoke(app, [str(a) for a in ("build", "--target", "onnx", "--onnx-precision", "fp32", "--model",
