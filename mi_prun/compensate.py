@@ -25,7 +25,7 @@ import torch
 
 from . import distributed
 from .archs import ArchSpec, Fold
-from .ridge import FOLDS, RunMoments, choose_ridge, fit_map, residual
+from .ridge import FOLDS, RIDGE_GRID, RunMoments, choose_ridge, fit_map, heldout_ratios, residual
 from .select import runs_of
 
 @dataclass
@@ -111,7 +111,12 @@ def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tens
     """Choose the ridge, fit the map and fold it into `weight`, the block's residual projection
     (a linear weight, or a norm's weight for a per-channel fold); the result is stored on `record`."""
     diagonal = spec.compensation_fold is Fold.scale
-    choice = choose_ridge(folds, diagonal=diagonal)
+    # Every rank holds the same (all-reduced) moments: each measures its share of the ridge grid
+    # and the held-out ratios are summed (each computed by one rank, zeros elsewhere: exact).
+    mine = RIDGE_GRID[distributed.rank()::distributed.world()]
+    part = heldout_ratios(folds, mine, diagonal)
+    summed = distributed.all_sum(np.array([part.get(r, 0.0) for r in RIDGE_GRID]))
+    choice = choose_ridge(folds, diagonal=diagonal, ratios=dict(zip(RIDGE_GRID, summed.tolist())))
     total = folds[0]  # the folds are not needed once the ridge is chosen: summed in place
     for fold in folds[1:]:
         total.absorb(fold)

@@ -132,8 +132,9 @@ class RidgeChoice:
     heldout_ratio: dict[float, float]
 
 
-def choose_ridge(folds: Sequence[RunMoments], grid: Sequence[float] = RIDGE_GRID, diagonal: bool = False) -> RidgeChoice:
-    """Cross-validate the ridge strength: fit on all folds but one, measure on that one."""
+def heldout_ratios(folds: Sequence[RunMoments], grid: Sequence[float], diagonal: bool = False) -> dict[float, float]:
+    """Per ridge strength: fit on all folds but one, measure on that one; held-out error relative
+    to plain removal, summed over the folds."""
     ratios = {}
     for ridge in grid:
         err = plain = 0.0
@@ -143,6 +144,13 @@ def choose_ridge(folds: Sequence[RunMoments], grid: Sequence[float] = RIDGE_GRID
             err += residual(held, t)
             plain += held.ee
         ratios[ridge] = err / plain if plain > 0 else 1.0
+    return ratios
+
+
+def choose_ridge(folds: Sequence[RunMoments], grid: Sequence[float] = RIDGE_GRID, diagonal: bool = False,
+                 ratios: dict[float, float] | None = None) -> RidgeChoice:
+    """Cross-validate the ridge strength (`ratios`: the held-out ratios, when already measured)."""
+    ratios = heldout_ratios(folds, grid, diagonal) if ratios is None else ratios
     # Ties (e.g. a fold with no windows) go to the stronger ridge, the one closer to plain removal.
     best = min(ratios, key=lambda ridge: (ratios[ridge], -ridge))
     return RidgeChoice(best, ratios)
