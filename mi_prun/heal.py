@@ -79,7 +79,8 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         try:
             trained = [p for name, p in model.named_parameters() if "lora_" in name]
-            losses, tokens, steps = _train(model, runner, ids, teacher, trained, heal_plan, reporter)
+            # --heal-minutes bounds the whole stage the user waits for: heal text and dense pass included.
+            losses, tokens, steps = _train(model, runner, ids, teacher, trained, heal_plan, reporter, started + heal_plan.minutes * 60)
             weights = _merged(model, spec, targets, kept)
         finally:
             _remove_adapters(model, targets)
@@ -94,12 +95,12 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     return Healed(weights, info)
 
 
-def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list, heal: HealPlan, reporter: Reporter):
-    """AdamW on the adapters until the step or time budget ends; per-token KL(dense || pruned)."""
+def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list, heal: HealPlan, reporter: Reporter,
+           deadline: float):
+    """AdamW on the adapters until the step budget or the `deadline` (perf_counter) ends; per-token KL(dense || pruned)."""
     device = runner.device
     optimizer = torch.optim.AdamW(params, lr=heal.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
-    deadline = time.perf_counter() + heal.minutes * 60
     vocab = model.get_output_embeddings().weight.shape[0]
     micro = max(1, min(heal.batch_windows, LOGIT_BYTES // (ids.shape[1] * vocab * 4 * 3)))
     losses: list[float] = []

@@ -51,6 +51,9 @@ def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models,
     assert healed.info.blocks == blocks and healed.info.steps == 40
     again = heal(loaded, result.kept, result.removed, result.compensation, plan.model_copy(update={"steps": 2}))
     assert set(again.weights) == set(healed.weights) and again.info.steps == 2
+    # A spent --heal-minutes budget (counted from the start of the heal stage) trains nothing.
+    spent = heal(loaded, result.kept, result.removed, result.compensation, plan.model_copy(update={"minutes": 1e-6}))
+    assert spent.info.steps <= 1
     assert set(healed.weights) == {f"model.layers.{b}.{m}.weight" for b in blocks for m, _ in loaded.spec.heal_modules}
     assert healed.info.kl_last < healed.info.kl_first
     # On held-out text (not the heal text), the healed weights bring the pruned model nearer to dense.

@@ -51,7 +51,7 @@ Heal = Annotated[bool, typer.Option(
     help="Distil the pruned model toward the dense one (LoRA beside each cut, merged into plain weights) before export.",
 )]
 HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most.")]
-HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: training minutes, at most (whichever budget ends first).")]
+HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: minutes for the whole heal stage (heal text, dense pass, training), at most; training stops at whichever budget ends first.")]
 HealSamples = Annotated[int, typer.Option("--heal-samples", min=1, help="Healing: windows of 256 tokens of self-generated text to train on.")]
 PlanFile = Annotated[Optional[Path], typer.Option(
     "--plan",
