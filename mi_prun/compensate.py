@@ -25,8 +25,9 @@ import torch
 
 from . import distributed
 from .archs import ArchSpec, Fold
-from .ridge import FOLDS, RIDGE_GRID, RunMoments, choose_ridge, fit_map, heldout_ratios, residual
+from .ridge import FOLDS, RIDGE_GRID, RunMoments, fit_map, heldout_ratios, pick_ridge, residual
 from .select import runs_of
+
 
 @dataclass
 class RunCompensation:
@@ -89,11 +90,16 @@ def _over_ranks(f: RunMoments) -> RunMoments:
 FOLD_COLUMNS = 1024  # columns of the projection folded at a time (float64 temporaries stay small)
 
 
+def folded_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a folded weight is returned in: W's, or float32 for a half-precision W (the fold is
+    written to the exported file, which must not carry the bf16 rounding of a CUDA run)."""
+    return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+
+
 def fold_map(t: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
-    """T^T W in float64, returned in W's dtype (float32 for a half-precision W: the map is written to the
-    exported file, which must not carry bf16 rounding of a CUDA run), a block of columns at a time."""
+    """T^T W in float64, returned in `folded_dtype(W)`, a block of columns at a time (a linear weight)."""
     tt = torch.from_numpy(t.T)
-    dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+    dtype = folded_dtype(weight)
     out = torch.empty(weight.shape, dtype=dtype)
     for start in range(0, weight.shape[1], FOLD_COLUMNS):
         cols = slice(start, start + FOLD_COLUMNS)
@@ -104,7 +110,7 @@ def fold_map(t: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
 def fold_scale(t: np.ndarray, weight: torch.Tensor, offset: float) -> torch.Tensor:
     """A norm weight that scales by (offset + w) t instead of (offset + w), for T = diag(t)."""
     scaled = (weight.double().cpu() + offset) * torch.from_numpy(np.diag(t).copy())
-    return (scaled - offset).to(torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype)
+    return (scaled - offset).to(folded_dtype(weight))
 
 
 def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor, spec: ArchSpec) -> None:
@@ -116,7 +122,7 @@ def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tens
     mine = RIDGE_GRID[distributed.rank()::distributed.world()]
     part = heldout_ratios(folds, mine, diagonal)
     summed = distributed.all_sum(np.array([part.get(r, 0.0) for r in RIDGE_GRID]))
-    choice = choose_ridge(folds, diagonal=diagonal, ratios=dict(zip(RIDGE_GRID, summed.tolist())))
+    choice = pick_ridge(dict(zip(RIDGE_GRID, summed.tolist())))
     total = folds[0]  # the folds are not needed once the ridge is chosen: summed in place
     for fold in folds[1:]:
         total.absorb(fold)

@@ -234,15 +234,14 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
                       "type": f"{export.format_type} (in place)", "build": manifest.timings_s})
 
     points = []
-    total = sum(b["type"].split()[0] != t for b in bases for t in plan.gguf_types)
-    with reporter.task("quantizing with llama.cpp", total) as advance:
-        for base in bases:
+    # The point as built (or as given) is of its own type already (same file name, same weights): not quantized again.
+    todo = [(b, [t for t in plan.gguf_types if t != b["type"].split()[0]]) for b in bases]
+    with reporter.task("quantizing with llama.cpp", sum(len(types) for _, types in todo)) as advance:
+        for base, types in todo:
             folder = base["file"].parent if base["build"] else work / _point_name(0, False)
             folder.mkdir(exist_ok=True)
             points.append({**base})
-            for name in plan.gguf_types:
-                if base["type"].split()[0] == name:
-                    continue  # the point as built (or as given) is that type already: same file name, same weights
+            for name in types:
                 target = folder / f"{base['file'].name.split('.')[0]}.{name}.gguf"
                 _quantized(base["file"], target, GGUF_TYPES[GGUFType(name)].llama_ftype)
                 points.append({**base, "file": target, "type": name})

@@ -147,10 +147,13 @@ def heldout_ratios(folds: Sequence[RunMoments], grid: Sequence[float], diagonal:
     return ratios
 
 
-def choose_ridge(folds: Sequence[RunMoments], grid: Sequence[float] = RIDGE_GRID, diagonal: bool = False,
-                 ratios: dict[float, float] | None = None) -> RidgeChoice:
-    """Cross-validate the ridge strength (`ratios`: the held-out ratios, when already measured)."""
-    ratios = heldout_ratios(folds, grid, diagonal) if ratios is None else ratios
+def pick_ridge(ratios: dict[float, float]) -> RidgeChoice:
+    """The ridge strength with the lowest held-out ratio."""
     # Ties (e.g. a fold with no windows) go to the stronger ridge, the one closer to plain removal.
     best = min(ratios, key=lambda ridge: (ratios[ridge], -ridge))
     return RidgeChoice(best, ratios)
+
+
+def choose_ridge(folds: Sequence[RunMoments], grid: Sequence[float] = RIDGE_GRID, diagonal: bool = False) -> RidgeChoice:
+    """Cross-validate the ridge strength: fit on all folds but one, measure on that one."""
+    return pick_ridge(heldout_ratios(folds, grid, diagonal))
