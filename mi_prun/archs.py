@@ -82,6 +82,18 @@ class ArchSpec:
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def block_of(self, name: str) -> tuple[int, str] | None:
+        """(block index, name inside the block) of a parameter name; None outside the blocks."""
+        prefix = f"{self.blocks_path}."
+        if not name.startswith(prefix):
+            return None
+        block, rest = name.removeprefix(prefix).split(".", 1)
+        return int(block), rest
+
+    def block_param(self, block: int, rest: str) -> str:
+        """The parameter name of `rest` inside block `block`: the inverse of `block_of`."""
+        return f"{self.blocks_path}.{block}.{rest}"
+
 
 _LLAMA_LIKE = dict(
     blocks_path="model.layers",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -207,11 +207,20 @@ def fit_compensation(runner, spec: ArchSpec, removed: Sequence[int], windows, me
     return out, walk
 
 
-def final_states(runner, windows, runs: Sequence["RunCompensation"], memo: dict | None = None) -> torch.Tensor:
+def first_changed(runs: Sequence["RunCompensation"], rewritten_blocks: Iterable[int] = (), n_blocks: int = 0) -> int:
+    """The first block whose input or weights the pruned model changes (`n_blocks` if none): the
+    block before a compensated run, the first of a plain one, or a block rewritten in place."""
+    return min([r.first if r.weight is None else r.prev for r in runs] + list(rewritten_blocks), default=n_blocks)
+
+
+def final_states(runner, windows, runs: Sequence["RunCompensation"], memo: dict | None = None,
+                 start: int | None = None) -> torch.Tensor:
     """States leaving the last block of the model with `runs` removed (their fitted weights in
     place), from the dense state entering the first changed block. `memo` keeps the walk after
-    each leading sequence of runs, for removals that share them (scored on the same windows)."""
-    walk = start_walk(windows)
+    each leading sequence of runs, for removals that share them (scored on the same windows).
+    `start` (at most `first_changed(runs)`): blocks from there on hold weights rewritten in place
+    (healed), so the walk runs them rather than reading the dense states cached past it."""
+    walk = start_walk(windows) if start is None else Walk(start, windows.dense[start], clean=False)
     for k, record in enumerate(runs):
         key = tuple((r.first, r.last, id(r.weight)) for r in runs[: k + 1])
         if memo is not None and key in memo:
@@ -235,7 +244,7 @@ def removal_runs(removed: Sequence[int], runs: Sequence["RunCompensation"]) -> l
 
 def compensated_weights(spec: ArchSpec, runs: Sequence[RunCompensation]) -> dict[str, torch.Tensor]:
     """The fitted weights by parameter name in the unpruned model (original block indices)."""
-    return {f"{spec.blocks_path}.{r.prev}.{spec.residual_projection}.weight": r.weight for r in runs if r.weight is not None}
+    return {spec.block_param(r.prev, f"{spec.residual_projection}.weight"): r.weight for r in runs if r.weight is not None}
 
 
 def applied(model, spec: ArchSpec, runs: Sequence[RunCompensation]):

@@ -102,10 +102,10 @@ def final_states(runner, ids: torch.Tensor, runs: Sequence = (), on_block: Calla
     """States leaving the last block for every window: (pruned, dense), the pruned model having
     `runs` removed (compensate.RunCompensation, their maps in place). One dense pass keeps only
     the boundary where the pruned model first differs; the pruned model continues from there."""
-    from .compensate import final_states as pruned_final
+    from .compensate import final_states as pruned_final, first_changed
 
     n = runner.n_blocks
-    start = min((r.first if r.weight is None else r.prev for r in runs), default=n)
+    start = first_changed(runs, n_blocks=n)
     windows = runner.dense_pass(Windows(ids), keep=lambda b: b in (0, start, n), on_block=on_block)
     dense = windows.dense[n]
     return (pruned_final(runner, windows, runs) if runs else dense), dense

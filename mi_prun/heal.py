@@ -10,7 +10,8 @@ exporter writes them as it writes compensated weights, and transformers, llama.c
 onnxruntime load the result unchanged.
 
 Training runs the model's own forward with autograd (the block runner is inference only) and
-needs the whole model in memory.
+needs the whole model in memory. `heal --model PRUNED --reference DENSE` heals a pruned checkpoint
+written earlier: its weights that differ from the dense model's are put in place the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from .archs import ArchSpec, get_path, set_path
 from .blockset import blocks_kept
 from .calibration import calibration_batches
-from .compensate import RunCompensation, applied, compensated_weights
+from .compensate import RunCompensation, applied, compensated_weights, replaced
 from .manifest import HealInfo
 from .plan import CalibrationSpec, HealPlan
 from .progress import QUIET, Reporter
@@ -56,8 +57,10 @@ def heal_windows(loaded, heal: HealPlan, seed: int) -> torch.Tensor:
 
 
 def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[RunCompensation], heal_plan: HealPlan,
-         seed: int = 0, reporter: Reporter = QUIET) -> Healed:
-    """Train, merge, restore: the loaded model is left as it was; the healed weights come back."""
+         seed: int = 0, reporter: Reporter = QUIET, rewritten: dict[str, torch.Tensor] | None = None) -> Healed:
+    """Train, merge, restore: the loaded model is left as it was; the healed weights come back.
+    `rewritten`: weights the pruned model already holds beside `runs`' maps (a pruned checkpoint's
+    compensated or healed weights, names of the unpruned model); the dense teacher keeps the originals."""
     loaded.require_in_memory("--heal (training runs the whole model with gradients)")
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -69,9 +72,9 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
         teacher = runner.dense_pass(Windows(ids), keep=lambda b: b == n, on_block=advance).dense[n]
     chosen = healed_blocks(kept, removed, n)
     position = {old: new for new, old in enumerate(kept)}
-    targets = [f"{spec.blocks_path}.{position[b]}.{module}" for b in chosen for module, _ in spec.heal_modules]
+    targets = [spec.block_param(position[b], module) for b in chosen for module, _ in spec.heal_modules]
     torch.manual_seed(seed)
-    with applied(model, spec, runs), blocks_kept(model, spec, kept):
+    with applied(model, spec, runs), replaced(model, rewritten or {}), blocks_kept(model, spec, kept):
         frozen = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -134,13 +137,12 @@ def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list
 def _merged(model, spec: ArchSpec, targets: list[str], kept: Sequence[int]) -> dict[str, torch.Tensor]:
     """Each adapted weight with its adapter merged, by its parameter name in the unpruned model."""
     out = {}
-    prefix = f"{spec.blocks_path}."
     for name in targets:
         layer = get_path(model, name)
         with torch.no_grad():
             merged = layer.base_layer.weight.float() + layer.get_delta_weight(ADAPTER).float()
-        new, module = name.removeprefix(prefix).split(".", 1)
-        out[f"{prefix}{kept[int(new)]}.{module}.weight"] = merged.to(layer.base_layer.weight.dtype).detach().cpu()
+        new, module = spec.block_of(name)
+        out[spec.block_param(kept[new], f"{module}.weight")] = merged.to(layer.base_layer.weight.dtype).detach().cpu()
     return out
 
 

@@ -18,17 +18,17 @@ from . import distributed
 from .atomic import atomic_dir
 from .blockset import keep_indices
 from .calibration import calibration_batches
-from .compensate import RunCompensation, can_compensate, capture_passes, compensation_for, replaced
+from .compensate import RunCompensation, can_compensate, capture_passes, compensation_for
 from .export import HF_SUBDIR, export_pruned
 from .heal import fold_healed, heal
 from .manifest import HealInfo, PruningManifest, SelectionInfo
 from .methods import select_blocks
 from .modelcard import write_model_card
-from .plan import Method, Objective, Plan
+from .plan import EvalPlan, HealPlan, Method, Objective, Plan
 from .progress import QUIET, Reporter
 from .quality import measure_quality
 from .record import build_manifest, peak_rss_bytes
-from .repack import save_checkpoint
+from .repack import rewritten_weights, save_checkpoint
 from .scoring import Scores, score_model
 from .runner import Windows
 from .verify import RemovalScorer, ensure_dense
@@ -124,6 +124,34 @@ def heal_result(loaded, plan: Plan, result: PruneResult, reporter: Reporter = QU
     result.heal.heldout_before = before
 
 
+def heal_checkpoint(loaded, manifest: PruningManifest, folder: Path, heal_plan: HealPlan, evaluation: EvalPlan | None,
+                    out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
+    """`heal`: a pruned checkpoint written earlier (`folder`, its `manifest`), distilled toward the
+    dense model it was pruned from (`loaded`), written as a healed checkpoint of the same form."""
+    # The stages of this command; a second heal replaces the first one's record of them.
+    timings = {k: v for k, v in manifest.timings_s.items() if k not in ("read pruned", "heal", "repack healed")}
+    with _timed(timings, "read pruned"):
+        rewritten = rewritten_weights(loaded, folder, manifest.kept)
+    reporter.say(f"{folder}: {len(rewritten)} tensors differ from the dense model (compensated or healed before)")
+    before = None
+    if evaluation is not None:
+        before = measure_quality(loaded, manifest.removed, [], evaluation, reporter, rewritten=rewritten).pruned_ppl
+    with _timed(timings, "heal"):
+        healed = heal(loaded, manifest.kept, manifest.removed, [], heal_plan, manifest.seed, reporter, rewritten=rewritten)
+    weights = {**rewritten, **healed.weights}
+    quality = measure_quality(loaded, manifest.removed, [], evaluation, reporter, rewritten=weights) if evaluation else None
+    healed.info.heldout_before = before
+    healed.info.heldout_after = quality.pruned_ppl if quality else None
+    with atomic_dir(out, force) as tmp:
+        with _timed(timings, "repack healed"):
+            save_checkpoint(loaded, manifest.kept, [], tmp, weights)
+        plan = manifest.plan.model_copy(update={"heal": heal_plan}) if manifest.plan is not None else None
+        updated = manifest.model_copy(update={"plan": plan, "heal": healed.info, "quality": quality, "exports": [],
+                                              "timings_s": timings, "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)})
+        updated.write(tmp)
+    return updated
+
+
 def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
     """The pruned checkpoint + pruning.json, written all at once into `out` (by rank 0 alone)."""
     if not distributed.is_main():
@@ -141,8 +169,9 @@ def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter
     result = prune(loaded, plan, reporter)
     if plan.heal is not None:
         heal_result(loaded, plan, result, reporter)
-    with replaced(loaded.model, result.healed):
-        quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter) if plan.evaluation else None
+    quality = None
+    if plan.evaluation is not None:
+        quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter, rewritten=result.healed)
     if quality is not None and result.heal is not None:
         result.heal.heldout_after = quality.pruned_ppl
     if not distributed.is_main():  # every rank took the same decision; rank 0 writes it

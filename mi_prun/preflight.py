@@ -105,3 +105,33 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
 
             check_supported(inspected.spec)
     return inspected
+
+
+def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval_data: str | None):
+    """All checks of `heal`: the pruned folder and its pruning.json, the reference model against the
+    recorded decision, the output, the --eval text. Returns (manifest, inspected reference)."""
+    from .manifest import MANIFEST_NAME, PruningManifest
+    from .plan import read_replay
+
+    if distributed.active():
+        raise UserError("heal trains one model in one process: run it without torchrun")
+    check_output(out, force)
+    pruned = Path(pruned)
+    if not (pruned / MANIFEST_NAME).is_file() or not (pruned / "config.json").is_file():
+        raise UserError(f"{pruned} is not a pruned checkpoint: give a folder written by `prune` (or the hf/ of build --keep-hf)")
+    if Path(out).resolve() == pruned.resolve():
+        raise UserError("--out is the pruned folder itself: write the healed checkpoint to another folder")
+    _, replay = read_replay(pruned)
+    manifest = PruningManifest.read(pruned)
+    if eval_data is not None:
+        check_text_source(eval_data, "--eval")
+    if reference is None:
+        if manifest.plan is None:
+            raise UserError(f"{pruned}/{MANIFEST_NAME} records no plan to find the dense model in: give --reference")
+        reference = manifest.plan.model
+    try:
+        inspected = inspect(reference)
+    except UserError as err:
+        raise UserError(f"{err} (the dense reference; give the model {pruned} was pruned from with --reference)") from None
+    check_replay(replay, inspected.spec.model_type, inspected.n_blocks, inspected.config)
+    return manifest, inspected

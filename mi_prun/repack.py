@@ -95,7 +95,7 @@ def healed_gguf_tensors(spec: ArchSpec, healed: dict[str, torch.Tensor]) -> dict
     gguf_name = dict(spec.heal_modules)
     out = {}
     for name, weight in healed.items():
-        block, module = name.removeprefix(f"{spec.blocks_path}.").split(".", 1)
+        block, module = spec.block_of(name)
         out[f"blk.{block}.{gguf_name[module.removesuffix('.weight')]}.weight"] = weight.float().numpy()
     return out
 
@@ -109,3 +109,35 @@ def compensated_gguf_tensors(spec: ArchSpec, runs: Sequence[RunCompensation]) ->
         for r in runs
         if r.weight is not None
     }
+
+
+def rewritten_weights(loaded, folder: Path, kept: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Read back a checkpoint repacked from `loaded` (keeping `kept`): the tensors that differ from
+    the loaded model's (compensated or healed), by parameter name in the unpruned model. One tensor
+    at a time; a tensor outside the blocks that differs means another model was pruned (refused)."""
+    from safetensors import safe_open
+
+    from .errors import UserError
+
+    spec = loaded.spec
+    params = dict(loaded.model.named_parameters())
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} holds no .safetensors weights: give a folder written by `prune` (or build --keep-hf's hf/)")
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                inside = spec.block_of(name)
+                original = name if inside is None else spec.block_param(kept[inside[0]], inside[1])
+                if original not in params or tuple(params[original].shape) != tuple(f.get_slice(name).get_shape()):
+                    raise UserError(f"{folder}: tensor {name} has no counterpart of its shape in the reference model; "
+                                    "give the model it was pruned from (--reference)")
+                value = f.get_tensor(name).to(params[original].dtype)
+                if torch.equal(value, params[original].data.cpu()):
+                    continue
+                if inside is None:
+                    raise UserError(f"{folder}: {name} differs from the reference model's; it was pruned from another "
+                                    "model (or another quantization): give that one as --reference")
+                out[original] = value
+    return out

@@ -3,9 +3,13 @@ every exporter writes; the loaded model is left as it was."""
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -13,6 +17,8 @@ from exporters import llamacpp
 from exporters.gguf_export import GGUFType, export_gguf
 from exporters.gguf_prune import open_gguf
 from exporters.parity import compare_logits, transformers_logits
+from mi_prun.blockset import blocks_kept, keep_indices
+from mi_prun.calibration import tokenize_text
 from mi_prun.cli import app
 from mi_prun.compensate import removal_runs, replaced
 from mi_prun.evaluate import evaluate, final_states, strided_windows
@@ -20,7 +26,8 @@ from mi_prun.heal import fold_healed, heal, healed_blocks
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune
-from mi_prun.plan import CalibrationSpec, HealPlan, Plan
+from mi_prun.plan import CalibrationSpec, EvalPlan, HealPlan, Plan
+from mi_prun.quality import measure_quality
 
 from .conftest import WIKI_TEST
 
@@ -67,6 +74,27 @@ def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models,
     assert after < plain
 
 
+def test_quality_puts_healed_weights_in_the_pruned_model_only(tiny_models, tmp_path):
+    """build --heal --eval: the reference is the dense model as given, the pruned one holds the healed weights."""
+    loaded = load_model(str(tiny_models["llama"]))
+    text = tmp_path / "eval.txt"
+    text.write_text(WIKI_TEST.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    evaluation = EvalPlan(data=str(text), windows=4, seq_len=64)
+    removed = [4, 5]
+    name = "model.layers.2.mlp.up_proj.weight"  # a kept block before the cut, rewritten as healing rewrites it
+    rewritten = {name: dict(loaded.model.named_parameters())[name].detach() * 1.5}
+    plain = measure_quality(loaded, removed, [], evaluation)
+    healed = measure_quality(loaded, removed, [], evaluation, rewritten=rewritten)
+    assert healed.dense_ppl == plain.dense_ppl
+    # The pruned model as transformers runs it: blocks skipped, the rewritten weight in place.
+    ids = strided_windows(tokenize_text(loaded.tokenizer, text.read_text(encoding="utf-8")), 64, max_windows=4).ids
+    with torch.no_grad(), replaced(loaded.model, rewritten), blocks_kept(loaded.model, loaded.spec, keep_indices(8, removed)):
+        logits = loaded.model(input_ids=ids).logits
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert healed.pruned_ppl == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    assert healed.pruned_ppl != pytest.approx(plain.pruned_ppl, rel=1e-3)
+
+
 def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(export_models, calib_txt, smol_tokenizer, tmp_path):
     src = tmp_path / "tiny.q8_0.gguf"
     export_gguf(export_models["llama"], src, GGUFType.q8_0, tmp_path)
@@ -104,3 +132,53 @@ def test_heal_is_refused_on_a_streamed_model_before_work(export_models, calib_tx
     assert result.exit_code == 2
     assert "--heal" in result.output and "in memory" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def safetensors_of(folder):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_heal_command_heals_a_pruned_checkpoint_as_build_heal_does(export_models, calib_txt, tmp_path):
+    model = export_models["llama"]
+    common = ["--model", model, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2, "--quiet"]
+    heal_budget = ["--heal-steps", 3, "--heal-samples", 4]
+    pruned, healed, built = tmp_path / "pruned", tmp_path / "healed", tmp_path / "built"
+    assert runner.invoke(app, [str(a) for a in ("prune", *common, "--out", pruned)]).exit_code == 0
+    text = tmp_path / "eval.txt"
+    text.write_text(WIKI_TEST.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    result = runner.invoke(app, [str(a) for a in (
+        "heal", "--model", pruned, "--out", healed, *heal_budget, "--eval", text, "--eval-windows", 2, "--quiet")])
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(healed)
+    assert manifest.heal.steps == 3 and manifest.removed == PruningManifest.read(pruned).removed
+    assert manifest.heal.heldout_after is not None and manifest.quality.pruned_ppl == manifest.heal.heldout_after
+    # The same decision healed inside `build --heal` (its checkpoint kept): the same weights.
+    result = runner.invoke(app, [str(a) for a in (
+        "build", "--target", "gguf", *common, "--heal", *heal_budget, "--keep-hf", "--out", built)])
+    assert result.exit_code == 0, result.output
+    ours, theirs, before = safetensors_of(healed), safetensors_of(built / "hf"), safetensors_of(pruned)
+    assert set(ours) == set(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    changed = {n for n in ours if not torch.equal(ours[n], before[n])}
+    position = {old: new for new, old in enumerate(manifest.kept)}
+    assert changed == {f"model.layers.{position[b]}.{m}.weight" for b in manifest.heal.blocks for m in manifest.heal.modules}
+
+
+def test_heal_command_refuses_bad_input_before_loading(tiny_models, calib_txt, tmp_path):
+    pruned = tmp_path / "pruned"
+    args = ("prune", "--model", tiny_models["llama"], "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2,
+            "--no-verify", "--out", pruned, "--quiet")
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    cases = {
+        "not a pruned checkpoint": ("--model", tiny_models["llama"]),
+        "model, not qwen3": ("--model", pruned, "--reference", tiny_models["qwen3"]),
+        "--out is the pruned folder": ("--model", pruned, "--out", pruned, "--force"),
+    }
+    for message, extra in cases.items():
+        out = tmp_path / "out"
+        result = runner.invoke(app, [str(a) for a in ("heal", "--out", out, *extra)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not out.exists()

@@ -79,12 +79,9 @@ def build(
     for e in manifest.exports:
         output.line(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
     if manifest.heal:
-        h = manifest.heal
-        output.line(f"healed blocks {h.blocks} ({h.trained_parameters} LoRA parameters, rank {h.rank}): {h.steps} steps, "
-                    f"{h.tokens} tokens, {h.seconds:.0f} s; KL to dense {h.kl_first} -> {h.kl_last}")
+        output.healed(manifest)
     if manifest.quality:
-        q = manifest.quality
-        output.line(f"quality on {q.data}: ppl {q.dense_ppl:.2f} -> {q.pruned_ppl:.2f}, KL {q.kl_to_dense:.4f}, top-1 {q.top1_agreement:.1%}")
+        output.quality(manifest.quality)
     output.timings(manifest)
     output.line(f"wrote {out} (model card: {out / 'README.md'})")
 

@@ -14,6 +14,19 @@ def line(text: str) -> None:
     console.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
+def healed(manifest) -> None:
+    h = manifest.heal
+    text = (f"healed blocks {h.blocks} ({h.trained_parameters} LoRA parameters, rank {h.rank}): {h.steps} steps, "
+              f"{h.tokens} tokens, {h.seconds:.0f} s; KL to dense {h.kl_first} -> {h.kl_last}")
+    if h.heldout_before is not None and h.heldout_after is not None:
+        text += f"; held-out ppl {h.heldout_before:.2f} -> {h.heldout_after:.2f}"
+    line(text)
+
+
+def quality(q) -> None:
+    line(f"quality on {q.data}: ppl {q.dense_ppl:.2f} -> {q.pruned_ppl:.2f}, KL {q.kl_to_dense:.4f}, top-1 {q.top1_agreement:.1%}")
+
+
 def block_table(table: dict[str, list[float]], removed: list[int]) -> None:
     if not table:
         return

@@ -1,0 +1,47 @@
+"""`mi-prun-edge heal`: distil a pruned checkpoint toward the dense model it was pruned from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import options as o, output
+from .app import app
+
+
+@app.command()
+def heal(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Pruned checkpoint: a folder written by `prune` (or build --keep-hf's hf/).")],
+    out: o.Out,
+    reference: Annotated[Optional[str], typer.Option(
+        "--reference", "-r", help="The dense model it was pruned from (default: the model its pruning.json records).")] = None,
+    heal_steps: o.HealSteps = 300,
+    heal_minutes: o.HealMinutes = 10.0,
+    heal_samples: o.HealSamples = 64,
+    eval_data: o.EvalData = None,
+    eval_windows: o.EvalWindows = 16,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    force: o.Force = False,
+    quiet: o.Quiet = False,
+):
+    """Heal a pruned checkpoint: LoRA beside each cut, distilled toward the dense model, merged into plain weights."""
+    from ..pipeline import heal_checkpoint
+    from ..plan import EvalPlan, Execution, HealPlan
+    from ..preflight import check_heal
+    from ..progress import Reporter
+    from .common import load
+
+    manifest, inspected = check_heal(model, reference, out, force, eval_data)
+    reporter = Reporter(quiet)
+    loaded = load(inspected, device, dtype, reporter, Execution.in_memory, needs_in_memory="heal (training runs the whole model)")
+    healed = heal_checkpoint(
+        loaded, manifest, model, HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples),
+        EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None, out, force, reporter,
+    )
+    output.healed(healed)
+    if healed.quality:
+        output.quality(healed.quality)
+    output.line(f"wrote {out} (export it with `mi-prun-edge export --model {out}`)")
