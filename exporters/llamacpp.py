@@ -41,12 +41,14 @@ def _quiet_stderr():
 
 
 def load(path: Path, n_ctx: int = 512, logits_all: bool = False, n_threads: int | None = None):
+    """A GGUF in llama.cpp. `n_threads` for decode and prompt alike (None: llama-cpp-python's
+    defaults, half the cores for decode and all of them for the prompt)."""
     llama_cpp = llama_cpp_module()
     try:
         with _quiet_stderr():
             return llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                n_threads=n_threads, verbose=False,
+                n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
             )
     except (ValueError, RuntimeError, OSError) as err:
         raise UserError(f"llama.cpp cannot load {path}: {err}") from err

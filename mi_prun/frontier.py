@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -49,6 +50,8 @@ class FrontierPlan(BaseModel):
     speed_repeats: int = Field(3, ge=1)
     prompt_tokens: int = Field(128, ge=1)
     decode_tokens: int = Field(64, ge=2)
+    # llama.cpp threads for decode and prompt (llama-cpp-python's own default decodes on half the cores).
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "FrontierPlan":
@@ -163,7 +166,7 @@ def _quantized(base: Path, target: Path, ftype: str) -> None:
     partial.rename(target)
 
 
-def _measured(p: dict, windows: dict, primary: str, dense: Path, kl_windows: int) -> dict:
+def _measured(p: dict, windows: dict, primary: str, dense: Path, kl_windows: int, threads: int) -> dict:
     """Quality of one point in llama.cpp, kept beside its file (resumable; stamped with the windows)."""
     from exporters import llamacpp
 
@@ -176,7 +179,7 @@ def _measured(p: dict, windows: dict, primary: str, dense: Path, kl_windows: int
             return hit["quality"]
     quality = {"ppl": {}}
     for name, w in windows.items():
-        got = llamacpp.compare(p["file"], w, reference=dense if name == primary else None, kl_windows=kl_windows)
+        got = llamacpp.compare(p["file"], w, reference=dense if name == primary else None, kl_windows=kl_windows, n_threads=threads)
         quality["ppl"][name] = got["ppl"]
         if name == primary:
             quality["kl_to_dense"], quality["top1_agreement"] = got["kl_to_dense"], got["top1_agreement"]
@@ -250,7 +253,7 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
     primary = plan.texts[0]
     with reporter.task("measuring quality in llama.cpp", len(points)) as advance:
         for p in points:
-            p.update(_measured(p, windows, primary, dense, plan.kl_windows))
+            p.update(_measured(p, windows, primary, dense, plan.kl_windows, plan.threads))
             p["ppl_primary"] = p["ppl"][primary]
             p["bytes"] = p["file"].stat().st_size
             advance(f"{p['removed_blocks']} removed, {p['type']}: ppl {p['ppl_primary']:.2f}")
@@ -259,7 +262,7 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
     timing = Contention()
     with reporter.task(f"timing {len(points)} models side by side in llama.cpp", plan.speed_repeats) as advance:
         runs = llamacpp.speeds([p["file"] for p in points], plan.speed_repeats, plan.prompt_tokens, plan.decode_tokens,
-                               on_round=advance)
+                               n_threads=plan.threads, on_round=advance)
     for p, r in zip(points, runs):
         p["prefill_ms"], p["decode_tok_s"] = _stats(r["prefill_ms"]), _stats(r["decode_tok_s"])
 
@@ -280,9 +283,9 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
         "plan": json.loads(plan.model_dump_json()), "primary_text": primary,
         "eval": {name: f"first {len(w)} x {plan.seq_len} tokens (llama.cpp tokenizer)" for name, w in windows.items()},
         "kl": f"KL(as given || point) and top-1 agreement over the first {min(plan.kl_windows, len(windows[primary]))} windows of {primary}",
-        "speed": f"prefill of {plan.prompt_tokens} tokens and greedy decode of {plan.decode_tokens}, llama.cpp default threads, "
-                 f"{plan.speed_repeats} rounds, every model in turn",
-        "machine": machine_line("llama.cpp default threads"),
+        "speed": f"prefill of {plan.prompt_tokens} tokens and greedy decode of {plan.decode_tokens}, llama.cpp with {plan.threads} "
+                 f"threads, {plan.speed_repeats} rounds, every model in turn",
+        "machine": machine_line(f"llama.cpp with {plan.threads} threads"),
         "points": points,
         "contention": contention.summary(), "timing_contention": timing.summary(),
     }

@@ -40,6 +40,7 @@ def frontier(
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", min=16, help="Tokens per evaluation window.")] = 512,
     kl_windows: Annotated[int, typer.Option("--kl-windows", min=1, help="Windows of the first text the KL and top-1 are taken on.")] = 8,
     speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="Rounds of timing (every model in turn each round).")] = 3,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="llama.cpp threads for timing and evaluation (default: every core).")] = None,
     calib: o.Calib = "self",
     n_samples: o.NSamples = 16,
     seq_len: o.SeqLen = 256,
@@ -69,7 +70,7 @@ def frontier(
                             heal=HealPlan(steps=heal_steps, minutes=heal_minutes)),
             removes=removes, ratios=ratios, gguf_types=tuple(t.strip() for t in gguf_types.split(",") if t.strip()),
             heal_at=_numbers(heal_at, int, "--heal-at") or (), texts=tuple(eval_data), windows=windows, seq_len=eval_seq_len,
-            kl_windows=kl_windows, speed_repeats=speed_repeats)
+            kl_windows=kl_windows, speed_repeats=speed_repeats, **({"threads": threads} if threads else {}))
     except ValidationError as err:
         raise UserError(validation_line(err)) from None
     import shlex
