@@ -46,3 +46,28 @@ def test_pruned_gemma3_f16_runs_in_llama_cpp_as_in_transformers(gemma_gguf, tmp_
     parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(out / e.file, tokens))
     record_property("parity", parity)
     assert parity.top1 >= 0.99, (manifest.removed, parity)
+
+
+def test_compensated_gemma3_onnx_runs_in_onnxruntime_as_in_transformers(gemma_gguf, tmp_path, record_property):
+    """Compensation of Gemma 3 (a per-channel scale folded into the post-feed-forward norm) exported
+    by onnxruntime-genai's builder: onnxruntime runs the pruned export as transformers runs the checkpoint."""
+    from exporters.onnx_export import OnnxSession
+
+    out = tmp_path / "gemma-onnx"
+    result = CliRunner().invoke(app, [
+        "build", "--model", str(gemma_gguf), "--remove", "3", "--calib", str(WIKI_VALID), "--n-samples", "8",
+        "--target", "onnx", "--onnx-precision", "fp32", "--keep-hf", "--out", str(out), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    assert manifest.compensation.form == "scale" and any(r.weight for r in manifest.compensation.runs)
+    [e] = manifest.exports
+    assert e.check["layers"] == 15
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    tokens = tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:8000], add_special_tokens=False)["input_ids"][:600]
+    tokens = [tokenizer.bos_token_id] + tokens
+    assert len(tokens) > 512  # past the 512-token sliding window
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    parity = compare_logits(transformers_logits(hf, tokens), OnnxSession(out / "onnx").logits(tokens))
+    record_property("parity", parity)
+    assert parity.top1 >= 0.99, (manifest.removed, parity)
