@@ -4,7 +4,7 @@ The pruned model (the kept blocks, compensation folded in) is trained to give th
 next-token distribution on heal text: the loss is KL(dense || pruned) per token. The dense side
 comes from one dense pass over the heal windows (its final states are kept; their logits are
 recomputed per step, a head's matmul). What trains is a LoRA adapter (peft) on the linear layers
-of the kept blocks beside each cut (`ArchSpec.heal_modules`), the rest frozen. The adapters are
+of the kept blocks near each cut (`HealPlan.reach`, `ArchSpec.heal_modules`), the rest frozen. The adapters are
 then merged (W + scale B A) and handed back as rewritten weights by original block index, so every
 exporter writes them as it writes compensated weights, and transformers, llama.cpp and
 onnxruntime load the result unchanged.
@@ -44,11 +44,10 @@ class Healed:
     info: HealInfo
 
 
-def healed_blocks(kept: Sequence[int], removed: Sequence[int], n_blocks: int) -> list[int]:
-    """The kept blocks beside a cut (original indices): the one before each removed run and the one after."""
-    gone = set(removed)
-    beside = {i - 1 for i in gone} | {i + 1 for i in gone}
-    return [i for i in kept if i in beside and 0 <= i < n_blocks]
+def healed_blocks(kept: Sequence[int], removed: Sequence[int], reach: int = 1) -> list[int]:
+    """The kept blocks within `reach` blocks of a removed one (original indices); `reach` 1: the
+    block before each removed run and the one after."""
+    return [i for i in kept if any(abs(i - r) <= reach for r in removed)]
 
 
 def heal_windows(loaded, heal: HealPlan, seed: int) -> torch.Tensor:
@@ -70,7 +69,7 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     ids = heal_windows(loaded, heal_plan, seed)
     with reporter.task("dense pass over the heal text", n) as advance:
         teacher = runner.dense_pass(Windows(ids), keep=lambda b: b == n, on_block=advance).dense[n]
-    chosen = healed_blocks(kept, removed, n)
+    chosen = healed_blocks(kept, removed, heal_plan.reach)
     position = {old: new for new, old in enumerate(kept)}
     targets = [spec.block_param(position[b], module) for b in chosen for module, _ in spec.heal_modules]
     torch.manual_seed(seed)

@@ -31,7 +31,7 @@ class CalibrationInfo(BaseModel):
 class HealInfo(BaseModel):
     """What healing trained (build --heal), on what, for how long."""
 
-    blocks: list[int]  # kept blocks adapted (original indices): beside each cut
+    blocks: list[int]  # kept blocks adapted (original indices): near each cut (HealPlan.reach)
     modules: list[str]  # linear layers adapted in each
     rank: int  # LoRA rank (merged before export)
     trained_parameters: int

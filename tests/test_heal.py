@@ -35,8 +35,9 @@ runner = CliRunner()
 
 
 def test_healed_blocks_are_the_kept_neighbours_of_each_cut():
-    assert healed_blocks([0, 1, 5, 6, 7], [2, 3, 4], 8) == [1, 5]
-    assert healed_blocks([1, 2, 4, 5], [0, 3, 6, 7], 8) == [1, 2, 4, 5]
+    assert healed_blocks([0, 1, 5, 6, 7], [2, 3, 4]) == [1, 5]
+    assert healed_blocks([1, 2, 4, 5], [0, 3, 6, 7]) == [1, 2, 4, 5]
+    assert healed_blocks([0, 1, 5, 6, 7, 8, 9], [2, 3, 4], reach=3) == [0, 1, 5, 6, 7]
 
 
 def kl_to_dense(loaded, removed, runs, windows) -> float:
@@ -54,7 +55,7 @@ def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models,
         assert torch.equal(p, before[name]), name
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())
     assert not hasattr(loaded.model, "peft_config")  # the same model heals again cleanly (frontier builds several)
-    blocks = healed_blocks(result.kept, result.removed, 8)
+    blocks = healed_blocks(result.kept, result.removed, plan.reach)
     assert healed.info.blocks == blocks and healed.info.steps == 40
     again = heal(loaded, result.kept, result.removed, result.compensation, plan.model_copy(update={"steps": 2}))
     assert set(again.weights) == set(healed.weights) and again.info.steps == 2

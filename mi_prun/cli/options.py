@@ -48,7 +48,7 @@ CompensationSamples = Annotated[Optional[int], typer.Option(
 )]
 Heal = Annotated[bool, typer.Option(
     "--heal",
-    help="Distil the pruned model toward the dense one (LoRA beside each cut, merged into plain weights) before export.",
+    help="Distil the pruned model toward the dense one (LoRA near each cut, merged into plain weights) before export.",
 )]
 HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most.")]
 HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: minutes for the whole heal stage (heal text, dense pass, training), at most; training stops at whichever budget ends first.")]
