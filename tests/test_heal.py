@@ -102,10 +102,11 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(expor
     out = tmp_path / "build"
     result = runner.invoke(app, [str(a) for a in (
         "build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2,
-        "--heal", "--heal-steps", 5, "--heal-samples", 8, "--keep-hf", "--out", out, "--quiet")])
+        "--heal", "--heal-steps", 5, "--heal-samples", 8, "--heal-reach", 2, "--keep-hf", "--out", out, "--quiet")])
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(out)
-    assert manifest.heal is not None and manifest.heal.steps == 5 and manifest.heal.blocks
+    assert manifest.heal is not None and manifest.heal.steps == 5
+    assert manifest.plan.heal.reach == 2 and manifest.heal.blocks == healed_blocks(manifest.kept, manifest.removed, 2)
     assert manifest.plan.heal is not None and "heal" in manifest.timings_s
     [e] = manifest.exports
     position = {old: new for new, old in enumerate(manifest.kept)}

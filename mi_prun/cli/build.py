@@ -37,6 +37,7 @@ def build(
     heal_steps: o.HealSteps = 300,
     heal_minutes: o.HealMinutes = 10.0,
     heal_samples: o.HealSamples = 64,
+    heal_reach: o.HealReach = 1,
     seed: o.Seed = 0,
     plan_file: o.PlanFile = None,
     device: o.Device = "auto",
@@ -69,7 +70,7 @@ def build(
         export=ExportPlan(target=target, gguf_type=gguf_type, compensated_type=compensated_type,
                           onnx_precision=onnx_precision, keep_hf=keep_hf),
         evaluation=EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None,
-        heal=HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples) if heal else None,
+        heal=HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach) if heal else None,
     )
     inspected = check_plan(plan, out, force)
     reporter = Reporter(quiet)

@@ -20,6 +20,7 @@ def heal(
     heal_steps: o.HealSteps = 300,
     heal_minutes: o.HealMinutes = 10.0,
     heal_samples: o.HealSamples = 64,
+    heal_reach: o.HealReach = 1,
     eval_data: o.EvalData = None,
     eval_windows: o.EvalWindows = 16,
     device: o.Device = "auto",
@@ -38,7 +39,7 @@ def heal(
     reporter = Reporter(quiet)
     loaded = load(inspected, device, dtype, reporter, Execution.in_memory, needs_in_memory="heal (training runs the whole model)")
     healed = heal_checkpoint(
-        loaded, manifest, model, HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples),
+        loaded, manifest, model, HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach),
         EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None, out, force, reporter,
     )
     output.healed(healed)

@@ -52,6 +52,7 @@ Heal = Annotated[bool, typer.Option(
 )]
 HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most.")]
 HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: minutes for the whole heal stage (heal text, dense pass, training), at most; training stops at whichever budget ends first.")]
+HealReach = Annotated[int, typer.Option("--heal-reach", min=1, help="Healing: adapt the kept blocks within this many blocks of a cut (1: the two beside it). More heals more, but in a GGUF pruned in place every adapted projection is written at 8 bits: the file grows.")]
 HealSamples = Annotated[int, typer.Option("--heal-samples", min=1, help="Healing: windows of 256 tokens of self-generated text to train on.")]
 PlanFile = Annotated[Optional[Path], typer.Option(
     "--plan",
