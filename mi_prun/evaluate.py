@@ -97,18 +97,23 @@ class EvalResult:
 
 
 @torch.no_grad()
-def final_states(runner, ids: torch.Tensor, runs: Sequence = (), on_block: Callable[[], None] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def final_states(runner, ids: torch.Tensor, runs: Sequence = (), on_block: Callable[[], None] | None = None,
+                 rewritten: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """States leaving the last block for every window: (pruned, dense), the pruned model having
     `runs` removed (compensate.RunCompensation, their maps in place). One dense pass keeps only
-    the boundary where the pruned model first differs; the pruned model continues from there."""
-    from .compensate import final_states as pruned_final, first_changed
+    the boundary where the pruned model first differs; the pruned model continues from there.
+    `rewritten`: weights the pruned model holds beside its maps (healed; names of the unpruned
+    model), in place for the pruned model only: the dense states come from the original weights."""
+    from .compensate import final_states as pruned_final, first_changed, replaced
 
     n = runner.n_blocks
-    start = first_changed(runs, n_blocks=n)
+    start = first_changed(runs, [runner.spec.block_of(name)[0] for name in rewritten or {}], n)
     windows = runner.dense_pass(Windows(ids), keep=lambda b: b in (0, start, n), on_block=on_block)
     dense = windows.dense[n]
-    return (pruned_final(runner, windows, runs) if runs else dense), dense
+    if not rewritten:
+        return (pruned_final(runner, windows, runs) if runs else dense), dense
+    with replaced(runner.model, rewritten):
+        return pruned_final(runner, windows, runs, start=start), dense
 
 
 @torch.no_grad()

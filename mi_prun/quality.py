@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from .calibration import canonical_source, read_text_source, tokenize_text
-from .compensate import RunCompensation, final_states as pruned_final_states, first_changed, removal_runs, replaced
+from .compensate import RunCompensation, removal_runs
 from .errors import UserError
 from . import distributed
 from .evaluate import EvalResult, EvalWindows, evaluate, final_states, strided_windows
@@ -18,7 +18,6 @@ from .load import LoadedModel, ModelSource
 from .manifest import MANIFEST_NAME, PruningManifest, QualityInfo
 from .plan import EvalPlan
 from .progress import QUIET, Reporter
-from .runner import Windows
 
 # For evaluation a dataset preset means its test split (calibration presets mean validation).
 EVAL_PRESETS = {"wikitext2": "wikitext2-test"}
@@ -112,18 +111,8 @@ def measure_quality(loaded: LoadedModel, removed: Sequence[int], runs: Sequence[
     except ValueError:
         raise UserError(f"--eval text has {ids.numel()} tokens, fewer than one window of {evaluation.seq_len}") from None
     runner = loaded.runner
-    runs = removal_runs(removed, runs)
-    rewritten = rewritten or {}
-    if not rewritten:
-        with reporter.task("evaluating dense and pruned on --eval text", runner.n_blocks) as advance:
-            pruned_final, dense_final = final_states(runner, windows.ids, runs, on_block=advance)
-    else:
-        start = first_changed(runs, [loaded.spec.block_of(name)[0] for name in rewritten], runner.n_blocks)
-        with reporter.task("evaluating dense and pruned on --eval text", runner.n_blocks) as advance:
-            cached = runner.dense_pass(Windows(windows.ids), keep=lambda b: b in (0, start, runner.n_blocks), on_block=advance)
-        dense_final = cached.dense[runner.n_blocks]
-        with replaced(loaded.model, rewritten):
-            pruned_final = pruned_final_states(runner, cached, runs, start=start)
+    with reporter.task("evaluating dense and pruned on --eval text", runner.n_blocks) as advance:
+        pruned_final, dense_final = final_states(runner, windows.ids, removal_runs(removed, runs), advance, rewritten)
     dense = evaluate(runner, dense_final, windows)
     pruned = evaluate(runner, pruned_final, windows, (runner, dense_final))
     return QualityInfo(
