@@ -110,8 +110,10 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
 def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval_data: str | None):
     """All checks of `heal`: the pruned folder and its pruning.json, the reference model against the
     recorded decision, the output, the --eval text. Returns (manifest, inspected reference)."""
+    from pydantic import ValidationError
+
     from .manifest import MANIFEST_NAME, PruningManifest
-    from .plan import read_replay
+    from .plan import read_replay, validation_line
 
     if distributed.active():
         raise UserError("heal trains one model in one process: run it without torchrun")
@@ -122,7 +124,10 @@ def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval
     if Path(out).resolve() == pruned.resolve():
         raise UserError("--out is the pruned folder itself: write the healed checkpoint to another folder")
     _, replay = read_replay(pruned)
-    manifest = PruningManifest.read(pruned)
+    try:
+        manifest = PruningManifest.read(pruned)
+    except ValidationError as err:
+        raise UserError(f"{pruned}/{MANIFEST_NAME} is not a pruning.json of mi-prun-edge ({validation_line(err)})") from None
     if eval_data is not None:
         check_text_source(eval_data, "--eval")
     if reference is None:

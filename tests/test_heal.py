@@ -3,7 +3,9 @@ every exporter writes; the loaded model is left as it was."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import gguf
 import numpy as np
@@ -179,6 +181,11 @@ def test_heal_command_refuses_bad_input_before_loading(tiny_models, calib_txt, t
         "model, not qwen3": ("--model", pruned, "--reference", tiny_models["qwen3"]),
         "--out is the pruned folder": ("--model", pruned, "--out", pruned, "--force"),
     }
+    partial = tmp_path / "partial"  # the decision is readable, the rest of pruning.json is not
+    shutil.copytree(pruned, partial)
+    recorded = json.loads((partial / "pruning.json").read_text())
+    (partial / "pruning.json").write_text(json.dumps({k: recorded[k] for k in ("removed", "architecture", "blocks_before", "shapes")}))
+    cases["is not a pruning.json of mi-prun-edge"] = ("--model", partial)
     for message, extra in cases.items():
         out = tmp_path / "out"
         result = runner.invoke(app, [str(a) for a in ("heal", "--out", out, *extra)])
