@@ -28,7 +28,7 @@ from .blockset import blocks_kept
 from .calibration import calibration_batches
 from .compensate import RunCompensation, applied, compensated_weights, replaced
 from .manifest import HealInfo
-from .plan import CalibrationSpec, HealPlan
+from .plan import CalibrationSpec, HealPlan, HealPrecision
 from .progress import QUIET, Reporter
 from .runner import Windows
 
@@ -42,6 +42,21 @@ LOGIT_BYTES = 1536 * 2**20
 class Healed:
     weights: dict[str, torch.Tensor]  # parameter name (original block index) -> merged weight
     info: HealInfo
+
+
+def training_dtype(precision: HealPrecision, device: torch.device) -> torch.dtype:
+    """bfloat16 where the device has native bf16 matrix units: CUDA that supports it, a CPU with
+    AMX or AVX512-BF16 (there a step ran 4x faster than in float32: a 1024-token LoRA linear's
+    forward and backward 7.1 ms against 27.7 ms on this project's 2-core Xeon); float32 elsewhere,
+    where emulated bf16 is slower than float32."""
+    if precision is HealPrecision.fp32:
+        return torch.float32
+    if precision is HealPrecision.bf16:
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return torch.bfloat16 if native else torch.float32
 
 
 def healed_blocks(kept: Sequence[int], removed: Sequence[int], reach: int = 1) -> list[int]:
@@ -70,6 +85,7 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     with reporter.task("dense pass over the heal text", n) as advance:
         teacher = runner.dense_pass(Windows(ids), keep=lambda b: b == n, on_block=advance).dense[n]
     chosen = healed_blocks(kept, removed, heal_plan.reach)
+    dtype = training_dtype(heal_plan.precision, runner.device)
     position = {old: new for new, old in enumerate(kept)}
     targets = [spec.block_param(position[b], module) for b in chosen for module, _ in spec.heal_modules]
     torch.manual_seed(seed)
@@ -82,7 +98,7 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
         try:
             trained = [p for name, p in model.named_parameters() if "lora_" in name]
             # --heal-minutes bounds the whole stage the user waits for: heal text and dense pass included.
-            losses, tokens, steps = _train(model, runner, ids, teacher, trained, heal_plan, reporter, started + heal_plan.minutes * 60)
+            losses, tokens, steps = _train(model, runner, ids, teacher, trained, heal_plan, reporter, started + heal_plan.minutes * 60, dtype)
             weights = _merged(model, spec, targets, kept)
         finally:
             _remove_adapters(model, targets)
@@ -91,14 +107,14 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     info = HealInfo(
         blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=sum(p.numel() for p in trained),
         text=heal_plan.source, windows=heal_plan.samples, seq_len=heal_plan.seq_len, steps=steps, tokens=tokens,
-        learning_rate=heal_plan.learning_rate, seconds=round(time.perf_counter() - started, 1),
+        learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), seconds=round(time.perf_counter() - started, 1),
         kl_first=round(losses[0], 5) if losses else None, kl_last=round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
     )
     return Healed(weights, info)
 
 
 def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list, heal: HealPlan, reporter: Reporter,
-           deadline: float):
+           deadline: float, dtype: torch.dtype):
     """AdamW on the adapters until the step budget or the `deadline` (perf_counter) ends; per-token KL(dense || pruned)."""
     device = runner.device
     optimizer = torch.optim.AdamW(params, lr=heal.learning_rate, weight_decay=0.0)
@@ -118,7 +134,8 @@ def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list
                 for part in rows.split(micro):
                     with torch.no_grad():
                         target = F.log_softmax(runner.logits(teacher[part].reshape(-1, teacher.shape[-1])), dim=-1)
-                    logits = model(input_ids=ids[part].to(device), use_cache=False).logits.float()
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                        logits = model(input_ids=ids[part].to(device), use_cache=False).logits.float()
                     student = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
                     loss = F.kl_div(student, target, log_target=True, reduction="batchmean") * len(part) / len(rows)
                     loss.backward()

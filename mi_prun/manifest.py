@@ -41,6 +41,7 @@ class HealInfo(BaseModel):
     steps: int
     tokens: int  # tokens trained on (with repeats)
     learning_rate: float
+    precision: str = "float32"  # the student's compute type (bfloat16: autocast, HealPlan.precision)
     seconds: float  # heal text, dense pass and training
     kl_first: float | None = None  # KL(dense || pruned) per token, first step
     kl_last: float | None = None  # mean of the last 10 steps

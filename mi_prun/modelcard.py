@@ -67,6 +67,16 @@ def _compensation(m: PruningManifest) -> str:
     return text + (f" ({c.note})" if c.note else "")
 
 
+def _healing(m: PruningManifest) -> str:
+    h = m.heal
+    text = (f"LoRA rank {h.rank} on {', '.join(f'`{x}`' for x in h.modules)} of blocks {h.blocks}, distilled toward the dense "
+            f"model on {h.windows} x {h.seq_len} tokens of `{h.text}` text: {h.steps} steps, {h.seconds:.0f} s ({h.precision}), "
+            f"KL to dense {h.kl_first} -> {h.kl_last}; merged into the weights")
+    if h.heldout_before is not None and h.heldout_after is not None:
+        text += f"; held-out perplexity {h.heldout_before:.2f} -> {h.heldout_after:.2f}"
+    return text
+
+
 def model_card(manifest: PruningManifest, keep_hf: bool = False) -> str:
     m = manifest
     lines = [
@@ -82,6 +92,7 @@ def model_card(manifest: PruningManifest, keep_hf: bool = False) -> str:
         f"| blocks | {m.blocks_before} -> {m.blocks_after} |",
         f"| removed blocks (original indices) | {m.removed} |",
         f"| compensation | {_compensation(m)} |",
+        *([f"| healing | {_healing(m)} |"] if m.heal else []),
         f"| decision record | [`{MANIFEST_NAME}`]({MANIFEST_NAME}) |",
         "",
         "## Quality",
@@ -98,7 +109,8 @@ def model_card(manifest: PruningManifest, keep_hf: bool = False) -> str:
             "|---|---|---|---|",
             f"| {q.dense_ppl:.2f} | {q.pruned_ppl:.2f} | {q.kl_to_dense:.4f} nats | {q.top1_agreement:.1%} |",
             "",
-            "Removing blocks without retraining costs quality; judge it on text of your own use case.",
+            ("Removing blocks costs quality, and a short heal recovers only part of it" if m.heal else
+             "Removing blocks without retraining costs quality") + "; judge it on text of your own use case.",
             "",
         ]
     lines += ["## Files", "", "| file | format | size | made by |", "|---|---|---|---|"]

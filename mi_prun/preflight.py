@@ -94,6 +94,8 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
     check_text_source(plan.calibration.source, "--calib")
     if plan.evaluation is not None:
         check_text_source(plan.evaluation.data, "--eval")
+    if plan.heal is not None:
+        check_text_source(plan.heal.source, "--heal-text")
     inspected = inspect(plan.model)
     plan.n_remove(inspected.n_blocks)
     if plan.replay is not None:
@@ -107,7 +109,7 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
     return inspected
 
 
-def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval_data: str | None):
+def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval_data: str | None, heal_text: str | None = None):
     """All checks of `heal`: the pruned folder and its pruning.json, the reference model against the
     recorded decision, the output, the --eval text. Returns (manifest, inspected reference)."""
     from pydantic import ValidationError
@@ -130,6 +132,8 @@ def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval
         raise UserError(f"{pruned}/{MANIFEST_NAME} is not a pruning.json of mi-prun-edge ({validation_line(err)})") from None
     if eval_data is not None:
         check_text_source(eval_data, "--eval")
+    if heal_text is not None:
+        check_text_source(heal_text, "--heal-text")
     if reference is None:
         if manifest.plan is None:
             raise UserError(f"{pruned}/{MANIFEST_NAME} records no plan to find the dense model in: give --reference")

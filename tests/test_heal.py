@@ -28,7 +28,7 @@ from mi_prun.heal import fold_healed, heal, healed_blocks
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune
-from mi_prun.plan import CalibrationSpec, EvalPlan, HealPlan, Plan
+from mi_prun.plan import CalibrationSpec, EvalPlan, HealPlan, HealPrecision, Plan
 from mi_prun.quality import measure_quality
 
 from .conftest import WIKI_TEST
@@ -47,12 +47,17 @@ def kl_to_dense(loaded, removed, runs, windows) -> float:
     return evaluate(loaded.runner, final, windows, (loaded.runner, dense)).kl
 
 
-def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models, calib_txt):
+@pytest.mark.parametrize("precision", [HealPrecision.fp32, HealPrecision.bf16])
+def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models, calib_txt, precision):
     loaded = load_model(str(tiny_models["llama"]))
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     result = prune(loaded, Plan(remove=3, calibration=CalibrationSpec(str(calib_txt), 8, 64)))
-    plan = HealPlan(steps=40, samples=16, seq_len=64, source=str(calib_txt), learning_rate=2e-3)
+    plan = HealPlan(steps=40, samples=16, seq_len=64, source=str(calib_txt), learning_rate=2e-3, precision=precision)
     healed = heal(loaded, result.kept, result.removed, result.compensation, plan)
+    # bf16 autocast (the default where the CPU has native bf16 units) trains the float32 adapters as well.
+    assert healed.info.precision == {"fp32": "float32", "bf16": "bfloat16"}[precision.value]
+    for name, w in healed.weights.items():
+        assert w.dtype == before[name].dtype, name
     for name, p in loaded.model.named_parameters():
         assert torch.equal(p, before[name]), name
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())
@@ -108,8 +113,11 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(expor
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(out)
     assert manifest.heal is not None and manifest.heal.steps == 5
+    assert manifest.heal.text == str(calib_txt)  # the heal text follows --calib unless --heal-text says otherwise
     assert manifest.plan.heal.reach == 2 and manifest.heal.blocks == healed_blocks(manifest.kept, manifest.removed, 2)
     assert manifest.plan.heal is not None and "heal" in manifest.timings_s
+    card = (out / "README.md").read_text()
+    assert f"| healing | LoRA rank 8 on" in card and f"of blocks {manifest.heal.blocks}" in card and "merged into the weights" in card
     [e] = manifest.exports
     position = {old: new for new, old in enumerate(manifest.kept)}
     rewritten = e.check["tensors_replaced"]
@@ -180,6 +188,7 @@ def test_heal_command_refuses_bad_input_before_loading(tiny_models, calib_txt, t
         "not a pruned checkpoint": ("--model", tiny_models["llama"]),
         "model, not qwen3": ("--model", pruned, "--reference", tiny_models["qwen3"]),
         "--out is the pruned folder": ("--model", pruned, "--out", pruned, "--force"),
+        "--heal-text file": ("--model", pruned, "--heal-text", tmp_path / "missing.txt"),
     }
     partial = tmp_path / "partial"  # the decision is readable, the rest of pruning.json is not
     shutil.copytree(pruned, partial)

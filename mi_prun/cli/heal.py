@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..plan import HealPrecision
 from . import options as o, output
 from .app import app
 
@@ -21,6 +22,8 @@ def heal(
     heal_minutes: o.HealMinutes = 10.0,
     heal_samples: o.HealSamples = 64,
     heal_reach: o.HealReach = 1,
+    heal_precision: o.HealPrecisionOpt = HealPrecision.auto,
+    heal_text: o.HealText = None,
     eval_data: o.EvalData = None,
     eval_windows: o.EvalWindows = 16,
     device: o.Device = "auto",
@@ -35,11 +38,12 @@ def heal(
     from ..progress import Reporter
     from .common import load
 
-    manifest, inspected = check_heal(model, reference, out, force, eval_data)
+    manifest, inspected = check_heal(model, reference, out, force, eval_data, heal_text)
     reporter = Reporter(quiet)
     loaded = load(inspected, device, dtype, reporter, Execution.in_memory, needs_in_memory="heal (training runs the whole model)")
     healed = heal_checkpoint(
-        loaded, manifest, model, HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach),
+        loaded, manifest, model, HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, precision=heal_precision,
+                                         source=heal_text or manifest.calibration.source),
         EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None, out, force, reporter,
     )
     output.healed(healed)

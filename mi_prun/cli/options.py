@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, Method, Objective, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, HealPrecision, Method, Objective, OnnxPrecision, StateView, Target
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
@@ -53,6 +53,8 @@ Heal = Annotated[bool, typer.Option(
 HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most.")]
 HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: minutes for the whole heal stage (heal text, dense pass, training), at most; training stops at whichever budget ends first.")]
 HealReach = Annotated[int, typer.Option("--heal-reach", min=1, help="Healing: adapt the kept blocks within this many blocks of a cut (1: the two beside it). More heals more, but in a GGUF pruned in place every adapted projection is written at 8 bits: the file grows.")]
+HealPrecisionOpt = Annotated[HealPrecision, typer.Option("--heal-precision", help="Healing: the student's compute type. auto: bf16 autocast where the device has native bf16 units (CUDA, a CPU with AMX or AVX512-BF16), else fp32.")]
+HealText = Annotated[Optional[str], typer.Option("--heal-text", help="Healing: text to distil on (same forms as --calib; default: the calibration's source, `self` writing it with another seed). Real text of the use case heals more than self-generated text.")]
 HealSamples = Annotated[int, typer.Option("--heal-samples", min=1, help="Healing: windows of 256 tokens of self-generated text to train on.")]
 PlanFile = Annotated[Optional[Path], typer.Option(
     "--plan",
