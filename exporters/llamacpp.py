@@ -12,6 +12,8 @@ import numpy as np
 
 from mi_prun.errors import UserError
 
+from .parity import WindowScore
+
 INSTALL_HINT = "install llama-cpp-python (make install builds it; about 10 minutes on 2 cores)"
 
 
@@ -131,14 +133,6 @@ def quantize(source: Path, output: Path, ftype_name: str, threads: int = 0) -> N
         raise UserError(f"llama.cpp failed to quantize {source} to {ftype_name} (status {status})")
 
 
-def _log_softmax_rows(logits: np.ndarray, chunk: int = 64):
-    """Row blocks of float64 log-probabilities (a 262k vocabulary makes one 512-row block 1 GiB)."""
-    for start in range(0, len(logits), chunk):
-        block = np.array(logits[start : start + chunk], dtype=np.float64)
-        block -= block.max(-1, keepdims=True)
-        yield start, block - np.log(np.exp(block).sum(-1, keepdims=True))
-
-
 def perplexity(path: Path, windows: np.ndarray, n_threads: int | None = None) -> float:
     """Perplexity of a GGUF in llama.cpp over token windows (n, seq_len), every token but each
     window's first predicted (the same windows and count as onnx_perplexity and the torch eval)."""
@@ -150,42 +144,27 @@ def compare(path: Path, windows: np.ndarray, reference: Path | None = None, kl_w
     """llama.cpp perplexity of a GGUF over token windows (n, seq_len); with a reference GGUF (the
     dense model), also KL(reference || model) and top-1 agreement per predicted token, over the
     first `kl_windows` windows (all by default). Both models run in llama.cpp, window by window."""
-    from mi_prun.metrics import ppl_from_nll
-
     windows = np.asarray(windows)
     n_ctx = max(64, windows.shape[1])
     kl_windows = len(windows) if kl_windows is None else min(kl_windows, len(windows))
     llm = load(path, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
     ref = load(reference, n_ctx=n_ctx, logits_all=True, n_threads=n_threads) if reference is not None else None
-    nll, count, kl, agree, compared = 0.0, 0, 0.0, 0, 0
+    score = WindowScore()
     try:
         for i, window in enumerate(windows):
-            n = len(window) - 1
             llm.reset()
             llm.eval(window.tolist())
-            reference_rows = None
+            theirs = None
             if ref is not None and i < kl_windows:
                 ref.reset()
                 ref.eval(window.tolist())
-                reference_rows = _log_softmax_rows(ref.scores[:n])
-            # One log-softmax of the model's logits serves the NLL and the comparison.
-            for start, mine in _log_softmax_rows(llm.scores[:n]):
-                rows = np.arange(start, start + len(mine))
-                nll -= float(mine[rows - start, window[rows + 1]].sum())
-                if reference_rows is not None:
-                    _, theirs = next(reference_rows)
-                    kl += float((np.exp(theirs) * (theirs - mine)).sum())
-                    agree += int((theirs.argmax(-1) == mine.argmax(-1)).sum())
-                    compared += len(mine)
-            count += n
+                theirs = ref.scores
+            score.add(window, llm.scores, theirs)
     finally:
         llm.close()
         if ref is not None:
             ref.close()
-    out = {"ppl": ppl_from_nll(nll / count), "tokens": count}
-    if ref is not None:
-        out.update(kl_to_dense=kl / compared, top1_agreement=agree / compared, compared_tokens=compared)
-    return out
+    return score.result()
 
 
 def timing_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:

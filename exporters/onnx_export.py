@@ -14,15 +14,16 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from mi_prun.archs import ArchSpec
 from mi_prun.errors import UserError, first_line
-from mi_prun.metrics import ppl_from_nll
 
 from .gguf_export import spec_of_folder, tool_error_line
 from .onnx_builder_compat import builder_config
+from .parity import WindowScore
 
 ONNX_MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
@@ -200,12 +201,69 @@ def genai_greedy(folder: Path, tokens: list[int], new_tokens: int) -> list[int]:
 
 def onnx_perplexity(folder: Path, windows: np.ndarray) -> float:
     """Perplexity of the export over token windows (n, seq_len), every token but the first predicted."""
-    session = OnnxSession(folder)
-    total, count = 0.0, 0
-    for window in np.asarray(windows):
-        logits = session.logits(window).astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        total -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
-        count += len(window) - 1
-    return ppl_from_nll(total / count)
+    return compare(folder, windows)["ppl"]
+
+
+def compare(folder: Path, windows: np.ndarray, reference: Path | None = None, kl_windows: int | None = None,
+            threads: int | None = None) -> dict:
+    """onnxruntime perplexity of an export over token windows (n, seq_len); with a reference export
+    (the dense one), also KL(reference || export) and top-1 agreement per predicted token over the
+    first `kl_windows` windows (all by default): llama.cpp's comparison (llamacpp.compare) for ONNX."""
+    windows = np.asarray(windows)
+    kl_windows = len(windows) if kl_windows is None else min(kl_windows, len(windows))
+    session = OnnxSession(folder, threads)
+    ref = OnnxSession(reference, threads) if reference is not None else None
+    score = WindowScore()
+    for i, window in enumerate(windows):
+        theirs = ref.logits(window) if ref is not None and i < kl_windows else None
+        score.add(window, session.logits(window), theirs)
+    return score.result()
+
+
+def _genai_model(folder: Path, threads: int | None):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og, og.Model(config)
+
+
+def speeds(folders: Sequence[Path], repeats: int = 3, prompt: int = 128, decode: int = 64,
+           threads: int | None = None, on_round=None) -> list[dict]:
+    """Prefill time of a `prompt`-token prompt and greedy decode speed over `decode` tokens in
+    onnxruntime-genai, for every export, side by side as llamacpp.speeds times GGUFs: all loaded,
+    warmed up, then timed in turn, round after round. Per export: each round's prefill_ms and
+    decode_tok_s."""
+    import time
+
+    from .llamacpp import timing_prompt
+
+    models = [_genai_model(f, threads) for f in folders]
+    vocabs = [json.loads((Path(f) / GENAI_CONFIG).read_text())["model"]["vocab_size"] for f in folders]
+    runs = [{"prefill_ms": [], "decode_tok_s": []} for _ in folders]
+
+    def generator(og, model, length):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=length, min_length=length)
+        return og.Generator(model, params)
+
+    for (og, model), vocab in zip(models, vocabs):  # the first calls allocate buffers and pick kernels
+        generator(og, model, 40).append_tokens(timing_prompt(32, vocab, 1))
+    for r in range(repeats):
+        for (og, model), vocab, run in zip(models, vocabs, runs):
+            tokens = timing_prompt(prompt, vocab, r)
+            g = generator(og, model, prompt + decode + 1)
+            start = time.perf_counter()
+            g.append_tokens(tokens)
+            run["prefill_ms"].append(1000 * (time.perf_counter() - start))
+            g.generate_next_token()  # the first token comes from the prompt's logits: decoding starts after it
+            first = time.perf_counter()
+            for _ in range(decode):
+                g.generate_next_token()
+            g.get_next_tokens()
+            run["decode_tok_s"].append(decode / (time.perf_counter() - first))
+        if on_round is not None:
+            on_round()
+    return runs

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from .atomic import atomic_dir
 from .errors import UserError
 from .frontier import FRONTIER_JSON, label
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, PruningManifest
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 BUDGET_JSON = "budget.json"
@@ -82,18 +82,23 @@ def pick(frontier: dict, budget: Budget) -> tuple[dict, list[str]]:
 
 
 def ship(frontier_dir: Path, frontier: dict, point: dict, why: list[str], budget: Budget, out: Path, force: bool) -> Path:
-    """Copy the picked point's GGUF (and, for a pruned point, its pruning.json and model card) into `out`."""
+    """Copy the picked point's GGUF or ONNX folder (and, for a pruned point, its pruning.json, and
+    the build's model card when the point is the build's own export, which the card describes) into `out`."""
     src = Path(point["file"])
     src = src if src.is_absolute() else Path(frontier_dir) / src
-    if not src.is_file():
+    if not src.exists():
         raise UserError(f"{src} is gone from the frontier folder: measure the frontier again")
     with atomic_dir(out, force) as tmp:
-        shutil.copy2(src, tmp / src.name)
-        if point["removed_blocks"] > 0:
-            for name in (MANIFEST_NAME, "README.md"):
-                if (src.parent / name).is_file():
-                    shutil.copy2(src.parent / name, tmp / name)
+        if src.is_dir():  # an ONNX export: shipped as `onnx/`, where the model card points
+            shutil.copytree(src, tmp / "onnx")
+        else:
+            shutil.copy2(src, tmp / src.name)
+        if point["removed_blocks"] > 0 and (src.parent / MANIFEST_NAME).is_file():
+            shutil.copy2(src.parent / MANIFEST_NAME, tmp / MANIFEST_NAME)
+            [export] = PruningManifest.read(src.parent).exports
+            if export.file == src.name and (src.parent / "README.md").is_file():
+                shutil.copy2(src.parent / "README.md", tmp / "README.md")
         (tmp / BUDGET_JSON).write_text(json.dumps({
             "frontier": str(Path(frontier_dir).resolve()), "budget": budget.model_dump(), "picked": point, "why": why,
         }, indent=2, default=str) + "\n")
-    return out / src.name
+    return out / ("onnx" if src.is_dir() else src.name)

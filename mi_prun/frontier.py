@@ -1,9 +1,11 @@
 """The prune x quantize frontier: which model to ship, measured.
 
 Every combination of blocks removed (each pruned point made by `build`, healed as well where asked)
-and llama.cpp type (made by llama.cpp's own quantizer from that build) is measured in llama.cpp
-side by side: held-out perplexity, KL and top-1 agreement to the model as given, file size,
-prefill time and decode speed. A point is on a front when no other point is at least as good on
+and type is measured side by side in the runtime that ships it: for `--target gguf`, llama.cpp
+types made by llama.cpp's own quantizer from each build, measured in llama.cpp; for `--target
+onnx`, fp32 and int4 exports by onnxruntime-genai's model builder, measured in onnxruntime (quality)
+and onnxruntime-genai (speed). Measured: held-out perplexity, KL and top-1 agreement to the
+reference (the model as given; for ONNX its fp32 export), size, prefill time and decode speed. A point is on a front when no other point is at least as good on
 both axes and better on one. `build --max-size / --min-speedup / --max-ppl-increase` pick from it
 (`budget.py`).
 """
@@ -25,12 +27,14 @@ from .calibration import check_text_source, read_text_source
 from .errors import UserError
 from .manifest import MANIFEST_NAME
 from .machine import Contention, contention_line, machine_line
-from .plan import ExportPlan, HealPlan, Plan, Target
+from .plan import ExportPlan, HealPlan, OnnxPrecision, Plan, Target
 from .progress import QUIET, Reporter
 
 FRONTIER_JSON = "frontier.json"
 DEFAULT_RATIOS = (0.0, 0.0625, 0.125, 0.1875, 0.25)
 DEFAULT_TYPES = ("f16", "q8_0", "q4_k_m", "q4_0")
+ONNX_TYPES = ("fp32", "int4")
+RUNTIME = {Target.gguf: "llama.cpp", Target.onnx: "onnxruntime"}
 
 
 class FrontierPlan(BaseModel):
@@ -39,9 +43,11 @@ class FrontierPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     build: Plan  # the build of every pruned point; its remove/ratio is replaced per point
+    target: Target = Target.gguf  # the runtime every point is made for and measured in
     removes: tuple[int, ...] | None = None  # blocks removed at each point (0: the model as given)
     ratios: tuple[float, ...] | None = None  # or fractions of the blocks
-    gguf_types: tuple[str, ...] = DEFAULT_TYPES  # llama.cpp types every point is quantized to
+    gguf_types: tuple[str, ...] = DEFAULT_TYPES  # llama.cpp types every point is quantized to (--target gguf)
+    onnx_types: tuple[str, ...] = ONNX_TYPES  # model builder precisions every point is exported at (--target onnx)
     heal_at: tuple[int, ...] = ()  # blocks-removed values also built healed (build.heal's budget)
     texts: tuple[str, ...]  # held-out texts; the first decides the fronts and carries the KL
     windows: int = Field(24, ge=1)
@@ -50,7 +56,7 @@ class FrontierPlan(BaseModel):
     speed_repeats: int = Field(3, ge=1)
     prompt_tokens: int = Field(128, ge=1)
     decode_tokens: int = Field(64, ge=2)
-    # llama.cpp threads for decode and prompt (llama-cpp-python's own default decodes on half the cores).
+    # Runtime threads for decode and prompt (llama-cpp-python's own default decodes on half the cores).
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
     @model_validator(mode="after")
@@ -73,10 +79,17 @@ class FrontierPlan(BaseModel):
             raise UserError(f"--heal-at {missing}: heal only points that are built (removing {counts[1:]} blocks)")
         return counts
 
+    @property
+    def types(self) -> tuple[str, ...]:
+        return self.gguf_types if self.target is Target.gguf else self.onnx_types
+
     def point_plan(self, n: int, healed: bool) -> Plan:
+        # An ONNX point is built at fp32 with its checkpoint kept: the other precisions are exported from it.
+        export = ExportPlan(target=Target.gguf) if self.target is Target.gguf else \
+            ExportPlan(target=Target.onnx, onnx_precision=OnnxPrecision.fp32, keep_hf=True)
         return self.build.model_copy(update={
             "remove": n, "ratio": None, "heal": (self.build.heal or HealPlan()) if healed else None,
-            "export": ExportPlan(target=Target.gguf), "evaluation": None})
+            "export": export, "evaluation": None})
 
 
 def check(plan: FrontierPlan, out: Path, force: bool):
@@ -86,17 +99,22 @@ def check(plan: FrontierPlan, out: Path, force: bool):
     from .preflight import check_output, inspect, require_export_tools
 
     check_output(out, force)
-    require_export_tools(Target.gguf)
+    require_export_tools(plan.target)
     for text in plan.texts:
         check_text_source(text, "--eval")
     check_text_source(plan.build.calibration.source, "--calib")
-    unknown = [t for t in plan.gguf_types if t not in GGUFType.__members__]
-    if unknown:
-        raise UserError(f"unknown GGUF type {unknown}: choose from {', '.join(GGUFType.__members__)}")
+    known = GGUFType.__members__ if plan.target is Target.gguf else OnnxPrecision.__members__
+    unknown = [t for t in plan.types if t not in known]
+    if unknown or not plan.types:
+        raise UserError(f"unknown {plan.target.value} type {unknown}: choose from {', '.join(known)}")
     inspected = inspect(plan.build.model)
-    if inspected.source.kind != "gguf":
-        raise UserError("frontier measures llama.cpp quantizations of a .gguf model: convert the model first "
+    if plan.target is Target.gguf and inspected.source.kind != "gguf":
+        raise UserError("frontier --target gguf measures llama.cpp quantizations of a .gguf model: convert the model first "
                         "(mi-prun-edge export, or llama.cpp's convert_hf_to_gguf) and pass the .gguf as --model")
+    if plan.target is Target.onnx:
+        from exporters.onnx_export import check_supported
+
+        check_supported(inspected.spec)
     return inspected, plan.counts(inspected.n_blocks)
 
 
@@ -166,20 +184,29 @@ def _quantized(base: Path, target: Path, ftype: str) -> None:
     partial.rename(target)
 
 
-def _measured(p: dict, windows: dict, primary: str, dense: Path, kl_windows: int, threads: int) -> dict:
-    """Quality of one point in llama.cpp, kept beside its file (resumable; stamped with the windows)."""
-    from exporters import llamacpp
+def _bytes(path: Path) -> int:
+    """A GGUF file's size, or an ONNX folder's (graph and weights)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
-    cache = p["file"].with_name(p["file"].name + ".quality.json") if p["file"] != dense else None
-    stamp = {"windows": {k: [len(w), w.shape[1], int(w.sum())] for k, w in windows.items()}, "kl_windows": kl_windows,
-             "bytes": p["file"].stat().st_size}
+
+def _measured(p: dict, windows: dict, primary: str, reference: Path, plan: FrontierPlan, cached: bool) -> dict:
+    """Quality of one point in its runtime, kept beside it (resumable; stamped with the windows)."""
+    from exporters import llamacpp, onnx_export
+
+    cache = p["file"].with_name(p["file"].name + ".quality.json") if cached else None
+    stamp = {"windows": {k: [len(w), w.shape[1], int(w.sum())] for k, w in windows.items()}, "kl_windows": plan.kl_windows,
+             "bytes": _bytes(p["file"])}
     if cache is not None and cache.is_file():
         hit = json.loads(cache.read_text())
         if hit["stamp"] == stamp:
             return hit["quality"]
     quality = {"ppl": {}}
     for name, w in windows.items():
-        got = llamacpp.compare(p["file"], w, reference=dense if name == primary else None, kl_windows=kl_windows, n_threads=threads)
+        ref = reference if name == primary else None
+        if plan.target is Target.gguf:
+            got = llamacpp.compare(p["file"], w, reference=ref, kl_windows=plan.kl_windows, n_threads=plan.threads)
+        else:
+            got = onnx_export.compare(p["file"], w, reference=ref, kl_windows=plan.kl_windows, threads=plan.threads)
         quality["ppl"][name] = got["ppl"]
         if name == primary:
             quality["kl_to_dense"], quality["top1_agreement"] = got["kl_to_dense"], got["top1_agreement"]
@@ -188,53 +215,24 @@ def _measured(p: dict, windows: dict, primary: str, dense: Path, kl_windows: int
     return quality
 
 
-def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter = QUIET, command: str | None = None) -> dict:
-    """Build every point, measure them in llama.cpp, and write `out` at once: every GGUF, each
-    build's pruning.json, frontier.json / frontier.md / frontier.png. Returns the frontier."""
+def _token_ids(inspected, dense_gguf: Path | None, text: str):
+    """The held-out text as token ids, from the tokenizer alone (no weights loaded): llama.cpp's for
+    a GGUF source, the checkpoint's own otherwise."""
     import numpy as np
-    from exporters import llamacpp
+
+    if dense_gguf is not None:
+        from exporters import llamacpp
+
+        return np.array(llamacpp.tokenize(dense_gguf, text))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(inspected.source.location)
+    return np.array(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _quantized_points(bases: list[dict], plan: FrontierPlan, work: Path, reporter: Reporter) -> list[dict]:
+    """--target gguf: every base file and its llama.cpp quantizations."""
     from exporters.gguf_export import GGUF_TYPES, GGUFType
-
-    from .cli.common import load_for_plan
-    from .load import default_model_path
-
-    inspected, counts = check(plan, out, force)
-    dense = Path(inspected.source.location) / inspected.source.gguf_file
-    texts = {name: read_text_source(name, "evaluation") for name in plan.texts}
-    contention = Contention()
-    # Held-out windows, tokenized by llama.cpp (cheap: vocabulary only) before any weights load.
-    windows = {}
-    for name, text in texts.items():
-        ids = np.array(llamacpp.tokenize(dense, text))
-        n = min(plan.windows, len(ids) // plan.seq_len)
-        if n < 1:
-            raise UserError(f"--eval {name} has {len(ids)} tokens: fewer than one window of {plan.seq_len}")
-        windows[name] = ids[: n * plan.seq_len].reshape(n, plan.seq_len)
-
-    work = work_dir(out)
-    if work.exists() and not _same_plan(work, plan, inspected.source.describe()):
-        shutil.rmtree(work)  # points of another frontier: not reusable
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "plan.json").write_text(json.dumps({"model": inspected.source.describe(), "plan": json.loads(plan.model_dump_json())}))
-
-    source_type = source_file_type(dense)
-    bases = [{"removed_blocks": 0, "removed": [], "healed": False, "file": dense, "type": f"{source_type} (as given)", "build": None}]
-    builds = [(n, False) for n in counts if n > 0] + [(n, True) for n in counts if n in plan.heal_at]
-    done = {b: _built(work / _point_name(*b), plan.point_plan(*b)) for b in builds}
-    if any(m is None for m in done.values()):
-        # Loaded once for every build (a healed one needs the whole model in memory); the
-        # calibration text is made once too (calibration_batches keeps it on the model).
-        loaded = load_for_plan(inspected, plan.point_plan(*builds[-1]), reporter)
-        for b, manifest in done.items():
-            if manifest is None:
-                reporter.say(f"building: {b[0]} blocks removed" + (", healed" if b[1] else ""))
-                done[b] = pipeline.build(loaded, plan.point_plan(*b), work / _point_name(*b), force=True, reporter=reporter)
-        del loaded
-        gc.collect()
-    for (n, healed), manifest in done.items():
-        [export] = manifest.exports
-        bases.append({"removed_blocks": n, "removed": manifest.removed, "healed": healed, "file": work / _point_name(n, healed) / export.file,
-                      "type": f"{export.format_type} (in place)", "build": manifest.timings_s})
 
     points = []
     # The point as built (or as given) is of its own type already (same file name, same weights): not quantized again.
@@ -249,20 +247,128 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
                 _quantized(base["file"], target, GGUF_TYPES[GGUFType(name)].llama_ftype)
                 points.append({**base, "file": target, "type": name})
                 advance(name)
+    return points
+
+
+def _onnx_export(hf: Path, folder: Path, precision: str, blocks: int) -> Path:
+    """One precision of a checkpoint's ONNX export, in `folder` (fp32: `onnx/`, as build writes it;
+    others `onnx-PRECISION/`); made in a hidden folder and renamed when complete (resumable)."""
+    from .export import onnx_from_folder
+
+    target = folder / ("onnx" if precision == OnnxPrecision.fp32.value else f"onnx-{precision}")
+    if (target / "genai_config.json").is_file():
+        return target
+    partial = folder / f".{target.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    export = onnx_from_folder(hf, OnnxPrecision(precision), partial, blocks, QUIET)
+    (partial / export.file).rename(target)
+    shutil.rmtree(partial)
+    return target
+
+
+def _exported_points(bases: list[dict], plan: FrontierPlan, reporter: Reporter) -> list[dict]:
+    """--target onnx: every base checkpoint exported at each precision by the model builder."""
+    points = []
+    with reporter.task("exporting ONNX (onnxruntime-genai model builder)", len(bases) * len(plan.onnx_types)) as advance:
+        for base in bases:
+            for precision in plan.onnx_types:
+                folder = _onnx_export(base["hf"], base["hf"].parent, precision, base["blocks"])
+                points.append({**base, "file": folder, "type": precision})
+                advance(f"{base['removed_blocks']} removed, {precision}")
+    return points
+
+
+def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter = QUIET, command: str | None = None) -> dict:
+    """Build every point, measure them in their runtime, and write `out` at once: every model, each
+    build's pruning.json, frontier.json / frontier.md / frontier.png. Returns the frontier."""
+    from exporters import llamacpp, onnx_export
+
+    from .cli.common import load_for_plan
+    from .load import default_model_path
+    from .repack import save_checkpoint
+
+    inspected, counts = check(plan, out, force)
+    onnx = plan.target is Target.onnx
+    source = inspected.source
+    dense_gguf = Path(source.location) / source.gguf_file if source.kind == "gguf" else None
+    texts = {name: read_text_source(name, "evaluation") for name in plan.texts}
+    contention = Contention()
+    # Held-out windows, from the tokenizer alone, before any weights load.
+    windows = {}
+    for name, text in texts.items():
+        ids = _token_ids(inspected, dense_gguf, text)
+        n = min(plan.windows, len(ids) // plan.seq_len)
+        if n < 1:
+            raise UserError(f"--eval {name} has {len(ids)} tokens: fewer than one window of {plan.seq_len}")
+        windows[name] = ids[: n * plan.seq_len].reshape(n, plan.seq_len)
+
+    work = work_dir(out)
+    if work.exists() and not _same_plan(work, plan, source.describe()):
+        shutil.rmtree(work)  # points of another frontier: not reusable
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "plan.json").write_text(json.dumps({"model": source.describe(), "plan": json.loads(plan.model_dump_json())}))
+
+    source_type = source_file_type(dense_gguf) if dense_gguf is not None else None
+    dense_hf = work / _point_name(0, False) / "hf"  # --target onnx: the unpruned checkpoint every precision is exported from
+    builds = [(n, False) for n in counts if n > 0] + [(n, True) for n in counts if n in plan.heal_at]
+    done = {b: _built(work / _point_name(*b), plan.point_plan(*b)) for b in builds}
+    if any(m is None for m in done.values()) or (onnx and not (dense_hf / "config.json").is_file()):
+        # Loaded once for every build (a healed one needs the whole model in memory); the
+        # calibration text is made once too (calibration_batches keeps it on the model).
+        loaded = load_for_plan(inspected, plan.point_plan(*builds[-1]) if builds else plan.build, reporter)
+        if onnx and not (dense_hf / "config.json").is_file():
+            partial = dense_hf.with_name(".hf.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            with reporter.task("writing the unpruned checkpoint (for its ONNX exports)", None):
+                save_checkpoint(loaded, range(inspected.n_blocks), [], partial)
+            partial.rename(dense_hf)
+        for b, manifest in done.items():
+            if manifest is None:
+                reporter.say(f"building: {b[0]} blocks removed" + (", healed" if b[1] else ""))
+                done[b] = pipeline.build(loaded, plan.point_plan(*b), work / _point_name(*b), force=True, reporter=reporter)
+        del loaded
+        gc.collect()
+
+    if onnx:
+        bases = [{"removed_blocks": 0, "removed": [], "healed": False, "hf": dense_hf, "blocks": inspected.n_blocks, "build": None}]
+        for (n, healed), manifest in done.items():
+            bases.append({"removed_blocks": n, "removed": manifest.removed, "healed": healed, "hf": work / _point_name(n, healed) / "hf",
+                          "blocks": manifest.blocks_after, "build": manifest.timings_s})
+        points = _exported_points(bases, plan, reporter)
+        for p in points:
+            del p["hf"], p["blocks"]
+        # The reference is the unpruned model's fp32 export: ONNX has no "model as given".
+        reference = points[0]["file"]
+    else:
+        bases = [{"removed_blocks": 0, "removed": [], "healed": False, "file": dense_gguf, "type": f"{source_type} (as given)", "build": None}]
+        for (n, healed), manifest in done.items():
+            [export] = manifest.exports
+            bases.append({"removed_blocks": n, "removed": manifest.removed, "healed": healed, "file": work / _point_name(n, healed) / export.file,
+                          "type": f"{export.format_type} (in place)", "build": manifest.timings_s})
+        points = _quantized_points(bases, plan, work, reporter)
+        reference = dense_gguf
 
     primary = plan.texts[0]
-    with reporter.task("measuring quality in llama.cpp", len(points)) as advance:
+    runtime = RUNTIME[plan.target]
+    with reporter.task(f"measuring quality in {runtime}", len(points)) as advance:
         for p in points:
-            p.update(_measured(p, windows, primary, dense, plan.kl_windows, plan.threads))
+            p.update(_measured(p, windows, primary, reference, plan, cached=p["file"].is_relative_to(work)))
             p["ppl_primary"] = p["ppl"][primary]
-            p["bytes"] = p["file"].stat().st_size
+            p["bytes"] = _bytes(p["file"])
             advance(f"{p['removed_blocks']} removed, {p['type']}: ppl {p['ppl_primary']:.2f}")
 
     # The times are what a busy machine falsifies: the load is taken over the timing too, on its own.
     timing = Contention()
-    with reporter.task(f"timing {len(points)} models side by side in llama.cpp", plan.speed_repeats) as advance:
-        runs = llamacpp.speeds([p["file"] for p in points], plan.speed_repeats, plan.prompt_tokens, plan.decode_tokens,
-                               n_threads=plan.threads, on_round=advance)
+    speed_runtime = "onnxruntime-genai" if onnx else "llama.cpp"
+    with reporter.task(f"timing {len(points)} models side by side in {speed_runtime}", plan.speed_repeats) as advance:
+        if onnx:
+            runs = onnx_export.speeds([p["file"] for p in points], plan.speed_repeats, plan.prompt_tokens, plan.decode_tokens,
+                                      threads=plan.threads, on_round=advance)
+        else:
+            runs = llamacpp.speeds([p["file"] for p in points], plan.speed_repeats, plan.prompt_tokens, plan.decode_tokens,
+                                   n_threads=plan.threads, on_round=advance)
     for p, r in zip(points, runs):
         p["prefill_ms"], p["decode_tok_s"] = _stats(r["prefill_ms"]), _stats(r["decode_tok_s"])
 
@@ -277,15 +383,18 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
     for p in points:
         p["file"] = str(p["file"].relative_to(work)) if p["file"].is_relative_to(work) else str(p["file"])
 
+    reference_name = "the unpruned model's fp32 export" if onnx else "the model as given"
     frontier = {
-        "command": command, "model": inspected.source.describe(), "default_model": dense == default_model_path(),
+        "command": command, "model": source.describe(), "default_model": dense_gguf == default_model_path(),
+        "target": plan.target.value, "runtime": runtime, "speed_runtime": speed_runtime, "reference": reference_name,
         "n_blocks": inspected.n_blocks, "source_type": source_type,
         "plan": json.loads(plan.model_dump_json()), "primary_text": primary,
-        "eval": {name: f"first {len(w)} x {plan.seq_len} tokens (llama.cpp tokenizer)" for name, w in windows.items()},
-        "kl": f"KL(as given || point) and top-1 agreement over the first {min(plan.kl_windows, len(windows[primary]))} windows of {primary}",
-        "speed": f"prefill of {plan.prompt_tokens} tokens and greedy decode of {plan.decode_tokens}, llama.cpp with {plan.threads} "
+        "eval": {name: f"first {len(w)} x {plan.seq_len} tokens ({'llama.cpp' if dense_gguf else 'the model'}'s tokenizer)"
+                 for name, w in windows.items()},
+        "kl": f"KL({reference_name} || point) and top-1 agreement over the first {min(plan.kl_windows, len(windows[primary]))} windows of {primary}",
+        "speed": f"prefill of {plan.prompt_tokens} tokens and greedy decode of {plan.decode_tokens}, {speed_runtime} with {plan.threads} "
                  f"threads, {plan.speed_repeats} rounds, every model in turn",
-        "machine": machine_line(f"llama.cpp with {plan.threads} threads"),
+        "machine": machine_line(f"{speed_runtime} with {plan.threads} threads"),
         "points": points,
         "contention": contention.summary(), "timing_contention": timing.summary(),
     }
@@ -299,6 +408,8 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
                 entry.rename(tmp / entry.name)
         for cache in tmp.glob("*/*.quality.json"):
             cache.unlink()
+        for checkpoint in tmp.glob("*/hf"):  # --target onnx: what the exports were made from, not a point
+            shutil.rmtree(checkpoint)
     shutil.rmtree(work, ignore_errors=True)
     return frontier
 
@@ -315,7 +426,9 @@ def report(frontier: dict) -> str:
         "",
         f"Command: `{frontier['command']}`" if frontier.get("command") else "",
         "",
-        "Every point measured in llama.cpp in one run. Quality: perplexity on "
+        (f"Every point measured in one run: quality in {frontier['runtime']}, speed in {frontier['speed_runtime']}. "
+         if frontier.get("target") == Target.onnx.value else "Every point measured in llama.cpp in one run. ")
+        + "Quality: perplexity on "
         + "; ".join(f"{k} ({v})" for k, v in frontier["eval"].items()) + f"; {frontier['kl']}. "
         f"Speed: {frontier['speed']}; median (min-max). Machine: {frontier['machine']}.",
         "Whole run: " + contention_line(frontier["contention"]),
@@ -349,7 +462,10 @@ def answer(frontier: dict) -> list[str]:
         else:
             out.append(f"- Front of {what}: no pruned point is on it; every pruned point is beaten by an unpruned "
                        f"quantization ({', '.join(dense)}): a lower quantization pays more than removing blocks here.")
-    if frontier.get("source_type") not in (None, "f32", "f16", "bf16"):
+    if frontier.get("target") == Target.onnx.value and frontier.get("source_type") not in (None, "f32", "f16", "bf16"):
+        out.append(f"- The model as given is {frontier['source_type']}: its fp32 export holds those rounded weights (the reference "
+                   "the KL is taken to), and int4 rounds them again.")
+    elif frontier.get("source_type") not in (None, "f32", "f16", "bf16"):
         out.append(f"- The model as given is {frontier['source_type']}: every other type is made from its weights, so "
                    "f16 and q8_0 carry its quantization error (they cannot beat it by more than the rounding of the "
                    "activations), and a lower type rounds already rounded weights again.")
@@ -365,8 +481,8 @@ def chart(frontier: dict, path: Path) -> None:
     points, primary = frontier["points"], frontier["primary_text"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, x_of, xlabel, front in (
-            (axes[0], lambda p: p["bytes"] / 2**20, "file size (MiB)", "on_size_front"),
-            (axes[1], lambda p: p["decode_tok_s"]["median"], "decode tokens/s (llama.cpp)", "on_speed_front")):
+            (axes[0], lambda p: p["bytes"] / 2**20, "size (MiB)", "on_size_front"),
+            (axes[1], lambda p: p["decode_tok_s"]["median"], f"decode tokens/s ({frontier.get('speed_runtime', 'llama.cpp')})", "on_speed_front")):
         for n in sorted({p["removed_blocks"] for p in points}):
             for healed in (False, True):
                 group = [p for p in points if p["removed_blocks"] == n and p["healed"] == healed]

@@ -144,3 +144,38 @@ def test_points_of_another_frontier_are_not_reused(measured, calib_txt, tmp_path
     result = invoke(*frontier_args(src, calib_txt, again))
     assert result.exit_code == 0, result.output
     assert PruningManifest.read(again / "remove-2").timings_s != PruningManifest.read(out / "remove-2").timings_s
+
+
+def test_onnx_frontier_exports_and_measures_every_point_in_onnxruntime(export_models, calib_txt, tmp_path):
+    """--target onnx: each point exported at fp32 and int4 by the model builder, quality in
+    onnxruntime, speed in onnxruntime-genai; a size budget ships the picked export folder."""
+    from exporters.onnx_export import OnnxSession, onnx_perplexity
+
+    model, out = export_models["llama"], tmp_path / "onnx-frontier"
+    result = invoke("frontier", "--target", "onnx", "--model", model, "--remove", "0,2", "--eval", WIKI_TEST,
+                    "--eval-windows", 2, "--eval-seq-len", 64, "--kl-windows", 1, "--speed-repeats", 1,
+                    "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert frontier["target"] == "onnx" and not work_dir(out).exists()
+    by = {(p["removed_blocks"], p["type"]): p for p in frontier["points"]}
+    assert sorted(by) == [(0, "fp32"), (0, "int4"), (2, "fp32"), (2, "int4")]
+    for (n, _), p in by.items():
+        assert OnnxSession(out / p["file"]).layers == TINY_BLOCKS - n and p["decode_tok_s"]["median"] > 0
+    reference = by[(0, "fp32")]
+    assert reference["kl_to_dense"] == pytest.approx(0, abs=1e-9) and reference["top1_agreement"] == 1.0
+    assert by[(2, "fp32")]["kl_to_dense"] > 0 and by[(0, "int4")]["kl_to_dense"] > 0
+    assert by[(0, "int4")]["bytes"] < by[(0, "fp32")]["bytes"] and by[(2, "fp32")]["bytes"] < by[(0, "fp32")]["bytes"]
+    # The perplexity the frontier records is the export's own in onnxruntime (the first text's windows).
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    ids = np.array(AutoTokenizer.from_pretrained(model)(WIKI_TEST.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    assert onnx_perplexity(out / by[(2, "int4")]["file"], ids[:128].reshape(2, 64)) == pytest.approx(by[(2, "int4")]["ppl_primary"], rel=1e-5)
+    # A size budget below the dense fp32 export ships the best smaller folder, as `onnx/`.
+    limit = by[(0, "fp32")]["bytes"] - 1
+    shipped = invoke("build", "--model", model, "--frontier", out, "--max-size", f"{limit}B", "--out", tmp_path / "ship")
+    assert shipped.exit_code == 0, shipped.output
+    expected = min((p for p in by.values() if p["bytes"] <= limit), key=lambda p: (p["ppl_primary"], p["bytes"]))
+    assert OnnxSession(tmp_path / "ship" / "onnx").layers == TINY_BLOCKS - expected["removed_blocks"]
+    assert (tmp_path / "ship" / "pruning.json").is_file() == (expected["removed_blocks"] > 0)

@@ -1,4 +1,4 @@
-"""`mi-prun-edge frontier`: build and measure every blocks-removed x llama.cpp type point, mark the fronts."""
+"""`mi-prun-edge frontier`: build and measure every blocks-removed x type point in its runtime, mark the fronts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..frontier import DEFAULT_RATIOS, DEFAULT_TYPES
+from ..frontier import DEFAULT_RATIOS, DEFAULT_TYPES, ONNX_TYPES
 from ..plan import DEFAULT_OBJECTIVES, Method, Target
 from . import options as o, output
 from .app import app
@@ -21,6 +21,10 @@ def _numbers(text: str | None, kind, flag: str):
         raise typer.BadParameter(f"{flag} takes a comma-separated list of numbers, got {text!r}") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 @app.command()
 def frontier(
     out: o.Out,
@@ -31,7 +35,8 @@ def frontier(
     remove: Annotated[Optional[str], typer.Option("--remove", "-n", help="Blocks removed at each point, e.g. 0,2,4,6,8.")] = None,
     ratio: Annotated[Optional[str], typer.Option(
         "--ratio", help=f"Fractions of the blocks removed at each point (default {','.join(map(str, DEFAULT_RATIOS))}).")] = None,
-    gguf_types: Annotated[str, typer.Option("--gguf-types", help="llama.cpp types every point is quantized to.")] = ",".join(DEFAULT_TYPES),
+    gguf_types: Annotated[str, typer.Option("--gguf-types", help="--target gguf: llama.cpp types every point is quantized to.")] = ",".join(DEFAULT_TYPES),
+    onnx_types: Annotated[str, typer.Option("--onnx-types", help="--target onnx: precisions every point is exported at.")] = ",".join(ONNX_TYPES),
     heal_at: Annotated[Optional[str], typer.Option(
         "--heal-at", help="Blocks-removed values also built with --heal (e.g. 4,8; healing takes up to --heal-minutes each).")] = None,
     heal_minutes: o.HealMinutes = 10.0,
@@ -40,7 +45,7 @@ def frontier(
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", min=16, help="Tokens per evaluation window.")] = 512,
     kl_windows: Annotated[int, typer.Option("--kl-windows", min=1, help="Windows of the first text the KL and top-1 are taken on.")] = 8,
     speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="Rounds of timing (every model in turn each round).")] = 3,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="llama.cpp threads for timing and evaluation (default: every core).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Runtime threads for timing and evaluation (default: every core).")] = None,
     calib: o.Calib = "self",
     n_samples: o.NSamples = 16,
     seq_len: o.SeqLen = 256,
@@ -49,7 +54,7 @@ def frontier(
     force: o.Force = False,
     quiet: o.Quiet = False,
 ):
-    """Which model to ship: every blocks-removed x type point built, measured in llama.cpp, the Pareto fronts marked."""
+    """Which model to ship: every blocks-removed x type point built, measured in its runtime, the Pareto fronts marked."""
     from ..calibration import CalibrationSpec
     from ..errors import UserError
     from ..frontier import FrontierPlan, label, run
@@ -58,8 +63,6 @@ def frontier(
     from ..plan import HealPlan, Plan, validation_line
     from ..progress import Reporter
 
-    if target is not Target.gguf:
-        raise UserError("frontier measures GGUF points in llama.cpp; --target onnx is not measured by it yet")
     removes, ratios = _numbers(remove, int, "--remove"), _numbers(ratio, float, "--ratio")
     if removes is None and ratios is None:
         ratios = DEFAULT_RATIOS
@@ -67,8 +70,8 @@ def frontier(
         plan = FrontierPlan(
             build=Plan.make(model=model, method=Method.mi_prun, remove=1, objectives=DEFAULT_OBJECTIVES, seed=seed, device=device,
                             calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed),
-                            heal=HealPlan(steps=heal_steps, minutes=heal_minutes)),
-            removes=removes, ratios=ratios, gguf_types=tuple(t.strip() for t in gguf_types.split(",") if t.strip()),
+                            heal=HealPlan(steps=heal_steps, minutes=heal_minutes, source=calib)),
+            target=target, removes=removes, ratios=ratios, gguf_types=_names(gguf_types), onnx_types=_names(onnx_types),
             heal_at=_numbers(heal_at, int, "--heal-at") or (), texts=tuple(eval_data), windows=windows, seq_len=eval_seq_len,
             kl_windows=kl_windows, speed_repeats=speed_repeats, **({"threads": threads} if threads else {}))
     except ValidationError as err:
