@@ -163,7 +163,9 @@ class HealPlan(BaseModel):
     minutes: float = Field(10.0, gt=0)  # training time, at most (whichever budget ends first)
     samples: int = Field(64, ge=1)  # heal windows
     seq_len: int = Field(256, ge=8)
-    source: str = "self"  # `self`: the model writes it, with a seed other than the calibration's
+    # `self`: the model writes it, with a seed other than the calibration's (build --heal passes the
+    # calibration's source unless --heal-text is given: in-domain text heals more, docs/method.md).
+    source: str = "self"
     rank: int = Field(8, ge=1)  # LoRA rank
     # Kept blocks within this many blocks of a removed one are adapted (1: the two beside each cut).
     # 3 heals more (39% of the held-out gap against 34% for 1 in a 5-minute heal, default model,
