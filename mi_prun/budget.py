@@ -73,7 +73,7 @@ def pick(frontier: dict, budget: Budget) -> tuple[dict, list[str]]:
         raise UserError(f"no measured point meets the budget (closest: {label(closest)}, {'; '.join(budget.misses(closest))}); "
                         "relax it, or measure more points (frontier --remove / --gguf-types)")
     best = min(fits, key=lambda p: (p["ppl_primary"], p["bytes"]))
-    why = [f"picked {label(best)}: {best['bytes'] / 2**20:.1f} MiB, decode {best['speedup']:.2f}x the model as given, "
+    why = [f"picked {label(best)}: {best['bytes'] / 2**20:.1f} MiB, decode {best['speedup']:.2f}x {frontier.get('reference', 'the model as given')}, "
            f"perplexity {best['ppl_primary']:.2f} (+{best['ppl_increase']:.1%}) on {frontier['primary_text']}: the lowest "
            f"perplexity of the {len(fits)} of {len(points)} measured points that meet the budget"]
     if best["removed_blocks"] == 0:
