@@ -114,7 +114,12 @@ def test_budget_input_errors_are_one_line_before_any_work(measured, tmp_path):
     assert both.exit_code == 2 and "--remove" in both.output
     missing = invoke("build", "--model", src, "--frontier", tmp_path, "--max-size", "1MiB", "--out", tmp_path / "c")
     assert missing.exit_code == 2 and "frontier.json" in missing.output
-    assert not any((tmp_path / n).exists() for n in "abc")
+    # The other target's types are refused, not ignored.
+    other = invoke("frontier", "--target", "onnx", "--gguf-types", "q4_0", "--model", src, "--eval", WIKI_TEST, "--out", tmp_path / "d")
+    assert other.exit_code == 2 and "--gguf-types applies to --target gguf" in other.output
+    other = invoke("frontier", "--onnx-types", "int4", "--model", src, "--eval", WIKI_TEST, "--out", tmp_path / "e")
+    assert other.exit_code == 2 and "--onnx-types applies to --target onnx" in other.output
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_an_interrupted_frontier_resumes_from_its_complete_points(measured, calib_txt, tmp_path):

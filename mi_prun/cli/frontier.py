@@ -63,6 +63,11 @@ def frontier(
     from ..plan import HealPlan, Plan, validation_line
     from ..progress import Reporter
 
+    # The other target's types would be ignored: say so rather than measure something else than asked.
+    if target is Target.onnx and _names(gguf_types) != DEFAULT_TYPES:
+        raise UserError("--gguf-types applies to --target gguf; for --target onnx give --onnx-types (fp32, int4)")
+    if target is Target.gguf and _names(onnx_types) != ONNX_TYPES:
+        raise UserError("--onnx-types applies to --target onnx; for --target gguf give --gguf-types")
     removes, ratios = _numbers(remove, int, "--remove"), _numbers(ratio, float, "--ratio")
     if removes is None and ratios is None:
         ratios = DEFAULT_RATIOS
