@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import latency  # noqa: E402
-from exporters.onnx_export import DEFAULT_INT4, Int4Settings, OnnxPrecision, export_onnx, onnx_perplexity  # noqa: E402
+from exporters.onnx_export import DEFAULT_INT4, Int4Settings, OnnxPrecision, export_onnx, folder_bytes, onnx_perplexity  # noqa: E402
 from machine import Contention, contention_line, machine_line  # noqa: E402
 from mi_prun.calibration import tokenize_text  # noqa: E402
 from mi_prun.evaluate import eval_windows  # noqa: E402
@@ -48,10 +48,6 @@ SETTINGS = {
 }
 # Measured once and left out of the sweep: a tied head in int8 (last_matmul:int8 with the shared
 # matrix) does not load in onnxruntime; block size 16 with the head unquantized was no better than 32.
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def main(argv=None) -> None:

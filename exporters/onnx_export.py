@@ -167,6 +167,11 @@ def count_matmul_nbits(folder: Path) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
 
 
+def folder_bytes(folder: Path) -> int:
+    """An export's size on disk: every file under its folder (graph, weights, configs, tokenizer)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def check_onnx(folder: Path, expected_layers: int) -> OnnxCheck:
     """Load the export in plain onnxruntime (count its KV layers) and in onnxruntime-genai."""
     session = OnnxSession(folder)
@@ -178,7 +183,7 @@ def check_onnx(folder: Path, expected_layers: int) -> OnnxCheck:
         og.Model(str(folder))
     except Exception as err:
         raise UserError(f"onnxruntime-genai cannot load {folder}: {first_line(err)}") from err
-    size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+    size = folder_bytes(folder)
     return OnnxCheck(session.layers, len(session.inputs), len(session.session.get_outputs()), size, True, count_matmul_nbits(folder))
 
 
@@ -220,14 +225,12 @@ def compare(folder: Path, windows: np.ndarray, reference: Path | None = None, kl
     return score.result()
 
 
-def _genai_model(folder: Path, threads: int | None):
-    import onnxruntime_genai as og
-
+def _genai_model(og, folder: Path, threads: int | None):
     config = og.Config(str(folder))
     if threads:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-    return og, og.Model(config)
+    return og.Model(config)
 
 
 def speeds(folders: Sequence[Path], repeats: int = 3, prompt: int = 128, decode: int = 64,
@@ -238,23 +241,25 @@ def speeds(folders: Sequence[Path], repeats: int = 3, prompt: int = 128, decode:
     decode_tok_s."""
     import time
 
+    import onnxruntime_genai as og
+
     from .llamacpp import timing_prompt
 
-    models = [_genai_model(f, threads) for f in folders]
+    models = [_genai_model(og, f, threads) for f in folders]
     vocabs = [json.loads((Path(f) / GENAI_CONFIG).read_text())["model"]["vocab_size"] for f in folders]
     runs = [{"prefill_ms": [], "decode_tok_s": []} for _ in folders]
 
-    def generator(og, model, length):
+    def generator(model, length):
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=length, min_length=length)
         return og.Generator(model, params)
 
-    for (og, model), vocab in zip(models, vocabs):  # the first calls allocate buffers and pick kernels
-        generator(og, model, 40).append_tokens(timing_prompt(32, vocab, 1))
+    for model, vocab in zip(models, vocabs):  # the first calls allocate buffers and pick kernels
+        generator(model, 40).append_tokens(timing_prompt(32, vocab, 1))
     for r in range(repeats):
-        for (og, model), vocab, run in zip(models, vocabs, runs):
+        for model, vocab, run in zip(models, vocabs, runs):
             tokens = timing_prompt(prompt, vocab, r)
-            g = generator(og, model, prompt + decode + 1)
+            g = generator(model, prompt + decode + 1)
             start = time.perf_counter()
             g.append_tokens(tokens)
             run["prefill_ms"].append(1000 * (time.perf_counter() - start))

@@ -186,8 +186,10 @@ def _quantized(base: Path, target: Path, ftype: str) -> None:
 
 
 def _bytes(path: Path) -> int:
-    """A GGUF file's size, or an ONNX folder's (graph and weights)."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    """A GGUF file's size, or an ONNX export folder's."""
+    from exporters.onnx_export import folder_bytes
+
+    return folder_bytes(path) if path.is_dir() else path.stat().st_size
 
 
 def _measured(p: dict, windows: dict, primary: str, reference: Path, plan: FrontierPlan, cached: bool) -> dict:
@@ -314,17 +316,15 @@ def run(plan: FrontierPlan, out: Path, force: bool = False, reporter: Reporter =
     dense_hf = work / _point_name(0, False) / "hf"  # --target onnx: the unpruned checkpoint every precision is exported from
     builds = [(n, False) for n in counts if n > 0] + [(n, True) for n in counts if n in plan.heal_at]
     done = {b: _built(work / _point_name(*b), plan.point_plan(*b)) for b in builds}
-    if any(m is None for m in done.values()) or (onnx and not (dense_hf / "config.json").is_file()):
+    needs_dense_hf = onnx and not (dense_hf / "config.json").is_file()
+    if any(m is None for m in done.values()) or needs_dense_hf:
         # Loaded once for every build (a healed one needs the whole model in memory); the
         # calibration text is made once too (calibration_batches keeps it on the model).
         loaded = load_for_plan(inspected, plan.point_plan(*builds[-1]) if builds else plan.build, reporter)
-        if onnx and not (dense_hf / "config.json").is_file():
-            partial = dense_hf.with_name(".hf.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            with reporter.task("writing the unpruned checkpoint (for its ONNX exports)", None):
-                save_checkpoint(loaded, range(inspected.n_blocks), [], partial)
-            partial.rename(dense_hf)
+        if needs_dense_hf:
+            with reporter.task("writing the unpruned checkpoint (for its ONNX exports)", None), \
+                    atomic_dir(dense_hf, force=True) as tmp:
+                save_checkpoint(loaded, range(inspected.n_blocks), [], tmp)
         for b, manifest in done.items():
             if manifest is None:
                 reporter.say(f"building: {b[0]} blocks removed" + (", healed" if b[1] else ""))
