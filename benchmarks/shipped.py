@@ -62,6 +62,8 @@ ROWS = {
     # The same, healed on real text instead of self-generated: wiki.valid (in domain for wikitext-2
     # test, out of domain for the licence texts, as the self-generated text is for both).
     "heal-wiki-valid": ("--heal --heal-text wiki.valid.tokens", ["--heal", "--heal-text", str(WIKI_VALID)]),
+    # Block-local healing (what a streamed model gets), here on the model in memory: the same weights.
+    "heal-blocks": ("--heal --heal-objective blocks", ["--heal", "--heal-objective", "blocks"]),
 }
 
 

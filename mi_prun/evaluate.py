@@ -104,7 +104,7 @@ def final_states(runner, ids: torch.Tensor, runs: Sequence = (), on_block: Calla
     the boundary where the pruned model first differs; the pruned model continues from there.
     `rewritten`: weights the pruned model holds beside its maps (healed; names of the unpruned
     model), in place for the pruned model only: the dense states come from the original weights."""
-    from .compensate import final_states as pruned_final, first_changed, replaced
+    from .compensate import final_states as pruned_final, first_changed
 
     n = runner.n_blocks
     start = first_changed(runs, [runner.spec.block_of(name)[0] for name in rewritten or {}], n)
@@ -112,7 +112,7 @@ def final_states(runner, ids: torch.Tensor, runs: Sequence = (), on_block: Calla
     dense = windows.dense[n]
     if not rewritten:
         return (pruned_final(runner, windows, runs) if runs else dense), dense
-    with replaced(runner.model, rewritten):
+    with runner.rewriting(rewritten):
         return pruned_final(runner, windows, runs, start=start), dense
 
 

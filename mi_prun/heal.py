@@ -9,9 +9,13 @@ then merged (W + scale B A) and handed back as rewritten weights by original blo
 exporter writes them as it writes compensated weights, and transformers, llama.cpp and
 onnxruntime load the result unchanged.
 
-Training runs the model's own forward with autograd (the block runner is inference only) and
-needs the whole model in memory. `heal --model PRUNED --reference DENSE` heals a pruned checkpoint
-written earlier: its weights that differ from the dense model's are put in place the same way.
+That objective (`HealObjective.logits`) runs the model's own forward with autograd and needs the
+whole model in memory. A streamed model is healed block-locally (`HealObjective.blocks`): the
+pruned model is walked one kept block at a time through the block runner, and each block near a cut
+is trained to turn the pruned state entering it into the dense state its output stands for (the
+state entering the next kept block), its own adapters only, so one block's weights are in memory at
+a time. `heal --model PRUNED --reference DENSE` heals a pruned checkpoint written earlier: its
+weights that differ from the dense model's are put in place the same way.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch.nn.functional as F
 from .archs import ArchSpec, get_path, set_path
 from .blockset import blocks_kept
 from .calibration import calibration_batches
-from .compensate import RunCompensation, applied, compensated_weights, replaced
+from .compensate import RunCompensation, applied, compensated_weights, first_changed, replaced
 from .manifest import HealInfo
-from .plan import CalibrationSpec, HealPlan, HealPrecision
+from .plan import CalibrationSpec, HealObjective, HealPlan, HealPrecision
 from .progress import QUIET, Reporter
 from .runner import Windows
 
@@ -75,7 +79,10 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     """Train, merge, restore: the loaded model is left as it was; the healed weights come back.
     `rewritten`: weights the pruned model already holds beside `runs`' maps (a pruned checkpoint's
     compensated or healed weights, names of the unpruned model); the dense teacher keeps the originals."""
-    loaded.require_in_memory("--heal (training runs the whole model with gradients)")
+    objective = heal_plan.objective_for(loaded.in_memory)
+    if objective is HealObjective.blocks:
+        return _heal_blocks(loaded, kept, removed, runs, heal_plan, seed, reporter, rewritten or {})
+    loaded.require_in_memory("--heal-objective logits (training runs the whole model with gradients)")
     from peft import LoraConfig, inject_adapter_in_model
 
     model, spec, runner = loaded.model, loaded.spec, loaded.runner
@@ -99,7 +106,10 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
             trained = [p for name, p in model.named_parameters() if "lora_" in name]
             # --heal-minutes bounds the whole stage the user waits for: heal text and dense pass included.
             losses, tokens, steps = _train(model, runner, ids, teacher, trained, heal_plan, reporter, started + heal_plan.minutes * 60, dtype)
-            weights = _merged(model, spec, targets, kept)
+            weights = {}
+            for name, merged in _merged(model, targets).items():
+                new, module = spec.block_of(name)
+                weights[spec.block_param(kept[new], module)] = merged
         finally:
             _remove_adapters(model, targets)
             for p, flag in frozen.items():
@@ -107,10 +117,124 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     info = HealInfo(
         blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=sum(p.numel() for p in trained),
         text=heal_plan.source, windows=heal_plan.samples, seq_len=heal_plan.seq_len, steps=steps, tokens=tokens,
-        learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), seconds=round(time.perf_counter() - started, 1),
-        kl_first=round(losses[0], 5) if losses else None, kl_last=round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
+        learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), objective=objective.value,
+        seconds=round(time.perf_counter() - started, 1),
+        kl_first=round(losses[0], 5) if losses else None, kl_last=round(_tail_mean(losses), 5) if losses else None,
     )
     return Healed(weights, info)
+
+
+def _tail_mean(losses: list[float]) -> float:
+    return sum(losses[-10:]) / len(losses[-10:])
+
+
+def block_targets(kept: Sequence[int], chosen: Sequence[int], n_blocks: int) -> dict[int, int]:
+    """The dense boundary each healed block's output stands for in the pruned model: the state
+    entering the next kept block (past a removed run, the state after it), or the last boundary."""
+    return {b: next((k for k in kept if k > b), n_blocks) for b in chosen}
+
+
+def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[RunCompensation], heal_plan: HealPlan,
+                 seed: int, reporter: Reporter, rewritten: dict[str, torch.Tensor]) -> Healed:
+    """Block-local healing: walk the pruned model one kept block at a time from the first state it
+    changes; each block near a cut gets its own adapters, trained to map the pruned state entering
+    it onto the dense state its output stands for (`block_targets`), then merged, and the walk goes
+    on through the healed block, so the next block trains on what the healed model gives it.
+    `--heal-steps` is per healed block here; `--heal-minutes` is shared out among the blocks left."""
+    runner, spec = loaded.runner, loaded.spec
+    n = runner.n_blocks
+    started = time.perf_counter()
+    deadline = started + heal_plan.minutes * 60
+    chosen = healed_blocks(kept, removed, heal_plan.reach)
+    targets = block_targets(kept, chosen, n)
+    ids = heal_windows(loaded, heal_plan, seed)
+    # Up to here the pruned model computes what the dense one does.
+    start = min([first_changed(runs, [spec.block_of(name)[0] for name in rewritten], n), *chosen])
+    wanted = {start, *targets.values()}
+    with reporter.task("dense pass over the heal text", n) as advance:
+        dense = runner.dense_pass(Windows(ids), keep=lambda b: b in wanted, on_block=advance).dense
+    dtype = training_dtype(heal_plan.precision, runner.device)
+    projections = {r.prev: r.weight for r in runs if r.weight is not None}
+    projection = f"{spec.residual_projection}.weight"
+    weights: dict[str, torch.Tensor] = {}
+    losses: dict[int, tuple[float, float, int]] = {}
+    trained = tokens = 0
+    h = dense[start]
+    with runner.rewriting(rewritten):
+        for b in [k for k in kept if start <= k <= max(chosen, default=-1)]:
+            if b not in chosen:
+                h = runner.run_block(b, h, projections.get(b))
+                continue
+            left = sum(1 for c in chosen if c >= b)
+            block_deadline = time.perf_counter() + (deadline - time.perf_counter()) / left
+            fitted = {projection: projections[b]} if b in projections else {}
+            label = f"healing block {b} ({chosen.index(b) + 1}/{len(chosen)}): matching the dense state {targets[b]}"
+            merged, h, block_losses, count = _train_block(runner, spec, b, h, dense[targets[b]], fitted, heal_plan, dtype,
+                                                          block_deadline, reporter, label, seed)
+            weights.update({spec.block_param(b, name): w for name, w in merged.items()})
+            trained += count
+            tokens += len(block_losses) * min(heal_plan.batch_windows, len(ids)) * ids.shape[1]
+            losses[b] = (round(block_losses[0], 5), round(_tail_mean(block_losses), 5), len(block_losses)) if block_losses else (None, None, 0)
+    info = HealInfo(
+        blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=trained,
+        text=heal_plan.source, windows=heal_plan.samples, seq_len=heal_plan.seq_len, steps=sum(v[2] for v in losses.values()),
+        tokens=tokens, learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."),
+        objective=HealObjective.blocks.value, seconds=round(time.perf_counter() - started, 1), block_loss=losses,
+    )
+    return Healed(weights, info)
+
+
+def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error of a block's output against the dense state, relative to that state's energy,
+    over every position but the first (the attention sink, whose state is orders of magnitude larger
+    and the same in every window)."""
+    output, target = output[:, 1:].float(), target[:, 1:].float()
+    return (output - target).pow(2).sum() / target.pow(2).sum()
+
+
+def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, target: torch.Tensor, fitted: dict[str, torch.Tensor],
+                 heal: HealPlan, dtype: torch.dtype, deadline: float, reporter: Reporter, label: str, seed: int):
+    """One block's adapters trained toward `target` from `inputs` (the pruned state entering it),
+    `fitted` (a compensation map) under them. Returns the merged weights (names inside the block),
+    the block's output for every window (adapters in place: the healed block), the losses and the
+    number of trained parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    device = runner.device
+    modules = [m for m, _ in spec.heal_modules]
+    generator = torch.Generator().manual_seed(seed + index)
+    torch.manual_seed(seed + index)  # the adapters' initialization: a block heals alike streamed or in memory
+    losses: list[float] = []
+    with runner.open_block(index, fitted) as (layer, apply):
+        frozen = {p: p.requires_grad for p in layer.parameters()}
+        for p in frozen:
+            p.requires_grad_(False)
+        config = LoraConfig(r=heal.rank, lora_alpha=2 * heal.rank, lora_dropout=0.0, target_modules=modules)
+        inject_adapter_in_model(config, layer, adapter_name=ADAPTER)
+        try:
+            params = [p for name, p in layer.named_parameters() if "lora_" in name]
+            optimizer = torch.optim.AdamW(params, lr=heal.learning_rate, weight_decay=0.0)
+            layer.train()
+            with reporter.task(label, heal.steps) as advance:
+                while len(losses) < heal.steps and time.perf_counter() < deadline:
+                    rows = torch.randperm(inputs.shape[0], generator=generator)[: heal.batch_windows]
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                        output = apply(inputs[rows])
+                    loss = relative_error(output, target[rows].to(device))
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+                    advance(f"relative error {losses[-1]:.4f}")
+            layer.eval()
+            with torch.no_grad():
+                outputs = torch.cat([apply(inputs[rows]) for rows in runner.batches(inputs.shape[0])])
+            merged = _merged(layer, modules)
+        finally:
+            _remove_adapters(layer, modules)
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
+    return merged, outputs, losses, sum(p.numel() for p in params)
 
 
 def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list, heal: HealPlan, reporter: Reporter,
@@ -150,27 +274,26 @@ def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list
     return losses, tokens, steps
 
 
-def _merged(model, spec: ArchSpec, targets: list[str], kept: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Each adapted weight with its adapter merged, by its parameter name in the unpruned model."""
+def _merged(module, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Each adapted linear layer's weight with its adapter merged (W + scale B A), by parameter name in `module`."""
     out = {}
     for name in targets:
-        layer = get_path(model, name)
+        layer = get_path(module, name)
         with torch.no_grad():
             merged = layer.base_layer.weight.float() + layer.get_delta_weight(ADAPTER).float()
-        new, module = spec.block_of(name)
-        out[spec.block_param(kept[new], f"{module}.weight")] = merged.to(layer.base_layer.weight.dtype).detach().cpu()
+        out[f"{name}.weight"] = merged.to(layer.base_layer.weight.dtype).detach().cpu()
     return out
 
 
-def _remove_adapters(model, targets: list[str]) -> None:
+def _remove_adapters(module, targets: list[str]) -> None:
     """Put every adapted layer's original module back (nothing merged into the loaded model), and
     drop peft's record of the adapter, so the same loaded model heals again cleanly (frontier)."""
     for name in targets:
-        layer = get_path(model, name)
+        layer = get_path(module, name)
         if hasattr(layer, "base_layer"):
-            set_path(model, name, layer.base_layer)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
+            set_path(module, name, layer.base_layer)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
 
 
 def fold_healed(runs: list[RunCompensation], weights: dict[str, torch.Tensor], spec: ArchSpec) -> dict[str, torch.Tensor]:

@@ -42,11 +42,25 @@ class HealInfo(BaseModel):
     tokens: int  # tokens trained on (with repeats)
     learning_rate: float
     precision: str = "float32"  # the student's compute type (bfloat16: autocast, HealPlan.precision)
+    objective: str = "logits"  # logits: KL through the whole model; blocks: each block's output state (HealObjective)
     seconds: float  # heal text, dense pass and training
     kl_first: float | None = None  # KL(dense || pruned) per token, first step
     kl_last: float | None = None  # mean of the last 10 steps
+    # objective blocks: per healed block, its output's squared error relative to the dense state's
+    # energy (first step, mean of the last 10), and its steps
+    block_loss: dict[int, tuple[float | None, float | None, int]] | None = None
     heldout_before: float | None = None  # --eval perplexity of the pruned model before healing
     heldout_after: float | None = None  # and after
+
+    def fit(self) -> str:
+        """How close training brought the pruned model to the dense one, in words."""
+        if self.objective == "blocks":
+            done = [v for v in (self.block_loss or {}).values() if v[0] is not None]
+            if not done:
+                return "no step trained"
+            first, last = (sum(v[k] for v in done) / len(done) for k in (0, 1))
+            return f"block output error to dense {first:.4f} -> {last:.4f} (mean over blocks)"
+        return f"KL to dense {self.kl_first} -> {self.kl_last}"
 
 
 class DistributedInfo(BaseModel):

@@ -69,9 +69,11 @@ def _compensation(m: PruningManifest) -> str:
 
 def _healing(m: PruningManifest) -> str:
     h = m.heal
-    text = (f"LoRA rank {h.rank} on {', '.join(f'`{x}`' for x in h.modules)} of blocks {h.blocks}, distilled toward the dense "
-            f"model on {h.windows} x {h.seq_len} tokens of `{h.text}` text: {h.steps} steps, {h.seconds:.0f} s ({h.precision}), "
-            f"KL to dense {h.kl_first} -> {h.kl_last}; merged into the weights")
+    toward = ("each block's output distilled toward the dense state after it" if h.objective == "blocks"
+              else "distilled toward the dense model's next-token distribution")
+    text = (f"LoRA rank {h.rank} on {', '.join(f'`{x}`' for x in h.modules)} of blocks {h.blocks}, {toward}, "
+            f"on {h.windows} x {h.seq_len} tokens of `{h.text}` text: {h.steps} steps, {h.seconds:.0f} s ({h.precision}), "
+            f"{h.fit()}; merged into the weights")
     if h.heldout_before is not None and h.heldout_after is not None:
         text += f"; held-out perplexity {h.heldout_before:.2f} -> {h.heldout_after:.2f}"
     return text

@@ -121,6 +121,15 @@ def rewritten_weights(loaded, folder: Path, kept: Sequence[int]) -> dict[str, to
 
     spec = loaded.spec
     params = dict(loaded.model.named_parameters())
+    # A streamed model's blocks (and a gathered embedding) are not in memory: read from the source.
+    source = None if loaded.in_memory else loaded.runner.store.tensors
+    from_source = set(source.names()) if source is not None else set()
+
+    def reference(name: str) -> torch.Tensor | None:
+        if name in from_source:
+            return source.get(name, loaded.dtype)
+        return params[name].data.cpu() if name in params else None
+
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder} holds no .safetensors weights: give a folder written by `prune` (or build --keep-hf's hf/)")
@@ -130,11 +139,12 @@ def rewritten_weights(loaded, folder: Path, kept: Sequence[int]) -> dict[str, to
             for name in f.keys():
                 inside = spec.block_of(name)
                 original = name if inside is None else spec.block_param(kept[inside[0]], inside[1])
-                if original not in params or tuple(params[original].shape) != tuple(f.get_slice(name).get_shape()):
+                ours = reference(original)
+                if ours is None or tuple(ours.shape) != tuple(f.get_slice(name).get_shape()):
                     raise UserError(f"{folder}: tensor {name} has no counterpart of its shape in the reference model; "
                                     "give the model it was pruned from (--reference)")
-                value = f.get_tensor(name).to(params[original].dtype)
-                if torch.equal(value, params[original].data.cpu()):
+                value = f.get_tensor(name).to(ours.dtype)
+                if torch.equal(value, ours):
                     continue
                 if inside is None:
                     raise UserError(f"{folder}: {name} differs from the reference model's; it was pruned from another "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -108,6 +109,7 @@ class BlockRunner:
         self._spill_names = itertools.count()
         self.spilled_bytes = 0
         self.block_runs = 0  # blocks run x windows batches, for the record
+        self.rewritten: dict[str, torch.Tensor] = {}  # see `rewriting`
 
     # -- the model's own preparation, recorded ------------------------------------------------
     @torch.no_grad()
@@ -140,7 +142,8 @@ class BlockRunner:
             self._kwargs[key] = self._record(torch.zeros(batch, seq_len, dtype=torch.long))[1]
         return self._kwargs[key]
 
-    def _batches(self, count: int) -> Iterator[slice]:
+    def batches(self, count: int) -> Iterator[slice]:
+        """Row slices of `batch_size` windows."""
         for start in range(0, count, self.batch_size):
             yield slice(start, min(start + self.batch_size, count))
 
@@ -148,13 +151,56 @@ class BlockRunner:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Boundary 0 (what the first block receives) for every window."""
         parts = []
-        for rows in self._batches(ids.shape[0]):
+        for rows in self.batches(ids.shape[0]):
             hidden, kwargs = self._record(ids[rows])
             self._kwargs.setdefault((hidden.shape[0], hidden.shape[1]), kwargs)
             parts.append(hidden)
         return torch.cat(parts)
 
     # -- running blocks ----------------------------------------------------------------------------
+    @contextmanager
+    def rewriting(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        """`weights` (parameter names of the unpruned model: healed, or read back from a pruned
+        checkpoint) stand in for the source's in every block this runner runs, for the duration.
+        Works alike for resident and streamed blocks: they are put in place when a block is fetched."""
+        saved = self.rewritten
+        self.rewritten = {**saved, **weights}
+        try:
+            yield
+        finally:
+            self.rewritten = saved
+
+    @contextmanager
+    def open_block(self, index: int, weights: dict[str, torch.Tensor] | None = None
+                   ) -> Iterator[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+        """Block `index` (original numbering) fetched, the pruned model's weights in place (`rewriting`,
+        then `weights`: names inside the block), and a function applying it to a batch of states
+        (windows, seq, hidden) with the masks and rotary embeddings of its place in the model.
+        Gradients follow the caller: healing trains through it, passes run it under no_grad."""
+        inside = {}
+        for name, value in self.rewritten.items():
+            at = self.spec.block_of(name)
+            if at is not None and at[0] == index:
+                inside[at[1]] = value
+        inside.update(weights or {})
+        with self.store.block(index) as layer:
+            saved = []
+            for dotted, value in inside.items():
+                param = get_path(layer, dotted)
+                saved.append((param, param.data))
+                param.data = value.to(param.device, param.dtype)
+
+            def apply(states: torch.Tensor) -> torch.Tensor:
+                kwargs = self._block_kwargs(states.shape[0], states.shape[1])[index]
+                self.block_runs += 1
+                return block_output(layer(states.to(self.device), **kwargs))
+
+            try:
+                yield layer, apply
+            finally:
+                for param, original in saved:
+                    param.data = original
+
     @torch.no_grad()
     def run_block(self, index: int, states: torch.Tensor, projection_weight: torch.Tensor | None = None,
                   tap: list | None = None) -> torch.Tensor:
@@ -163,25 +209,18 @@ class BlockRunner:
         `projection_weight` replaces the block's residual projection weight for this call (a
         compensated block, as it will ship); `tap`, when given, receives that projection's output
         (what the block adds to the residual stream through it), as one (windows, seq, hidden) tensor."""
+        weights = {} if projection_weight is None else {f"{self.spec.residual_projection}.weight": projection_weight}
         out, taps = [], []
-        with self.store.block(index) as layer:
-            projection = get_path(layer, self.spec.residual_projection) if (projection_weight is not None or tap is not None) else None
-            original = None
-            if projection_weight is not None:
-                original = projection.weight.data
-                projection.weight.data = projection_weight.to(original.device, original.dtype)
-            hook = projection.register_forward_hook(lambda _m, _i, o: taps.append(o)) if tap is not None else None
+        with self.open_block(index, weights) as (layer, apply):
+            hook = None
+            if tap is not None:
+                hook = get_path(layer, self.spec.residual_projection).register_forward_hook(lambda _m, _i, o: taps.append(o))
             try:
-                for rows in self._batches(states.shape[0]):
-                    h = states[rows].to(self.device)
-                    kwargs = self._block_kwargs(h.shape[0], h.shape[1])[index]
-                    out.append(block_output(layer(h, **kwargs)))
-                    self.block_runs += 1
+                for rows in self.batches(states.shape[0]):
+                    out.append(apply(states[rows]))
             finally:
                 if hook is not None:
                     hook.remove()
-                if original is not None:
-                    projection.weight.data = original
         if tap is not None:
             tap.append(torch.cat(taps))
         return torch.cat(out)
@@ -199,6 +238,8 @@ class BlockRunner:
         """Run the dense model over `windows`, keeping the boundary states `keep` selects (all by
         default), and with `taps` every block's residual-projection output too: in RAM, or in
         files when they would take more than a quarter of the free memory."""
+        if self.rewritten:  # the cache is of the dense model: a pass with other weights must not fill it
+            raise RuntimeError("a dense pass was asked for while rewritten weights are in place")
         h = self.embed(windows.ids)
         kept = sum(keep(b) for b in range(self.n_blocks + 1)) + (self.n_blocks if taps else 0)
         spill = kept * h.numel() * h.element_size() > available_memory(h.device) // 4

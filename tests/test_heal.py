@@ -28,7 +28,7 @@ from mi_prun.heal import fold_healed, heal, healed_blocks
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune
-from mi_prun.plan import CalibrationSpec, EvalPlan, HealPlan, HealPrecision, Plan
+from mi_prun.plan import CalibrationSpec, EvalPlan, Execution, HealObjective, HealPlan, HealPrecision, Plan
 from mi_prun.quality import measure_quality
 
 from .conftest import WIKI_TEST
@@ -137,13 +137,90 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(expor
     assert parity.top1 >= 0.9, parity
 
 
-def test_heal_is_refused_on_a_streamed_model_before_work(export_models, calib_txt, tmp_path):
-    result = runner.invoke(app, [str(a) for a in (
-        "build", "--target", "gguf", "--model", export_models["llama"], "--calib", calib_txt, "--remove", 2, "--heal",
-        "--streamed", "--out", tmp_path / "out", "--quiet")])
-    assert result.exit_code == 2
-    assert "--heal" in result.output and "in memory" in result.output
-    assert not (tmp_path / "out").exists()
+def test_block_heal_streams_one_block_at_a_time_as_it_heals_in_memory(tiny_models, calib_txt):
+    """--heal-objective blocks: each healed block trained toward the dense state after it; a streamed
+    model (blocks fetched one at a time) heals to the same weights as the model loaded whole, and the
+    healed weights bring the pruned model nearer to dense on held-out text."""
+    plan = HealPlan(steps=30, samples=16, seq_len=64, source=str(calib_txt), learning_rate=2e-3, precision=HealPrecision.fp32,
+                    objective=HealObjective.blocks)
+    healed = {}
+    for execution in (Execution.in_memory, Execution.streamed):
+        loaded = load_model(str(tiny_models["llama"]), execution=execution)
+        result = prune(loaded, Plan(remove=3, calibration=CalibrationSpec(str(calib_txt), 8, 64)))
+        healed[execution] = heal(loaded, result.kept, result.removed, result.compensation, plan)
+        info = healed[execution].info
+        assert info.objective == "blocks"
+        assert info.blocks == healed_blocks(result.kept, result.removed) and set(info.block_loss) == set(info.blocks)
+        assert all(last < first and steps == 30 for first, last, steps in info.block_loss.values()), info.block_loss
+        if execution is Execution.in_memory:
+            before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+            again = heal(loaded, result.kept, result.removed, result.compensation, plan)
+            for name, p in loaded.model.named_parameters():  # nothing of the heal stays in the loaded model
+                assert torch.equal(p, before[name]), name
+            assert not any("lora" in n for n, _ in loaded.model.named_parameters())
+            for name, w in again.weights.items():  # healed again from the model as it was: the same weights
+                torch.testing.assert_close(w, healed[execution].weights[name])
+    ours, theirs = healed[Execution.in_memory].weights, healed[Execution.streamed].weights
+    assert set(ours) == set(theirs) == {f"model.layers.{b}.{m}.weight" for b in healed[Execution.in_memory].info.blocks
+                                        for m, _ in loaded.spec.heal_modules}
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-5, msg=name)
+    # Held-out text, measured through the streamed runner with the healed weights in place.
+    ids = loaded.tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:20000], return_tensors="pt").input_ids[0]
+    windows = strided_windows(ids, 64, max_windows=8)
+    plain = kl_to_dense(loaded, result.removed, result.compensation, windows)
+    rest = fold_healed(result.compensation, theirs, loaded.spec)
+    final, dense = final_states(loaded.runner, windows.ids, removal_runs(result.removed, result.compensation), rewritten=rest)
+    after = evaluate(loaded.runner, final, windows, (loaded.runner, dense)).kl
+    assert after < plain, (plain, after)
+
+
+def loaded_block(name: str):
+    """(block, name inside it) of a Llama parameter name; None outside the blocks."""
+    if not name.startswith("model.layers."):
+        return None
+    block, rest = name.removeprefix("model.layers.").split(".", 1)
+    return int(block), rest
+
+
+def test_build_heal_streamed_writes_block_healed_weights(export_models, calib_txt, tmp_path):
+    out = tmp_path / "out"
+    args = ["build", "--target", "gguf", "--model", export_models["llama"], "--calib", calib_txt, "--n-samples", 4,
+            "--seq-len", 64, "--remove", 2, "--heal", "--heal-steps", 4, "--heal-samples", 8, "--streamed", "--gguf-type", "q8_0",
+            "--quiet"]
+    # Self-generated heal text needs the whole model (generation): refused before anything loads.
+    result = runner.invoke(app, [str(a) for a in (*args, "--heal-text", "self", "--out", out)])
+    assert result.exit_code == 2 and "--heal-text self" in result.output and "in memory" in result.output, result.output
+    result = runner.invoke(app, [str(a) for a in (*args, "--heal-objective", "logits", "--out", out)])
+    assert result.exit_code == 2 and "--heal-objective logits" in result.output, result.output
+    assert not out.exists()
+    text = tmp_path / "eval.txt"
+    text.write_text(WIKI_TEST.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    result = runner.invoke(app, [str(a) for a in (*args, "--eval", text, "--eval-windows", 2, "--keep-hf", "--out", out)])
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    assert manifest.execution == "streamed" and manifest.heal.objective == "blocks" and manifest.heal.steps == 4 * len(manifest.heal.blocks)
+    assert manifest.heal.heldout_after == manifest.quality.pruned_ppl
+    assert "each block's output distilled toward the dense state after it" in (out / "README.md").read_text()
+    # What ships holds the healed weights: the checkpoint's differ from the dense model's exactly in the healed blocks.
+    dense = safetensors_of(export_models["llama"])
+    position = {old: new for new, old in enumerate(manifest.kept)}
+    ours = safetensors_of(out / "hf")
+    for name, value in ours.items():
+        at = loaded_block(name)
+        if at is None:
+            continue
+        new, rest = at
+        original = dense[f"model.layers.{manifest.kept[new]}.{rest}"]
+        healed = manifest.kept[new] in manifest.heal.blocks and rest.removesuffix(".weight") in manifest.heal.modules
+        assert torch.equal(value, original) != healed, name
+    # The GGUF (converted from that checkpoint) holds the healed weights too, up to Q8_0 rounding.
+    [e] = manifest.exports
+    tensors = {t.name: t for t in open_gguf(out / e.file).tensors}
+    b = manifest.heal.blocks[-1]
+    t = tensors[f"blk.{position[b]}.ffn_up.weight"]
+    expected = ours[f"model.layers.{position[b]}.mlp.up_proj.weight"].numpy()
+    np.testing.assert_allclose(gguf.quants.dequantize(t.data, t.tensor_type), expected, atol=np.abs(expected).max() / 127)
 
 
 def safetensors_of(folder):
@@ -176,6 +253,30 @@ def test_heal_command_heals_a_pruned_checkpoint_as_build_heal_does(export_models
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
     changed = {n for n in ours if not torch.equal(ours[n], before[n])}
     position = {old: new for new, old in enumerate(manifest.kept)}
+    assert changed == {f"model.layers.{position[b]}.{m}.weight" for b in manifest.heal.blocks for m in manifest.heal.modules}
+
+
+def test_heal_command_heals_a_streamed_reference_block_by_block(export_models, calib_txt, tmp_path):
+    """`heal --streamed`: the pruned checkpoint's weights read back against the source one tensor at a
+    time, healed block by block: the same weights as the in-memory `--heal-objective blocks`."""
+    model = export_models["llama"]
+    pruned = tmp_path / "pruned"
+    args = ("prune", "--model", model, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2, "--out", pruned, "--quiet")
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    heal_args = ["heal", "--model", pruned, "--heal-steps", 3, "--heal-samples", 4, "--heal-precision", "fp32", "--quiet"]
+    streamed, whole = tmp_path / "streamed", tmp_path / "whole"
+    result = runner.invoke(app, [str(a) for a in (*heal_args, "--streamed", "--out", streamed)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [str(a) for a in (*heal_args, "--in-memory", "--heal-objective", "blocks", "--out", whole)])
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(streamed)
+    assert manifest.heal.objective == "blocks"  # auto, on the streamed model
+    assert manifest.heal.text == str(calib_txt)  # the pruned checkpoint's recorded calibration text
+    ours, theirs, before = safetensors_of(streamed), safetensors_of(whole), safetensors_of(pruned)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-5, msg=name)
+    position = {old: new for new, old in enumerate(manifest.kept)}
+    changed = {n for n in ours if not torch.equal(ours[n], before[n])}
     assert changed == {f"model.layers.{position[b]}.{m}.weight" for b in manifest.heal.blocks for m in manifest.heal.modules}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..plan import DEFAULT_BUILD_RATIO, DEFAULT_OBJECTIVES, CompensatedType, Estimator, HealPrecision, Method, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, DEFAULT_OBJECTIVES, CompensatedType, Estimator, HealObjective, HealPrecision, Method, OnnxPrecision, StateView, Target
 from . import options as o, output
 from .app import app
 from .common import execution_of, load_for_plan, make_plan
@@ -39,6 +39,7 @@ def build(
     heal_samples: o.HealSamples = 64,
     heal_reach: o.HealReach = 1,
     heal_precision: o.HealPrecisionOpt = HealPrecision.auto,
+    heal_objective: o.HealObjectiveOpt = HealObjective.auto,
     heal_text: o.HealText = None,
     seed: o.Seed = 0,
     plan_file: o.PlanFile = None,
@@ -73,6 +74,7 @@ def build(
                           onnx_precision=onnx_precision, keep_hf=keep_hf),
         evaluation=EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None,
         heal=HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, precision=heal_precision,
+                      objective=heal_objective,
                       source=heal_text or calib) if heal else None,
     )
     inspected = check_plan(plan, out, force)

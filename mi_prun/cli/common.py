@@ -62,7 +62,7 @@ def load_for_plan(inspected: Inspected, plan: Plan, reporter: Reporter):
     from ..calibration import SELF_NEEDS_MEMORY
 
     generates = plan.calibration.source == "self" and (plan.replay is None or plan.compensate)
-    needs = "--heal (training runs the whole model)" if plan.heal is not None else SELF_NEEDS_MEMORY if generates else None
+    needs = SELF_NEEDS_MEMORY if generates else plan.heal.needs_in_memory() if plan.heal is not None else None
     return load(inspected, plan.device, plan.dtype, reporter, plan.execution, plan.batch_size, needs)
 
 

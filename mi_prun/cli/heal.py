@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..plan import HealPrecision
+from ..plan import HealObjective, HealPrecision
 from . import options as o, output
 from .app import app
 
@@ -23,27 +23,31 @@ def heal(
     heal_samples: o.HealSamples = 64,
     heal_reach: o.HealReach = 1,
     heal_precision: o.HealPrecisionOpt = HealPrecision.auto,
+    heal_objective: o.HealObjectiveOpt = HealObjective.auto,
     heal_text: o.HealText = None,
     eval_data: o.EvalData = None,
     eval_windows: o.EvalWindows = 16,
+    streamed: o.Streamed = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
     force: o.Force = False,
     quiet: o.Quiet = False,
 ):
-    """Heal a pruned checkpoint: LoRA beside each cut, distilled toward the dense model, merged into plain weights."""
+    """Heal a pruned checkpoint: LoRA beside each cut, distilled toward the dense model, merged into plain weights.
+    A dense model too large for memory is streamed and healed block by block (--heal-objective blocks)."""
     from ..pipeline import heal_checkpoint
-    from ..plan import EvalPlan, Execution, HealPlan
+    from ..plan import EvalPlan, HealPlan
     from ..preflight import check_heal
     from ..progress import Reporter
-    from .common import load
+    from .common import execution_of, load
 
     manifest, inspected = check_heal(model, reference, out, force, eval_data, heal_text)
     reporter = Reporter(quiet)
-    loaded = load(inspected, device, dtype, reporter, Execution.in_memory, needs_in_memory="heal (training runs the whole model)")
+    plan = HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, precision=heal_precision,
+                    objective=heal_objective, source=heal_text or manifest.calibration.source)
+    loaded = load(inspected, device, dtype, reporter, execution_of(streamed), needs_in_memory=plan.needs_in_memory())
     healed = heal_checkpoint(
-        loaded, manifest, model, HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, precision=heal_precision,
-                                         source=heal_text or manifest.calibration.source),
+        loaded, manifest, model, plan,
         EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None, out, force, reporter,
     )
     output.healed(healed)

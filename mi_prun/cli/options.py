@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, HealPrecision, Method, Objective, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, HealObjective, HealPrecision, Method, Objective, OnnxPrecision, StateView, Target
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
@@ -54,6 +54,7 @@ HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: op
 HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: minutes for the whole heal stage (heal text, dense pass, training), at most; training stops at whichever budget ends first.")]
 HealReach = Annotated[int, typer.Option("--heal-reach", min=1, help="Healing: adapt the kept blocks within this many blocks of a cut (1: the two beside it). More heals more, but in a GGUF pruned in place every adapted projection is written at 8 bits: the file grows.")]
 HealPrecisionOpt = Annotated[HealPrecision, typer.Option("--heal-precision", help="Healing: the student's compute type. auto: bf16 autocast where the device has native bf16 units (CUDA, a CPU with AMX or AVX512-BF16), else fp32.")]
+HealObjectiveOpt = Annotated[HealObjective, typer.Option("--heal-objective", help="Healing: what to match. logits: the dense model's next-token distribution through the whole pruned model (needs it in memory); blocks: each healed block's output against the dense state after it, one block in memory at a time (--heal-steps per block); auto: logits in memory, blocks streamed.")]
 HealText = Annotated[Optional[str], typer.Option("--heal-text", help="Healing: text to distil on (same forms as --calib; default: the calibration's source, `self` writing it with another seed). Real text of the use case heals more than self-generated text.")]
 HealSamples = Annotated[int, typer.Option("--heal-samples", min=1, help="Healing: windows of 256 tokens of self-generated text to train on.")]
 PlanFile = Annotated[Optional[Path], typer.Option(

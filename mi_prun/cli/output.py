@@ -17,7 +17,7 @@ def line(text: str) -> None:
 def healed(manifest) -> None:
     h = manifest.heal
     text = (f"healed blocks {h.blocks} ({h.trained_parameters} LoRA parameters, rank {h.rank}): {h.steps} steps, "
-              f"{h.tokens} tokens, {h.seconds:.0f} s ({h.precision}); KL to dense {h.kl_first} -> {h.kl_last}")
+              f"{h.tokens} tokens, {h.seconds:.0f} s ({h.precision}, objective {h.objective}); {h.fit()}")
     if h.heldout_before is not None and h.heldout_after is not None:
         text += f"; held-out ppl {h.heldout_before:.2f} -> {h.heldout_after:.2f}"
     line(text)
