@@ -46,7 +46,17 @@ POINTS = [
     ("1b.gguf", "in-memory"), ("1b.gguf", "streamed"),
     ("3b.gguf", "in-memory"), ("3b.gguf", "streamed"),
     ("7b.gguf", "streamed"),
+    # Healing a streamed model, block by block (--heal-objective auto picks blocks when streamed).
+    ("3b.gguf", "streamed-heal"),
 ]
+HEAL_STEPS = 20
+# The flags of each execution column.
+FLAGS = {
+    "in-memory": ["--in-memory"],
+    "streamed": ["--streamed"],
+    "streamed-heal": ["--streamed", "--heal", "--heal-text", str(WIKI_VALID), "--heal-samples", str(WINDOWS),
+                      "--heal-steps", str(HEAL_STEPS)],
+}
 
 
 def model_path(name: str, work: Path) -> Path | None:
@@ -76,7 +86,7 @@ def run_point(name: str, execution: str, work: Path) -> dict:
     model = model_path(name, work)
     out = work / "runs" / f"{name}.{execution}"
     cmd = [*CLI, "build", "--target", "gguf", "--calib", str(WIKI_VALID), "--n-samples", str(WINDOWS),
-           "--seq-len", str(SEQ_LEN), "--remove", str(REMOVE), f"--{execution}", "--out", str(out), "--force", "--quiet"]
+           "--seq-len", str(SEQ_LEN), "--remove", str(REMOVE), *FLAGS[execution], "--out", str(out), "--force", "--quiet"]
     if model is not None:
         cmd[4:4] = ["--model", str(model)]
     before = load_now()
@@ -105,6 +115,7 @@ def run_point(name: str, execution: str, work: Path) -> dict:
         gguf_mib=round(export["bytes"] / 2**20, 1), llama_cpp_blocks=export["check"].get("llama_cpp_layers"),
         llama_cpp_check_peak_gib=round((export["check"].get("llama_cpp_peak_rss_mib") or 0) / 1024, 2),
         llama_cpp_check=export["check"],
+        heal=manifest.get("heal"),
     )
     return row
 
@@ -120,7 +131,7 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
     bounds = {f"{k}.{f}": memory_bound_bytes(s) for k, s in synthetic.SHAPES.items() for f in ("gguf", "safetensors")}
     for r in rows:
         r["parameters"] = params[r["model"]]
-        if r["model"] in bounds and r["execution"] == "streamed":
+        if r["model"] in bounds and r["execution"].startswith("streamed"):
             r["bound_gib"] = round(bounds[r["model"]] / 2**30, 2)
             r["within_2x_bound"] = r.get("peak_rss_gib", 1e9) <= 2 * r["bound_gib"]
     lines = [
@@ -131,7 +142,8 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         "Load average before each point is in the table (an otherwise idle machine reads below 1).",
         "",
         f"Each point: `mi-prun-edge build --target gguf --model M --calib wiki.valid.tokens --n-samples {WINDOWS} --seq-len {SEQ_LEN} "
-        f"--remove {REMOVE} --streamed|--in-memory` (method mi-prun, proposals verified, compensation on). "
+        f"--remove {REMOVE} --streamed|--in-memory` (method mi-prun, proposals verified, compensation on; streamed-heal adds "
+        f"`--heal --heal-text wiki.valid.tokens --heal-samples {WINDOWS} --heal-steps {HEAL_STEPS}`, healed block by block). "
         "Models: the default SmolLM2-135M Q4_1 and seeded random-weight Llama shapes (`benchmarks/synthetic.py`: Q4_0 GGUF, or bf16 "
         "safetensors shards); quality on random weights means nothing, memory and time do. Peak RSS is the build process's own "
         "(its ru_maxrss when it writes `pruning.json`, export included); the llama.cpp load check of the output runs in a child process, whose own peak is its own column; the column after it is the same process's peak so far "
@@ -165,8 +177,15 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
             lines.append(f"- {m}: the two executions removed {'the same blocks' if len(same) == 1 else 'DIFFERENT blocks: ' + ', '.join(same)}.")
     for r in rows:
         if "bound_gib" in r and not r.get("exit"):
-            lines.append(f"- {r['model']} streamed: peak {r['peak_rss_gib']} GiB = {r['peak_rss_gib'] / r['bound_gib']:.2f} x the bound "
+            lines.append(f"- {r['model']} {r['execution']}: peak {r['peak_rss_gib']} GiB = {r['peak_rss_gib'] / r['bound_gib']:.2f} x the bound "
                          f"({r['bound_gib']} GiB); {'within' if r['within_2x_bound'] else 'NOT within'} 2x.")
+    for r in rows:
+        if r["execution"] == "streamed-heal" and not r.get("exit"):
+            other = {o["execution"]: o["peak_rss_gib"] for o in rows if o["model"] == r["model"] and not o.get("exit")}
+            heal = r.get("heal") or {}
+            lines.append(f"- {r['model']} healed while streamed (blocks {heal.get('blocks')}, {heal.get('steps')} steps, "
+                         f"heal stage {r['timings_s'].get('heal', 0):.0f} s): peak {r['peak_rss_gib']} GiB, against "
+                         f"{other.get('streamed')} GiB streamed without healing and {other.get('in-memory')} GiB in memory.")
     base = next((r["peak_rss_gib_after"].get("load") for r in rows if r["model"] == "default" and r["execution"] == "streamed"
                  and r.get("peak_rss_gib_after")), None)
     big = next((r for r in rows if r["model"] == "7b.gguf" and not r.get("exit")), None)
@@ -197,7 +216,7 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "windows": WINDOWS, "seq_len": SEQ_LEN, "remove": REMOVE}, indent=2) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for execution, marker in (("in-memory", "o"), ("streamed", "s")):
+    for execution, marker in (("in-memory", "o"), ("streamed", "s"), ("streamed-heal", "^")):
         pts = sorted((r["parameters"] / 1e9, r["peak_rss_gib"], r["wall_s"]) for r in rows if r["execution"] == execution and not r.get("exit"))
         if pts:
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=execution)

@@ -145,12 +145,14 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
     n = runner.n_blocks
     started = time.perf_counter()
     deadline = started + heal_plan.minutes * 60
-    chosen = healed_blocks(kept, removed, heal_plan.reach)
-    targets = block_targets(kept, chosen, n)
+    changed = first_changed(runs, [spec.block_of(name)[0] for name in rewritten], n)
+    targets = block_targets(kept, healed_blocks(kept, removed, heal_plan.reach), n)
+    # A block before the first change, not followed by a cut, already gives its dense output from its dense input.
+    chosen = [b for b in targets if not (b < changed and targets[b] == b + 1)]
     ids = heal_windows(loaded, heal_plan, seed)
     # Up to here the pruned model computes what the dense one does.
-    start = min([first_changed(runs, [spec.block_of(name)[0] for name in rewritten], n), *chosen])
-    wanted = {start, *targets.values()}
+    start = min([changed, *chosen])
+    wanted = {start, *(targets[b] for b in chosen)}
     with reporter.task("dense pass over the heal text", n) as advance:
         dense = runner.dense_pass(Windows(ids), keep=lambda b: b in wanted, on_block=advance).dense
     dtype = training_dtype(heal_plan.precision, runner.device)

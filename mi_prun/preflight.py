@@ -14,7 +14,7 @@ from .atomic import check_target
 from .calibration import check_text_source
 from .errors import UserError
 from .load import ModelSource, inspect_model, resolve_source
-from .plan import Estimator, Objective, Plan, Target, check_replay
+from .plan import Estimator, HealObjective, HealPlan, Objective, Plan, Target, check_replay
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
         check_text_source(plan.evaluation.data, "--eval")
     if plan.heal is not None:
         check_text_source(plan.heal.source, "--heal-text")
+        check_heal_objective(plan.heal)
     inspected = inspect(plan.model)
     plan.n_remove(inspected.n_blocks)
     if plan.replay is not None:
@@ -107,6 +108,15 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
 
             check_supported(inspected.spec)
     return inspected
+
+
+def check_heal_objective(heal: HealPlan) -> None:
+    """The one combination of heal settings measured to do harm."""
+    if heal.objective is HealObjective.blocks and heal.source == "self":
+        # Default model, N = 4: every block-local loss tried on self-generated text raised the
+        # held-out perplexity (docs/method.md); on real text it lowered it.
+        raise UserError("--heal-objective blocks on self-generated heal text made held-out perplexity worse in our measurements: "
+                        "give real text (--heal-text FILE|wikitext2), or heal with --heal-objective logits")
 
 
 def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval_data: str | None, heal_text: str | None = None):

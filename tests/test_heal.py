@@ -160,6 +160,12 @@ def test_block_heal_streams_one_block_at_a_time_as_it_heals_in_memory(tiny_model
             assert not any("lora" in n for n, _ in loaded.model.named_parameters())
             for name, w in again.weights.items():  # healed again from the model as it was: the same weights
                 torch.testing.assert_close(w, healed[execution].weights[name])
+            # Reach 2: the kept block two before the first cut has its dense input and output: nothing to
+            # heal, so it is not trained; every block that is had something to learn.
+            wide = heal(loaded, result.kept, result.removed, result.compensation, plan.model_copy(update={"reach": 2, "steps": 2}))
+            first_cut = min(result.removed)
+            assert first_cut - 2 in result.kept and first_cut - 2 not in wide.info.blocks, (result.removed, wide.info.blocks)
+            assert set(wide.info.blocks) >= set(info.blocks) and all(first > 0 for first, _, _ in wide.info.block_loss.values())
     ours, theirs = healed[Execution.in_memory].weights, healed[Execution.streamed].weights
     assert set(ours) == set(theirs) == {f"model.layers.{b}.{m}.weight" for b in healed[Execution.in_memory].info.blocks
                                         for m, _ in loaded.spec.heal_modules}
@@ -193,6 +199,9 @@ def test_build_heal_streamed_writes_block_healed_weights(export_models, calib_tx
     assert result.exit_code == 2 and "--heal-text self" in result.output and "in memory" in result.output, result.output
     result = runner.invoke(app, [str(a) for a in (*args, "--heal-objective", "logits", "--out", out)])
     assert result.exit_code == 2 and "--heal-objective logits" in result.output, result.output
+    # Block-local healing on self-generated text raised held-out perplexity when measured: refused.
+    result = runner.invoke(app, [str(a) for a in (*args, "--in-memory", "--heal-objective", "blocks", "--heal-text", "self", "--out", out)])
+    assert result.exit_code == 2 and "--heal-objective blocks on self-generated heal text" in result.output, result.output
     assert not out.exists()
     text = tmp_path / "eval.txt"
     text.write_text(WIKI_TEST.read_text(encoding="utf-8")[:20000], encoding="utf-8")

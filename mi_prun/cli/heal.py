@@ -37,7 +37,7 @@ def heal(
     A dense model too large for memory is streamed and healed block by block (--heal-objective blocks)."""
     from ..pipeline import heal_checkpoint
     from ..plan import EvalPlan, HealPlan
-    from ..preflight import check_heal
+    from ..preflight import check_heal, check_heal_objective
     from ..progress import Reporter
     from .common import execution_of, load
 
@@ -45,6 +45,7 @@ def heal(
     reporter = Reporter(quiet)
     plan = HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, precision=heal_precision,
                     objective=heal_objective, source=heal_text or manifest.calibration.source)
+    check_heal_objective(plan)
     loaded = load(inspected, device, dtype, reporter, execution_of(streamed), needs_in_memory=plan.needs_in_memory())
     healed = heal_checkpoint(
         loaded, manifest, model, plan,
