@@ -217,6 +217,7 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
             params = [p for name, p in layer.named_parameters() if "lora_" in name]
             optimizer = torch.optim.AdamW(params, lr=heal.learning_rate, weight_decay=0.0)
             layer.train()
+            start = time.perf_counter()
             with reporter.task(label, heal.steps) as advance:
                 while len(losses) < heal.steps and time.perf_counter() < deadline:
                     rows = torch.randperm(inputs.shape[0], generator=generator)[: heal.batch_windows]
@@ -227,7 +228,8 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
                     loss.backward()
                     optimizer.step()
                     losses.append(float(loss.detach()))
-                    advance(f"relative error {losses[-1]:.4f}")
+                    tokens = len(losses) * len(rows) * inputs.shape[1]
+                    advance(f"relative error {losses[-1]:.4f}, {tokens / (time.perf_counter() - start):.0f} tokens/s")
             layer.eval()
             with torch.no_grad():
                 outputs = torch.cat([apply(inputs[rows]) for rows in runner.batches(inputs.shape[0])])

@@ -167,7 +167,7 @@ class HealPlan(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    steps: int = Field(300, ge=1)  # optimizer steps, at most
+    steps: int = Field(300, ge=1)  # optimizer steps, at most (per healed block with the blocks objective)
     minutes: float = Field(10.0, gt=0)  # training time, at most (whichever budget ends first)
     samples: int = Field(64, ge=1)  # heal windows
     seq_len: int = Field(256, ge=8)

@@ -50,7 +50,7 @@ Heal = Annotated[bool, typer.Option(
     "--heal",
     help="Distil the pruned model toward the dense one (LoRA near each cut, merged into plain weights) before export.",
 )]
-HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most.")]
+HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most (per healed block with --heal-objective blocks).")]
 HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: minutes for the whole heal stage (heal text, dense pass, training), at most; training stops at whichever budget ends first.")]
 HealReach = Annotated[int, typer.Option("--heal-reach", min=1, help="Healing: adapt the kept blocks within this many blocks of a cut (1: the two beside it). More heals more, but in a GGUF pruned in place every adapted projection is written at 8 bits: the file grows.")]
 HealPrecisionOpt = Annotated[HealPrecision, typer.Option("--heal-precision", help="Healing: the student's compute type. auto: bf16 autocast where the device has native bf16 units (CUDA, a CPU with AMX or AVX512-BF16), else fp32.")]
