@@ -21,8 +21,9 @@ weights that differ from the dense model's are put in place the same way.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +84,6 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     if objective is HealObjective.blocks:
         return _heal_blocks(loaded, kept, removed, runs, heal_plan, seed, reporter, rewritten or {})
     loaded.require_in_memory("--heal-objective logits (training runs the whole model with gradients)")
-    from peft import LoraConfig, inject_adapter_in_model
-
     model, spec, runner = loaded.model, loaded.spec, loaded.runner
     n = runner.n_blocks
     started = time.perf_counter()
@@ -96,36 +95,22 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     position = {old: new for new, old in enumerate(kept)}
     targets = [spec.block_param(position[b], module) for b in chosen for module, _ in spec.heal_modules]
     torch.manual_seed(seed)
-    with applied(model, spec, runs), replaced(model, rewritten or {}), blocks_kept(model, spec, kept):
-        frozen = {p: p.requires_grad for p in model.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        config = LoraConfig(r=heal_plan.rank, lora_alpha=2 * heal_plan.rank, lora_dropout=0.0, target_modules=targets)
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-        try:
-            trained = [p for name, p in model.named_parameters() if "lora_" in name]
-            # --heal-minutes bounds the whole stage the user waits for: heal text and dense pass included.
-            losses, tokens, steps = _train(model, runner, ids, teacher, trained, heal_plan, reporter, started + heal_plan.minutes * 60, dtype)
-            weights = {}
-            for name, merged in _merged(model, targets).items():
-                new, module = spec.block_of(name)
-                weights[spec.block_param(kept[new], module)] = merged
-        finally:
-            _remove_adapters(model, targets)
-            for p, flag in frozen.items():
-                p.requires_grad_(flag)
+    with applied(model, spec, runs), replaced(model, rewritten or {}), blocks_kept(model, spec, kept), \
+            _adapters(model, targets, heal_plan.rank) as trained:
+        # --heal-minutes bounds the whole stage the user waits for: heal text and dense pass included.
+        losses, tokens, steps = _train(model, runner, ids, teacher, trained, heal_plan, reporter, started + heal_plan.minutes * 60, dtype)
+        weights = {}
+        for name, merged in _merged(model, targets).items():
+            new, module = spec.block_of(name)
+            weights[spec.block_param(kept[new], module)] = merged
     info = HealInfo(
         blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=sum(p.numel() for p in trained),
         text=heal_plan.source, windows=heal_plan.samples, seq_len=heal_plan.seq_len, steps=steps, tokens=tokens,
         learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), objective=objective.value,
         seconds=round(time.perf_counter() - started, 1),
-        kl_first=round(losses[0], 5) if losses else None, kl_last=round(_tail_mean(losses), 5) if losses else None,
+        kl_first=round(losses[0], 5) if losses else None, kl_last=round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
     )
     return Healed(weights, info)
-
-
-def _tail_mean(losses: list[float]) -> float:
-    return sum(losses[-10:]) / len(losses[-10:])
 
 
 def block_targets(kept: Sequence[int], chosen: Sequence[int], n_blocks: int) -> dict[int, int]:
@@ -159,7 +144,7 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
     projections = {r.prev: r.weight for r in runs if r.weight is not None}
     projection = f"{spec.residual_projection}.weight"
     weights: dict[str, torch.Tensor] = {}
-    losses: dict[int, tuple[float, float, int]] = {}
+    losses: dict[int, tuple[float, float, int]] = {}  # block -> error on the heal text before, after; steps
     trained = tokens = 0
     h = dense[start]
     with runner.rewriting(rewritten):
@@ -171,12 +156,12 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
             block_deadline = time.perf_counter() + (deadline - time.perf_counter()) / left
             fitted = {projection: projections[b]} if b in projections else {}
             label = f"healing block {b} ({chosen.index(b) + 1}/{len(chosen)}): matching the dense state {targets[b]}"
-            merged, h, block_losses, count = _train_block(runner, spec, b, h, dense[targets[b]], fitted, heal_plan, dtype,
-                                                          block_deadline, reporter, label, seed)
+            merged, h, (before, after, steps), count = _train_block(runner, spec, b, h, dense[targets[b]], fitted, heal_plan,
+                                                                    dtype, block_deadline, reporter, label, seed)
             weights.update({spec.block_param(b, name): w for name, w in merged.items()})
             trained += count
-            tokens += len(block_losses) * min(heal_plan.batch_windows, len(ids)) * ids.shape[1]
-            losses[b] = (round(block_losses[0], 5), round(_tail_mean(block_losses), 5), len(block_losses)) if block_losses else (None, None, 0)
+            tokens += steps * min(heal_plan.batch_windows, len(ids)) * ids.shape[1]
+            losses[b] = (round(before, 5), round(after, 5), steps)
     info = HealInfo(
         blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=trained,
         text=heal_plan.source, windows=heal_plan.samples, seq_len=heal_plan.seq_len, steps=sum(v[2] for v in losses.values()),
@@ -198,23 +183,21 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
                  heal: HealPlan, dtype: torch.dtype, deadline: float, reporter: Reporter, label: str, seed: int):
     """One block's adapters trained toward `target` from `inputs` (the pruned state entering it),
     `fitted` (a compensation map) under them. Returns the merged weights (names inside the block),
-    the block's output for every window (adapters in place: the healed block), the losses and the
-    number of trained parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
+    the block's output for every window (adapters in place: the healed block), its error on every
+    heal window before and after training with the steps taken, and the number of trained parameters."""
     device = runner.device
     modules = [m for m, _ in spec.heal_modules]
     generator = torch.Generator().manual_seed(seed + index)
     torch.manual_seed(seed + index)  # the adapters' initialization: a block heals alike streamed or in memory
     losses: list[float] = []
+
+    def outputs_of(apply) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([apply(inputs[rows]) for rows in runner.batches(inputs.shape[0])])
+
     with runner.open_block(index, fitted) as (layer, apply):
-        frozen = {p: p.requires_grad for p in layer.parameters()}
-        for p in frozen:
-            p.requires_grad_(False)
-        config = LoraConfig(r=heal.rank, lora_alpha=2 * heal.rank, lora_dropout=0.0, target_modules=modules)
-        inject_adapter_in_model(config, layer, adapter_name=ADAPTER)
-        try:
-            params = [p for name, p in layer.named_parameters() if "lora_" in name]
+        before = float(relative_error(outputs_of(apply), target.to(device)))
+        with _adapters(layer, modules, heal.rank) as params:
             optimizer = torch.optim.AdamW(params, lr=heal.learning_rate, weight_decay=0.0)
             layer.train()
             start = time.perf_counter()
@@ -231,14 +214,10 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
                     tokens = len(losses) * len(rows) * inputs.shape[1]
                     advance(f"relative error {losses[-1]:.4f}, {tokens / (time.perf_counter() - start):.0f} tokens/s")
             layer.eval()
-            with torch.no_grad():
-                outputs = torch.cat([apply(inputs[rows]) for rows in runner.batches(inputs.shape[0])])
+            outputs = outputs_of(apply)  # adapters in place: what the merged block gives
             merged = _merged(layer, modules)
-        finally:
-            _remove_adapters(layer, modules)
-            for p, flag in frozen.items():
-                p.requires_grad_(flag)
-    return merged, outputs, losses, sum(p.numel() for p in params)
+        after = float(relative_error(outputs, target.to(device)))
+    return merged, outputs, (before, after, len(losses)), sum(p.numel() for p in params)
 
 
 def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list, heal: HealPlan, reporter: Reporter,
@@ -276,6 +255,25 @@ def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list
     finally:
         model.eval()
     return losses, tokens, steps
+
+
+@contextmanager
+def _adapters(module, targets: list[str], rank: int) -> Iterator[list[torch.nn.Parameter]]:
+    """LoRA adapters (peft) on the linear layers `targets` (names in `module`), everything else
+    frozen, for the duration; yields the adapters' parameters. Afterwards the module is as it was."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    frozen = {p: p.requires_grad for p in module.parameters()}
+    for p in frozen:
+        p.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    try:
+        yield [p for name, p in module.named_parameters() if "lora_" in name]
+    finally:
+        _remove_adapters(module, targets)
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
 
 
 def _merged(module, targets: list[str]) -> dict[str, torch.Tensor]:

@@ -47,19 +47,16 @@ class HealInfo(BaseModel):
     kl_first: float | None = None  # KL(dense || pruned) per token, first step
     kl_last: float | None = None  # mean of the last 10 steps
     # objective blocks: per healed block, its output's squared error relative to the dense state's
-    # energy (first step, mean of the last 10), and its steps
-    block_loss: dict[int, tuple[float | None, float | None, int]] | None = None
+    # energy on every heal window, before and after training, and its steps
+    block_loss: dict[int, tuple[float, float, int]] | None = None
     heldout_before: float | None = None  # --eval perplexity of the pruned model before healing
     heldout_after: float | None = None  # and after
 
     def fit(self) -> str:
         """How close training brought the pruned model to the dense one, in words."""
         if self.objective == "blocks":
-            done = [v for v in (self.block_loss or {}).values() if v[0] is not None]
-            if not done:
-                return "no step trained"
-            first, last = (sum(v[k] for v in done) / len(done) for k in (0, 1))
-            return f"block output error to dense {first:.4f} -> {last:.4f} (mean over blocks)"
+            errors = ", ".join(f"{b}: {before:.4f} -> {after:.4f}" for b, (before, after, _) in (self.block_loss or {}).items())
+            return f"block output error to dense on the heal text, before -> after: {errors}"
         return f"KL to dense {self.kl_first} -> {self.kl_last}"
 
 
