@@ -169,7 +169,8 @@ def load_inspected(source: ModelSource, spec: ArchSpec, device: str = "auto", dt
             raise UserError(
                 f"{needs_in_memory} needs the whole model in memory, and this one is streamed "
                 f"({weight_bytes / 2**30:.1f} GiB of weights as {str(torch_dtype).removeprefix('torch.')}): "
-                + ("give a file or dataset instead (FILE|wikitext2), or force --in-memory" if "self-generated" in needs_in_memory
+                + ("calibrate on a file or dataset (--calib FILE|wikitext2), or force --in-memory" if "calibration" in needs_in_memory
+                   else "heal on a file or dataset (--heal-text FILE|wikitext2), or force --in-memory" if "heal text" in needs_in_memory
                    else "force --in-memory if it fits")
             )
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)

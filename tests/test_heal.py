@@ -197,6 +197,7 @@ def test_build_heal_streamed_writes_block_healed_weights(export_models, calib_tx
     # Self-generated heal text needs the whole model (generation): refused before anything loads.
     result = runner.invoke(app, [str(a) for a in (*args, "--heal-text", "self", "--out", out)])
     assert result.exit_code == 2 and "--heal-text self" in result.output and "in memory" in result.output, result.output
+    assert "--heal-text FILE|wikitext2" in result.output, result.output
     result = runner.invoke(app, [str(a) for a in (*args, "--heal-objective", "logits", "--out", out)])
     assert result.exit_code == 2 and "--heal-objective logits" in result.output, result.output
     # Block-local healing on self-generated text raised held-out perplexity when measured: refused.
