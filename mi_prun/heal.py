@@ -138,8 +138,8 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
     # Up to here the pruned model computes what the dense one does.
     start = min([changed, *chosen])
     wanted = {start, *(targets[b] for b in chosen)}
-    with reporter.task("dense pass over the heal text", n) as advance:
-        dense = runner.dense_pass(Windows(ids), keep=lambda b: b in wanted, on_block=advance).dense
+    with reporter.task("dense pass over the heal text", max(wanted)) as advance:
+        dense = runner.dense_pass(Windows(ids), keep=lambda b: b in wanted, on_block=advance, last=max(wanted)).dense
     dtype = training_dtype(heal_plan.precision, runner.device)
     projections = {r.prev: r.weight for r in runs if r.weight is not None}
     projection = f"{spec.residual_projection}.weight"

@@ -234,20 +234,22 @@ class BlockRunner:
 
     @torch.no_grad()
     def dense_pass(self, windows: Windows, keep: Callable[[int], bool] = lambda b: True,
-                   on_block: Callable[[], None] | None = None, taps: bool = False) -> Windows:
+                   on_block: Callable[[], None] | None = None, taps: bool = False, last: int | None = None) -> Windows:
         """Run the dense model over `windows`, keeping the boundary states `keep` selects (all by
         default), and with `taps` every block's residual-projection output too: in RAM, or in
-        files when they would take more than a quarter of the free memory."""
+        files when they would take more than a quarter of the free memory. `last`: the last
+        boundary needed (default: the model's output); the blocks after it are not run."""
+        last = self.n_blocks if last is None else last
         if self.rewritten:  # the cache is of the dense model: a pass with other weights must not fill it
             raise RuntimeError("a dense pass was asked for while rewritten weights are in place")
         h = self.embed(windows.ids)
-        kept = sum(keep(b) for b in range(self.n_blocks + 1)) + (self.n_blocks if taps else 0)
+        kept = sum(keep(b) for b in range(last + 1)) + (last if taps else 0)
         spill = kept * h.numel() * h.element_size() > available_memory(h.device) // 4
         if spill and self.spill_dir is None:
             self._spill = tempfile.TemporaryDirectory(prefix="mi-prun-states-")
             self.spill_dir = Path(self._spill.name)
         store = self._spilled if spill else (lambda t: t)
-        for b in range(self.n_blocks + 1):
+        for b in range(last + 1):
             if b > 0:
                 tap: list | None = [] if taps else None
                 h = self.run_block(b - 1, h, tap=tap)
