@@ -85,6 +85,10 @@ class Candidate(BaseModel):
     objective_cost: float
     exact_cost: float | None = None  # exact optimum of the same objective (when cheap to measure)
     calibration_nll: float | None = None  # set when candidates were verified
+    window_nll: list[float] | None = None  # mean NLL per calibration window (the verifier's), in window order
+    # p-value that it scores lower than the removal kept when it was scored against it (paired
+    # one-sided t-test over windows); None for the first proposal and for one equal to that removal.
+    lower_p: float | None = None
 
 
 class SelectionInfo(BaseModel):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -295,10 +296,10 @@ class BlockRunner:
                 lp = F.log_softmax(self.logits(final[w, pos]), dim=-1).cpu()
                 yield w, pos, lp, ids[w, pos.start + 1 : pos.stop + 1]
 
-    def nll_sum(self, final: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-        """Summed next-token NLL (nats) and the number of predicted tokens, from final boundary
-        states: over every rank's windows (each rank passes its share)."""
-        total, count = 0.0, 0
+    def window_nll(self, final: torch.Tensor, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's summed next-token NLL (nats) per window, and the tokens each predicts, from
+        final boundary states."""
+        totals, counts = np.zeros(ids.shape[0]), np.zeros(ids.shape[0], dtype=np.int64)
         seq = ids.shape[1]
         for w in range(ids.shape[0]):
             for start in range(0, seq - 1, LOGIT_ROWS):
@@ -306,7 +307,13 @@ class BlockRunner:
                 logits = self.logits(final[w, start:stop])
                 targets = ids[w, start + 1 : stop + 1].to(logits.device)
                 # NLL = logsumexp - target logit: no log-probability table is materialized.
-                total += float((torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum())
-                count += stop - start
-        total, count = distributed.all_sum([total, count])
+                totals[w] += float((torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum())
+                counts[w] += stop - start
+        return totals, counts
+
+    def nll_sum(self, final: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token NLL (nats) and the number of predicted tokens, from final boundary
+        states: over every rank's windows (each rank passes its share)."""
+        totals, counts = self.window_nll(final, ids)
+        total, count = distributed.all_sum([float(totals.sum()), float(counts.sum())])
         return total, int(count)

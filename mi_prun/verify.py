@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
+from scipy import stats
+
 from . import distributed
 from .compensate import BudgetMemo, Memo, MemoryBudget, can_compensate, capture_passes, final_states, fit_compensation, plain_runs
 from .runner import BlockRunner, Windows
@@ -38,6 +41,7 @@ class RemovalScorer:
         self.total = distributed.all_sum(len(windows))  # windows over every rank
         self.passes = 0
         self.nll: dict[tuple[int, ...], float] = {}
+        self.window_nll: dict[tuple[int, ...], np.ndarray] = {}  # mean NLL per window, in window order
         self._halves: list[Windows] | None = None
         # Fits and walks, per half, within one budget of about half a block's weights (at least 256 MiB).
         budget = MemoryBudget(max(256 * 2**20, self.runner.block_bytes() // 2))
@@ -65,21 +69,42 @@ class RemovalScorer:
                 self.advance()
         return self.nll[key]
 
+    def lower_p(self, challenger: Sequence[int], incumbent: Sequence[int]) -> float:
+        """p-value that `challenger` scores a lower NLL than `incumbent` (both already scored),
+        from their paired per-window NLLs: the same windows, so a window's own difficulty cancels."""
+        return lower_p(self.window_nll[tuple(sorted(challenger))], self.window_nll[tuple(sorted(incumbent))])
+
     def _plain_nll(self, removed: Sequence[int]) -> float:
         final = final_states(self.runner, self.windows, plain_runs(removed), self._score_memos[0])
-        total, count = self.runner.nll_sum(final, self.windows.ids)
         self.passes += 1
-        return total / count
+        return self._record(removed, [(self.windows.index, *self.runner.window_nll(final, self.windows.ids))])
 
     def _cross_fitted_nll(self, removed: Sequence[int]) -> float:
         if self._halves is None:
             self._halves = [self.windows.half(0), self.windows.half(1)]
-        total = count = 0.0
+        parts = []
         for k, (fit_half, score_half) in enumerate((self._halves, self._halves[::-1])):
             runs, _ = fit_compensation(self.runner, self.spec, removed, fit_half, self._memos[k])
             final = final_states(self.runner, score_half, runs, self._score_memos[k])
-            nll, tokens = self.runner.nll_sum(final, score_half.ids)
-            total, count = total + nll, count + tokens
+            parity = 1 - k  # the scored half: odd windows first, then even
+            parts.append((score_half.index * 2 + parity, *self.runner.window_nll(final, score_half.ids)))
         # Two half fits and two half scorings: one pass per run plus one scoring pass, in all.
         self.passes += capture_passes(runs) + 1
-        return total / count
+        return self._record(removed, parts)
+
+    def _record(self, removed: Sequence[int], parts) -> float:
+        """Keep the per-window NLLs of every rank's windows, in window order; the mean NLL per token."""
+        rows = np.concatenate([np.stack([np.asarray(index, dtype=np.float64), totals, counts], 1) for index, totals, counts in parts])
+        rows = distributed.gather_rows(rows)
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        self.window_nll[tuple(sorted(removed))] = rows[:, 1] / rows[:, 2]
+        return float(rows[:, 1].sum() / rows[:, 2].sum())
+
+
+def lower_p(challenger: np.ndarray, incumbent: np.ndarray) -> float:
+    """One-sided paired t-test over windows: the p-value of "challenger's NLL is lower". Identical
+    scores give 1; a difference with no spread (or a single window) gives 0 or 1 by its sign."""
+    diff = np.asarray(challenger, dtype=np.float64) - np.asarray(incumbent, dtype=np.float64)
+    if len(diff) < 2 or np.ptp(diff) == 0:
+        return 0.0 if diff.mean() < 0 else 1.0
+    return float(stats.ttest_rel(challenger, incumbent, alternative="less").pvalue)

@@ -62,7 +62,8 @@ def test_prune_prints_the_verified_proposals(tiny_models, calib_txt, tmp_path):
     assert "compensated calibration NLL" in lines[at] and "6 windows" in lines[at]
     shown = lines[at + 1 : at + 4]
     for c, line in zip(manifest.selection.candidates, shown):
-        assert line == f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}" + ("  <- kept" if c.removed == manifest.removed else "")
+        lower = f" (lower: p = {c.lower_p:.3f})" if c.lower_p is not None else ""
+        assert line == f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}{lower}" + ("  <- kept" if c.removed == manifest.removed else "")
     assert sum(l.endswith("<- kept") for l in shown) >= 1
 
 

@@ -66,10 +66,13 @@ def test_two_ranks_decide_and_fit_as_one(tiny_models, calib_txt, tmp_path):
     one = json.loads((tmp_path / "one" / "pruning.json").read_text())
     two = json.loads((tmp_path / "two" / "pruning.json").read_text())
     assert two["removed"] == one["removed"]
-    # Every proposal was verified on the same windows (NLL summed over the ranks).
+    # Every proposal was verified on the same windows (NLL summed over the ranks; the per-window
+    # NLLs the paired test reads gathered in window order).
     for c_one, c_two in zip(one["selection"]["candidates"], two["selection"]["candidates"], strict=True):
         assert c_two["removed"] == c_one["removed"]
         assert c_two["calibration_nll"] == pytest.approx(c_one["calibration_nll"], rel=1e-6)
+        assert len(c_one["window_nll"]) == 7 and c_two["window_nll"] == pytest.approx(c_one["window_nll"], abs=2e-5)
+        assert c_two["lower_p"] == pytest.approx(c_one["lower_p"], abs=1e-4) if c_one["lower_p"] is not None else c_two["lower_p"] is None
     assert two["distributed"]["ranks"] == 2 and two["distributed"]["reductions"] > 0
     assert one["distributed"] is None
     assert two["calibration"]["tokens_observed"] == one["calibration"]["tokens_observed"]

@@ -163,7 +163,27 @@ def test_every_method_selects_and_records(method, tiny_models, calib_txt, tmp_pa
         scoring = sum(1 + fit_passes(d) for d in distinct) if verified else 0
         assert again.selection.forward_passes == 1 + scoring + fit_passes(result.removed)
         if verified:
-            assert again.removed == min(candidates, key=lambda c: c.calibration_nll).removed
+            assert_verified_choice(candidates, again.removed)
+
+
+def assert_verified_choice(candidates, removed) -> None:
+    """What verification recorded explains its choice: each proposal's per-window NLLs average to
+    its calibration NLL (equal windows); taken in order, each proposal different from the one kept so
+    far records the paired one-sided t-test against it, and displaces it when p < 0.025."""
+    from scipy import stats
+
+    kept = candidates[0]
+    assert kept.lower_p is None
+    for c in candidates:
+        assert np.mean(c.window_nll) == pytest.approx(c.calibration_nll, abs=1e-4)
+    for c in candidates[1:]:
+        if sorted(c.removed) == sorted(kept.removed):
+            assert c.lower_p is None
+            continue
+        assert c.lower_p == pytest.approx(stats.ttest_rel(c.window_nll, kept.window_nll, alternative="less").pvalue, abs=1e-3)
+        if c.lower_p < 0.025:
+            kept = c
+    assert removed == kept.removed
 
 
 @pytest.mark.parametrize("estimator", [e for e in Estimator])
@@ -233,7 +253,7 @@ def test_compensated_verification_uses_the_compensation_windows(tiny_models, cal
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_compensated_objective_and_swaps(model_type, tiny_models, calib_txt):
     """The compensated objective proposes from the capture's projection taps; swaps of the best
-    proposal are scored by the same verifier, and the one kept is the lowest calibration NLL seen."""
+    proposal are scored by the same verifier, each recording its per-window NLLs."""
     from mi_prun.plan import Objective
 
     loaded = load_model(str(tiny_models[model_type]))
@@ -244,8 +264,9 @@ def test_compensated_objective_and_swaps(model_type, tiny_models, calib_txt):
     assert labels[:2] == ["channel", "compensated"] and "swap (compensated)" in labels
     assert result.scores.recovery is not None and result.scores.recovery.measured >= TINY_BLOCKS
     assert info.verified == len({tuple(c.removed) for c in info.candidates}) and info.verification_s > 0
-    best = min(info.candidates, key=lambda c: c.calibration_nll)
-    assert result.removed == best.removed
+    # every removal scored recorded its per-window NLLs, and a challenger's p-value when it differed
+    assert all(c.window_nll is not None and len(c.window_nll) == len(info.candidates[0].window_nll) for c in info.candidates)
+    assert result.removed in [c.removed for c in info.candidates]
     # without the compensated objective or swaps, the capture keeps no taps
     plain = prune(loaded, options(calib_txt, remove=2))
     assert plain.scores.recovery is None and "compensated" not in [c.objective for c in plain.selection.candidates]

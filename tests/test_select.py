@@ -1,6 +1,7 @@
 import itertools
 import random
 
+import numpy as np
 import pytest
 
 from mi_prun import select
@@ -104,3 +105,24 @@ def test_swap_neighbours_are_the_cheapest_single_swaps():
     ranked = sorted(every, key=lambda s: (select.selection_cost(s, cost), s))
     assert [tuple(s) for s in got] == ranked[:4]
     assert select.swap_neighbours(removed, 8, cost, 100) == [list(s) for s in ranked]
+
+
+def test_lower_p_is_a_paired_one_sided_test():
+    """Verification's test: a lower mean NLL is not enough when the windows disagree; a small but
+    consistent drop is; a window's own difficulty cancels in the pairing."""
+    from mi_prun.verify import lower_p
+
+    incumbent = np.linspace(2.0, 4.0, 16)  # windows of very different difficulty
+    assert lower_p(incumbent, incumbent) == 1.0
+    # one window much better, fifteen slightly worse: the mean is lower (by 0.078), the test says no
+    noisy = incumbent + np.array([-2.0] + [0.05] * 15)
+    assert noisy.mean() < incumbent.mean() and lower_p(noisy, incumbent) > 0.1
+    # every window a little better, by different amounts: clearly lower, despite the spread across windows
+    steady = incumbent - 0.02 - 0.01 * np.cos(np.arange(16))
+    assert lower_p(steady, incumbent) < 1e-6
+    assert lower_p(incumbent, steady) > 1 - 1e-6
+    # differences -1, -2, -3: t = -2 / (1 / sqrt 3) = -3.464 on 2 degrees of freedom, one-sided p = 0.0371
+    assert lower_p(np.array([0.0, 0.0, 0.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.0371, abs=1e-4)
+    # a constant difference has no spread to test: decided by its sign
+    exact = np.arange(16) * 0.25  # binary fractions: the difference is exactly constant
+    assert lower_p(exact - 0.5, exact) == 0.0 and lower_p(exact + 0.5, exact) == 1.0

@@ -50,7 +50,8 @@ def proposals(manifest) -> None:
     line(f"MI-PRUN proposals, scored by {sel.verification}:")
     for c in sel.candidates:
         kept = "  <- kept" if c.removed == manifest.removed else ""
-        line(f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}{kept}")
+        lower = f" (lower: p = {c.lower_p:.3f})" if c.lower_p is not None else ""
+        line(f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}{lower}{kept}")
 
 
 def compensation(manifest) -> None:
