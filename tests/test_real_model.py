@@ -60,12 +60,12 @@ def test_default_model_prunes_reloads_and_generates(pruned_default, record_prope
 
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    text = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     new = generated[0, prompt["input_ids"].shape[1] :]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    record_property("generated", text)
     eos = model.generation_config.eos_token_id
     eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
     # 12 new tokens, or fewer when the model ended its answer itself (an end-of-sequence token)
-    record_property("generated", text)
     assert text.strip() and (len(new) == 12 or (0 < len(new) < 12 and int(new[-1]) in eos)), (text, new.tolist())
 
     record = {
