@@ -1,8 +1,9 @@
 """Calibration text sources to token batches.
 
 A source is one of: a local .txt / .jsonl (field `text`) / .parquet (column `text`) file, a
-Hugging Face dataset spec (`path[@config][:split]`, with presets such as `wikitext2`), or `self`:
-text the model generates from seeded prompts, for when no data is at hand.
+Hugging Face dataset spec (`path[@config][:split]`, with presets such as `wikitext2`), `self`:
+text the model generates from seeded prompts, for when no data is at hand, or `python-docs`: the
+Python language reference's topics, real text that ships with every CPython.
 """
 
 from __future__ import annotations
@@ -41,14 +42,29 @@ SELF_PROMPTS = (
 
 FILE_SUFFIXES = {".txt", ".raw", ".tokens", ".jsonl", ".parquet"}
 
+# The reference topics of Python's own documentation (`pydoc_data`, part of the standard library):
+# about 100k tokens of technical English present wherever this tool runs, with no data or network.
+# Healing on it beside self-generated text heals more than either alone (docs/method.md).
+PYTHON_DOCS = "python-docs"
+
+
+def python_docs_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics.values())
+
 
 def _is_file_source(source: str) -> bool:
+    if source == PYTHON_DOCS:
+        return False
     path = Path(source).expanduser()
     return path.suffix in FILE_SUFFIXES or path.exists()
 
 
 def read_text_source(source: str, what: str = "calibration") -> str:
-    """All text of a file or dataset source, joined by blank lines."""
+    """All text of a file, dataset or `python-docs` source, joined by blank lines."""
+    if source == PYTHON_DOCS:
+        return python_docs_text()
     if _is_file_source(source):
         return _read_file(Path(source).expanduser(), what)
     return _read_dataset(source)
@@ -57,7 +73,7 @@ def read_text_source(source: str, what: str = "calibration") -> str:
 def check_text_source(source: str, flag: str) -> None:
     """A file source exists and is a readable file (checked before any model loads); `self` and
     dataset specs are checked when read."""
-    if source == "self" or not _is_file_source(source):
+    if source in ("self", PYTHON_DOCS) or not _is_file_source(source):
         return
     path = Path(source).expanduser()
     if not path.exists():
@@ -85,7 +101,7 @@ def _dataset_parts(spec: str) -> tuple[str, str | None, str]:
 def canonical_source(source: str) -> str:
     """One spelling per text source (absolute file path, or `path@config:split`), to tell when
     two sources are the same text: evaluation on calibration text must not pass unnoticed."""
-    if source == "self":
+    if source in ("self", PYTHON_DOCS):
         return source
     if _is_file_source(source):
         return str(Path(source).expanduser().resolve())

@@ -71,8 +71,10 @@ def healed_blocks(kept: Sequence[int], removed: Sequence[int], reach: int = 1) -
 
 
 def heal_windows(loaded, heal: HealPlan, seed: int) -> torch.Tensor:
-    """The heal text: self-generated with a seed other than the calibration's, or a file's windows."""
-    return calibration_batches(loaded, CalibrationSpec(heal.source, heal.samples, heal.seq_len, seed + 1))
+    """The heal text: `heal.samples` windows of each source (self-generated with a seed other than
+    the calibration's, a file's or `python-docs`' windows), one after the other."""
+    return torch.cat([calibration_batches(loaded, CalibrationSpec(source, heal.samples, heal.seq_len, seed + 1))
+                      for source in heal.sources()])
 
 
 def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[RunCompensation], heal_plan: HealPlan,
@@ -105,7 +107,7 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
             weights[spec.block_param(kept[new], module)] = merged
     info = HealInfo(
         blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=sum(p.numel() for p in trained),
-        text=heal_plan.source, windows=heal_plan.samples, seq_len=heal_plan.seq_len, steps=steps, tokens=tokens,
+        text=heal_plan.source, windows=len(ids), seq_len=heal_plan.seq_len, steps=steps, tokens=tokens,
         learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), objective=objective.value,
         seconds=round(time.perf_counter() - started, 1),
         kl_first=round(losses[0], 5) if losses else None, kl_last=round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
@@ -164,7 +166,7 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
             losses[b] = (round(before, 5), round(after, 5), steps)
     info = HealInfo(
         blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=trained,
-        text=heal_plan.source, windows=heal_plan.samples, seq_len=heal_plan.seq_len, steps=sum(v[2] for v in losses.values()),
+        text=heal_plan.source, windows=len(ids), seq_len=heal_plan.seq_len, steps=sum(v[2] for v in losses.values()),
         tokens=tokens, learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."),
         objective=HealObjective.blocks.value, seconds=round(time.perf_counter() - started, 1), block_loss=losses,
     )

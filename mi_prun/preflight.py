@@ -14,7 +14,7 @@ from .atomic import check_target
 from .calibration import check_text_source
 from .errors import UserError
 from .load import ModelSource, inspect_model, resolve_source
-from .plan import Estimator, HealObjective, HealPlan, Objective, Plan, Target, check_replay
+from .plan import Estimator, HealObjective, HealPlan, Objective, Plan, Target, check_replay, text_sources
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
     if plan.evaluation is not None:
         check_text_source(plan.evaluation.data, "--eval")
     if plan.heal is not None:
-        check_text_source(plan.heal.source, "--heal-text")
+        check_heal_text(plan.heal.source)
         check_heal_objective(plan.heal)
     inspected = inspect(plan.model)
     plan.n_remove(inspected.n_blocks)
@@ -110,9 +110,18 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
     return inspected
 
 
+def check_heal_text(source: str) -> None:
+    """Each `+`-joined part of --heal-text is a text source."""
+    parts = text_sources(source)
+    if not all(p.strip() for p in parts):
+        raise UserError(f"--heal-text '{source}' has an empty part: join text sources with '+' (for example self+python-docs)")
+    for part in parts:
+        check_text_source(part, "--heal-text")
+
+
 def check_heal_objective(heal: HealPlan) -> None:
     """The one combination of heal settings measured to do harm."""
-    if heal.objective is HealObjective.blocks and heal.source == "self":
+    if heal.objective is HealObjective.blocks and "self" in heal.sources():
         # Default model, N = 4: every block-local loss tried on self-generated text raised the
         # held-out perplexity (docs/method.md); on real text it lowered it.
         raise UserError("--heal-objective blocks on self-generated heal text made held-out perplexity worse in our measurements: "
@@ -143,7 +152,7 @@ def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval
     if eval_data is not None:
         check_text_source(eval_data, "--eval")
     if heal_text is not None:
-        check_text_source(heal_text, "--heal-text")
+        check_heal_text(heal_text)
     if reference is None:
         if manifest.plan is None:
             raise UserError(f"{pruned}/{MANIFEST_NAME} records no plan to find the dense model in: give --reference")

@@ -16,7 +16,7 @@ from . import distributed
 from .evaluate import EvalResult, EvalWindows, evaluate, final_states, strided_windows
 from .load import LoadedModel, ModelSource
 from .manifest import MANIFEST_NAME, PruningManifest, QualityInfo
-from .plan import EvalPlan
+from .plan import EvalPlan, text_sources
 from .progress import QUIET, Reporter
 
 # For evaluation a dataset preset means its test split (calibration presets mean validation).
@@ -28,15 +28,20 @@ def eval_source(data: str) -> str:
 
 
 def calibration_overlap(model_source: ModelSource, data: str) -> str | None:
-    """A warning when `data` is the text the model was calibrated (pruned) on, per its pruning.json."""
+    """A warning when `data` is the text the model was calibrated (pruned) or healed on, per its pruning.json."""
     if model_source.kind != "folder" or not (Path(model_source.location) / MANIFEST_NAME).is_file():
         return None
-    calib = PruningManifest.read(Path(model_source.location)).calibration.source
-    if calib != "self" and canonical_source(calib) == canonical_source(eval_source(data)):
-        return (
-            f"the evaluation text {data} is the calibration text this model was pruned on "
-            f"(pruning.json: {calib}); these numbers overstate its quality on unseen text"
-        )
+    manifest = PruningManifest.read(Path(model_source.location))
+    used = [("calibration", manifest.calibration.source)]
+    if manifest.heal is not None:
+        used += [("heal", source) for source in text_sources(manifest.heal.text)]
+    evaluated = canonical_source(eval_source(data))
+    for what, source in used:
+        if source != "self" and canonical_source(source) == evaluated:
+            return (
+                f"the evaluation text {data} is the {what} text of this model "
+                f"(pruning.json: {source}); these numbers overstate its quality on unseen text"
+            )
     return None
 
 

@@ -20,16 +20,16 @@ from exporters.gguf_export import GGUFType, export_gguf
 from exporters.gguf_prune import open_gguf
 from exporters.parity import compare_logits, transformers_logits
 from mi_prun.blockset import blocks_kept, keep_indices
-from mi_prun.calibration import tokenize_text
+from mi_prun.calibration import PYTHON_DOCS, calibration_batches, python_docs_text, tokenize_text, windows_from_ids
 from mi_prun.cli import app
 from mi_prun.compensate import removal_runs, replaced
 from mi_prun.evaluate import evaluate, final_states, strided_windows
-from mi_prun.heal import fold_healed, heal, healed_blocks
-from mi_prun.load import load_model
+from mi_prun.heal import fold_healed, heal, heal_windows, healed_blocks
+from mi_prun.load import load_model, resolve_source
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune
 from mi_prun.plan import CalibrationSpec, EvalPlan, Execution, HealObjective, HealPlan, HealPrecision, Plan
-from mi_prun.quality import measure_quality
+from mi_prun.quality import calibration_overlap, measure_quality
 
 from .conftest import WIKI_TEST
 
@@ -40,6 +40,17 @@ def test_healed_blocks_are_the_kept_neighbours_of_each_cut():
     assert healed_blocks([0, 1, 5, 6, 7], [2, 3, 4]) == [1, 5]
     assert healed_blocks([1, 2, 4, 5], [0, 3, 6, 7]) == [1, 2, 4, 5]
     assert healed_blocks([0, 1, 5, 6, 7, 8, 9], [2, 3, 4], reach=3) == [0, 1, 5, 6, 7]
+
+
+def test_heal_text_joins_the_windows_of_each_source(tiny_models, calib_txt):
+    """`FILE+python-docs`: --heal-samples windows of the file, then as many of Python's documentation."""
+    loaded = load_model(str(tiny_models["llama"]))
+    ids = heal_windows(loaded, HealPlan(source=f"{calib_txt}+{PYTHON_DOCS}", samples=3, seq_len=32), seed=0)
+    assert ids.shape == (6, 32)
+    assert torch.equal(ids[:3], calibration_batches(loaded, CalibrationSpec(str(calib_txt), 3, 32, 1)))
+    docs = windows_from_ids(tokenize_text(loaded.tokenizer, python_docs_text()), 3, 32)
+    assert torch.equal(ids[3:], docs)
+    assert "assert" in python_docs_text()[:200]  # the reference's topics, from the standard library
 
 
 def kl_to_dense(loaded, removed, runs, windows) -> float:
@@ -135,6 +146,17 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(expor
     tokens = smol_tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:4000], add_special_tokens=False)["input_ids"][:200]
     parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(out / e.file, tokens))
     assert parity.top1 >= 0.9, parity
+
+
+def test_build_heal_on_self_calibration_heals_on_self_and_python_docs(export_models, tmp_path):
+    """With no data (--calib self), the heal text is the model's own text and Python's documentation."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, [str(a) for a in (
+        "build", "--target", "gguf", "--model", export_models["llama"], "--n-samples", 2, "--seq-len", 32, "--remove", 2,
+        "--no-verify", "--heal", "--heal-steps", 2, "--heal-samples", 2, "--out", out, "--quiet")])
+    assert result.exit_code == 0, result.output
+    healed = PruningManifest.read(out).heal
+    assert healed.text == "self+python-docs" and healed.windows == 4 and healed.steps == 2
 
 
 def test_block_heal_streams_one_block_at_a_time_as_it_heals_in_memory(tiny_models, calib_txt):
@@ -242,7 +264,9 @@ def safetensors_of(folder):
 def test_heal_command_heals_a_pruned_checkpoint_as_build_heal_does(export_models, calib_txt, tmp_path):
     model = export_models["llama"]
     common = ["--model", model, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2, "--quiet"]
-    heal_budget = ["--heal-steps", 3, "--heal-samples", 4]
+    heal_txt = tmp_path / "heal.txt"
+    heal_txt.write_text(WIKI_TEST.read_text(encoding="utf-8")[20000:40000], encoding="utf-8")
+    heal_budget = ["--heal-steps", 3, "--heal-samples", 4, "--heal-text", f"{heal_txt}+python-docs"]
     pruned, healed, built = tmp_path / "pruned", tmp_path / "healed", tmp_path / "built"
     assert runner.invoke(app, [str(a) for a in ("prune", *common, "--out", pruned)]).exit_code == 0
     text = tmp_path / "eval.txt"
@@ -252,6 +276,10 @@ def test_heal_command_heals_a_pruned_checkpoint_as_build_heal_does(export_models
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(healed)
     assert manifest.heal.steps == 3 and manifest.removed == PruningManifest.read(pruned).removed
+    assert manifest.heal.text == f"{heal_txt}+python-docs" and manifest.heal.windows == 8  # 4 of each source
+    # Evaluating on a text the model was healed on is flagged, as on its calibration text.
+    assert "heal text" in calibration_overlap(resolve_source(str(healed)), str(heal_txt))
+    assert calibration_overlap(resolve_source(str(healed)), str(text)) is None
     assert manifest.heal.heldout_after is not None and manifest.quality.pruned_ppl == manifest.heal.heldout_after
     # The same decision healed inside `build --heal` (its checkpoint kept): the same weights.
     result = runner.invoke(app, [str(a) for a in (
@@ -300,6 +328,8 @@ def test_heal_command_refuses_bad_input_before_loading(tiny_models, calib_txt, t
         "model, not qwen3": ("--model", pruned, "--reference", tiny_models["qwen3"]),
         "--out is the pruned folder": ("--model", pruned, "--out", pruned, "--force"),
         "--heal-text file": ("--model", pruned, "--heal-text", tmp_path / "missing.txt"),
+        "missing2.txt does not exist": ("--model", pruned, "--heal-text", f"python-docs+{tmp_path / 'missing2.txt'}"),
+        "has an empty part": ("--model", pruned, "--heal-text", "python-docs+"),
     }
     partial = tmp_path / "partial"  # the decision is readable, the rest of pruning.json is not
     shutil.copytree(pruned, partial)

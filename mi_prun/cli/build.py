@@ -56,7 +56,7 @@ def build(
     """Prune, repack and export for an edge runtime in one step (a .gguf input is pruned in place)."""
     from ..calibration import CalibrationSpec
     from ..pipeline import build as run_build
-    from ..plan import EvalPlan, ExportPlan, HealPlan
+    from ..plan import EvalPlan, ExportPlan, HealPlan, default_heal_text
     from ..preflight import check_plan
     from ..progress import Reporter
 
@@ -75,7 +75,7 @@ def build(
         evaluation=EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None,
         heal=HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, precision=heal_precision,
                       objective=heal_objective,
-                      source=heal_text or calib) if heal else None,
+                      source=heal_text or default_heal_text(calib)) if heal else None,
     )
     inspected = check_plan(plan, out, force)
     reporter = Reporter(quiet)

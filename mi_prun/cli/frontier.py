@@ -60,7 +60,7 @@ def frontier(
     from ..frontier import FrontierPlan, label, run
     from pydantic import ValidationError
 
-    from ..plan import HealPlan, Plan, validation_line
+    from ..plan import HealPlan, Plan, default_heal_text, validation_line
     from ..progress import Reporter
 
     # The other target's types would be ignored: say so rather than measure something else than asked.
@@ -75,7 +75,7 @@ def frontier(
         plan = FrontierPlan(
             build=Plan.make(model=model, method=Method.mi_prun, remove=1, objectives=DEFAULT_OBJECTIVES, seed=seed, device=device,
                             calibration=CalibrationSpec(source=calib, n_samples=n_samples, seq_len=seq_len, seed=seed),
-                            heal=HealPlan(steps=heal_steps, minutes=heal_minutes, source=calib)),
+                            heal=HealPlan(steps=heal_steps, minutes=heal_minutes, source=default_heal_text(calib))),
             target=target, removes=removes, ratios=ratios, gguf_types=_names(gguf_types), onnx_types=_names(onnx_types),
             heal_at=_numbers(heal_at, int, "--heal-at") or (), texts=tuple(eval_data), windows=windows, seq_len=eval_seq_len,
             kl_windows=kl_windows, speed_repeats=speed_repeats, **({"threads": threads} if threads else {}))

@@ -36,7 +36,7 @@ def heal(
     """Heal a pruned checkpoint: LoRA beside each cut, distilled toward the dense model, merged into plain weights.
     A dense model too large for memory is streamed and healed block by block (--heal-objective blocks)."""
     from ..pipeline import heal_checkpoint
-    from ..plan import EvalPlan, HealPlan
+    from ..plan import EvalPlan, HealPlan, default_heal_text
     from ..preflight import check_heal, check_heal_objective
     from ..progress import Reporter
     from .common import execution_of, load
@@ -44,7 +44,7 @@ def heal(
     manifest, inspected = check_heal(model, reference, out, force, eval_data, heal_text)
     reporter = Reporter(quiet)
     plan = HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, precision=heal_precision,
-                    objective=heal_objective, source=heal_text or manifest.calibration.source)
+                    objective=heal_objective, source=heal_text or default_heal_text(manifest.calibration.source))
     check_heal_objective(plan)
     loaded = load(inspected, device, dtype, reporter, execution_of(streamed), needs_in_memory=plan.needs_in_memory())
     healed = heal_checkpoint(
