@@ -73,7 +73,7 @@ def read_text_source(source: str, what: str = "calibration") -> str:
 def check_text_source(source: str, flag: str) -> None:
     """A file source exists and is a readable file (checked before any model loads); `self` and
     dataset specs are checked when read."""
-    if source in ("self", PYTHON_DOCS) or not _is_file_source(source):
+    if source == "self" or not _is_file_source(source):
         return
     path = Path(source).expanduser()
     if not path.exists():

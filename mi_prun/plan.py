@@ -214,7 +214,7 @@ class HealPlan(BaseModel):
         if self.objective is HealObjective.logits:
             return "--heal-objective logits (training runs the whole model)"
         if "self" in self.sources():
-            return "self-generated heal text (--heal-text self)"
+            return f"self-generated heal text (--heal-text {self.source})"
         return None
 
     def objective_for(self, in_memory: bool) -> HealObjective:
