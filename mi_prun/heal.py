@@ -109,7 +109,7 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
         blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=sum(p.numel() for p in trained),
         text=heal_plan.source, windows=len(ids), seq_len=heal_plan.seq_len, steps=steps, tokens=tokens,
         learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), objective=objective.value,
-        seconds=round(time.perf_counter() - started, 1),
+        seconds=round(time.perf_counter() - started, 1), device=str(runner.device), execution=loaded.execution.value,
         kl_first=round(losses[0], 5) if losses else None, kl_last=round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
     )
     return Healed(weights, info)
@@ -169,6 +169,7 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
         text=heal_plan.source, windows=len(ids), seq_len=heal_plan.seq_len, steps=sum(v[2] for v in losses.values()),
         tokens=tokens, learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."),
         objective=HealObjective.blocks.value, seconds=round(time.perf_counter() - started, 1), block_loss=losses,
+        device=str(runner.device), execution=loaded.execution.value,
     )
     return Healed(weights, info)
 

@@ -44,6 +44,10 @@ class HealInfo(BaseModel):
     precision: str = "float32"  # the student's compute type (bfloat16: autocast, HealPlan.precision)
     objective: str = "logits"  # logits: KL through the whole model; blocks: each block's output state (HealObjective)
     seconds: float  # heal text, dense pass and training
+    # Where this heal ran: `heal` runs apart from the prune that wrote the checkpoint (the manifest's
+    # own device and execution are the prune's).
+    device: str | None = None
+    execution: str | None = None  # in-memory | streamed
     kl_first: float | None = None  # KL(dense || pruned) per token, first step
     kl_last: float | None = None  # mean of the last 10 steps
     # objective blocks: per healed block, its output's squared error relative to the dense state's

@@ -309,6 +309,9 @@ def test_heal_command_heals_a_streamed_reference_block_by_block(export_models, c
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(streamed)
     assert manifest.heal.objective == "blocks"  # auto, on the streamed model
+    # The heal's own execution is recorded beside the prune's (which loaded the model in memory).
+    assert (manifest.execution, manifest.heal.execution, manifest.heal.device) == ("in-memory", "streamed", "cpu")
+    assert PruningManifest.read(whole).heal.execution == "in-memory"
     assert manifest.heal.text == str(calib_txt)  # the pruned checkpoint's recorded calibration text
     ours, theirs, before = safetensors_of(streamed), safetensors_of(whole), safetensors_of(pruned)
     for name in ours:
