@@ -158,11 +158,11 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
             block_deadline = time.perf_counter() + (deadline - time.perf_counter()) / left
             fitted = {projection: projections[b]} if b in projections else {}
             label = f"healing block {b} ({chosen.index(b) + 1}/{len(chosen)}): matching the dense state {targets[b]}"
-            merged, h, (before, after, steps), count = _train_block(runner, spec, b, h, dense[targets[b]], fitted, heal_plan,
-                                                                    dtype, block_deadline, reporter, label, seed)
+            merged, h, (before, after, steps), count, block_tokens = _train_block(runner, spec, b, h, dense[targets[b]], fitted,
+                                                                                  heal_plan, dtype, block_deadline, reporter, label, seed)
             weights.update({spec.block_param(b, name): w for name, w in merged.items()})
             trained += count
-            tokens += steps * min(heal_plan.batch_windows, len(ids)) * ids.shape[1]
+            tokens += block_tokens
             losses[b] = (round(before, 5), round(after, 5), steps)
     info = HealInfo(
         blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=trained,
@@ -187,12 +187,14 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
     """One block's adapters trained toward `target` from `inputs` (the pruned state entering it),
     `fitted` (a compensation map) under them. Returns the merged weights (names inside the block),
     the block's output for every window (adapters in place: the healed block), its error on every
-    heal window before and after training with the steps taken, and the number of trained parameters."""
+    heal window before and after training with the steps taken, the number of trained parameters, and
+    the tokens trained on."""
     device = runner.device
     modules = [m for m, _ in spec.heal_modules]
     generator = torch.Generator().manual_seed(seed + index)
     torch.manual_seed(seed + index)  # the adapters' initialization: a block heals alike streamed or in memory
     losses: list[float] = []
+    tokens = 0
 
     def outputs_of(apply) -> torch.Tensor:
         with torch.no_grad():
@@ -214,13 +216,13 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
                     loss.backward()
                     optimizer.step()
                     losses.append(float(loss.detach()))
-                    tokens = len(losses) * len(rows) * inputs.shape[1]
+                    tokens += len(rows) * inputs.shape[1]
                     advance(f"relative error {losses[-1]:.4f}, {tokens / (time.perf_counter() - start):.0f} tokens/s")
             layer.eval()
             outputs = outputs_of(apply)  # adapters in place: what the merged block gives
             merged = _merged(layer, modules)
         after = float(relative_error(outputs, target.to(device)))
-    return merged, outputs, (before, after, len(losses)), sum(p.numel() for p in params)
+    return merged, outputs, (before, after, len(losses)), sum(p.numel() for p in params), tokens
 
 
 def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list, heal: HealPlan, reporter: Reporter,

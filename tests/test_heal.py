@@ -232,6 +232,9 @@ def test_build_heal_streamed_writes_block_healed_weights(export_models, calib_tx
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(out)
     assert manifest.execution == "streamed" and manifest.heal.objective == "blocks" and manifest.heal.steps == 4 * len(manifest.heal.blocks)
+    # Every step of every healed block trains on 4 of the 8 heal windows (256 tokens each: heal
+    # windows have their own length, not the calibration's).
+    assert (manifest.heal.windows, manifest.heal.seq_len) == (8, 256) and manifest.heal.tokens == manifest.heal.steps * 4 * 256
     assert manifest.heal.heldout_after == manifest.quality.pruned_ppl
     assert "each block's output distilled toward the dense state after it" in (out / "README.md").read_text()
     # What ships holds the healed weights: the checkpoint's differ from the dense model's exactly in the healed blocks.
