@@ -79,7 +79,7 @@ bench-ranks:
 # synthetic model (writes about 9 GB of models to out/scale; about 40 minutes on 2 cores).
 # The prune x quantize frontier (issue 15): every blocks-removed x llama.cpp type point of the default
 # model, built and measured by `mi-prun-edge frontier` itself (healed too at 4 and 8 blocks removed),
-# on wikitext-2 test and the licence texts Debian ships (about 55 minutes on 2 cores, 22 of them healing); then Gemma 3 270M
+# on wikitext-2 test and the licence texts Debian ships (about 50 minutes on 2 cores, 20 of them healing); then Gemma 3 270M
 # (3 blocks removed only, fewer windows: its 262k-token vocabulary makes every window 3x dearer; about 15 minutes).
 LICENCE_TEXTS := $(addprefix /usr/share/common-licenses/,GPL-3 Apache-2.0 MPL-2.0 GFDL-1.3)
 WIKI_TEST := ../shared/data/wikitext2/wiki.test.raw
