@@ -62,6 +62,11 @@ ROWS = {
     # The same, healed on real text instead of self-generated: wiki.valid (in domain for wikitext-2
     # test, out of domain for the licence texts, as the self-generated text is for both).
     "heal-wiki-valid": ("--heal --heal-text wiki.valid.tokens", ["--heal", "--heal-text", str(WIKI_VALID)]),
+    # Healed on the user's text as `--calib FILE --heal` does by default (the file joined by Python's
+    # documentation), on the default build's blocks: wiki.valid is in domain for wikitext-2 test,
+    # and neither it nor the documentation is for the licence texts.
+    "heal-wiki-valid-docs": ("--heal --heal-text wiki.valid.tokens+python-docs",
+                             ["--heal", "--heal-text", f"{WIKI_VALID}+python-docs"]),
     # Block-local healing (what a streamed model gets; here on the model in memory: the same weights),
     # on wiki.valid: on self-generated text it is refused (it raised held-out perplexity, docs/method.md).
     "heal-blocks-wiki-valid": ("--heal --heal-objective blocks --heal-text wiki.valid.tokens",

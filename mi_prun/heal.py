@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .archs import ArchSpec, get_path, set_path
 from .blockset import blocks_kept
-from .calibration import calibration_batches
+from .calibration import calibration_batches, read_text_source, tokenize_text, windows_from_ids
 from .compensate import RunCompensation, applied, compensated_weights, first_changed, replaced
 from .manifest import HealInfo
 from .plan import CalibrationSpec, HealObjective, HealPlan, HealPrecision
@@ -71,10 +71,18 @@ def healed_blocks(kept: Sequence[int], removed: Sequence[int], reach: int = 1) -
 
 
 def heal_windows(loaded, heal: HealPlan, seed: int) -> torch.Tensor:
-    """The heal text: `heal.samples` windows of each source (self-generated with a seed other than
-    the calibration's, a file's or `python-docs`' windows), one after the other."""
-    return torch.cat([calibration_batches(loaded, CalibrationSpec(source, heal.samples, heal.seq_len, seed + 1))
-                      for source in heal.sources()])
+    """The heal text: `heal.windows_of(source)` windows of each source (self-generated with a seed
+    other than the calibration's, a file's or `python-docs`' windows), one after the other."""
+    return torch.cat([_source_windows(loaded, heal, source, seed) for source in heal.sources()])
+
+
+def _source_windows(loaded, heal: HealPlan, source: str, seed: int) -> torch.Tensor:
+    wanted = heal.windows_of(source)
+    if heal.samples is None and source != "self":
+        # The default count of a text read is a ceiling: a shorter text gives the windows it holds.
+        ids = tokenize_text(loaded.tokenizer, read_text_source(source, "heal"))
+        return windows_from_ids(ids, max(1, min(wanted, ids.numel() // heal.seq_len)), heal.seq_len)
+    return calibration_batches(loaded, CalibrationSpec(source, wanted, heal.seq_len, seed + 1))
 
 
 def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[RunCompensation], heal_plan: HealPlan,

@@ -166,28 +166,48 @@ class ExportPlan(BaseModel):
 # of the gap closed on wikitext-2 test / licence texts: self 34.6% / 33.5%, python-docs 27.8% /
 # 40.9%, both 36.7% / 45.9% (docs/method.md).
 SELF_HEAL_TEXT = "self+python-docs"
+# Where the user gave text, it is joined by Python's documentation too: the use case's text heals
+# its own domain, the documentation keeps other text from being left behind. Default model, N = 4,
+# wiki.valid as the user's text, share of the gap closed on wikitext-2 test / licence texts: alone
+# 59% / 28% (shipped GGUF in llama.cpp, reports/heal_texts.md); joined by python-docs, 10 minutes,
+# PyTorch, 64 windows of each 52.8% / 47.2%, 128 of each 54.6% / 49.0% (docs/method.md).
+TEXT_HEAL_SUFFIX = "+python-docs"
+# Windows of each heal source, unless --heal-samples says: reading a text costs nothing but the
+# dense pass, so real text gets more windows (fewer passes over each: 64 -> 128 above; 256 healed
+# 56.6% / 49.3% but its dense pass took 3 of the 10 minutes); self-generated windows cost generation
+# time out of the same budget, and four times as many healed no more (docs/method.md).
+SELF_HEAL_WINDOWS = 64
+TEXT_HEAL_WINDOWS = 128
 
 
 def default_heal_text(calibration_source: str) -> str:
-    """--heal-text's default: the calibration's source when the user gave real text (text of the
-    use case heals most), else SELF_HEAL_TEXT."""
-    return SELF_HEAL_TEXT if calibration_source == "self" else calibration_source
+    """--heal-text's default: the calibration's source joined by Python's documentation when the
+    user gave real text (text of the use case heals most), else SELF_HEAL_TEXT."""
+    return SELF_HEAL_TEXT if calibration_source == "self" else calibration_source + TEXT_HEAL_SUFFIX
 
 
 def text_sources(source: str) -> tuple[str, ...]:
-    """The text sources of a `+`-joined --heal-text: one existing file as named, else the parts."""
-    return (source,) if Path(source).expanduser().exists() else tuple(source.split("+"))
+    """The text sources of a `+`-joined --heal-text. A file whose name holds `+` stays one source:
+    from each part on, the longest run of parts that names an existing path is taken whole."""
+    parts = source.split("+")
+    sources, start = [], 0
+    while start < len(parts):
+        end = next((end for end in range(len(parts), start + 1, -1)
+                    if Path("+".join(parts[start:end])).expanduser().exists()), start + 1)
+        sources.append("+".join(parts[start:end]))
+        start = end
+    return tuple(sources)
 
 
 class HealPlan(BaseModel):
     """A short distillation of the pruned model toward the dense one (build --heal): LoRA adapters on
-    the blocks near each cut, trained on `samples` windows of each `source` text, merged before export."""
+    the blocks near each cut, trained on windows of each `source` text, merged before export."""
 
     model_config = ConfigDict(frozen=True)
 
     steps: int = Field(300, ge=1)  # optimizer steps, at most (per healed block with the blocks objective)
     minutes: float = Field(10.0, gt=0)  # training time, at most (whichever budget ends first)
-    samples: int = Field(64, ge=1)  # heal windows of each source
+    samples: int | None = Field(None, ge=1)  # heal windows of each source (None: windows_of's default)
     seq_len: int = Field(256, ge=8)
     # Text sources joined by `+`; `self`: the model writes it, with a seed other than the
     # calibration's (build --heal passes default_heal_text(calibration source) unless --heal-text is given).
@@ -208,6 +228,13 @@ class HealPlan(BaseModel):
 
     def sources(self) -> tuple[str, ...]:
         return text_sources(self.source)
+
+    def windows_of(self, source: str) -> int:
+        """Heal windows taken from one source: `samples`, else SELF_HEAL_WINDOWS of self-generated
+        text and TEXT_HEAL_WINDOWS of real text."""
+        if self.samples is not None:
+            return self.samples
+        return SELF_HEAL_WINDOWS if source == "self" else TEXT_HEAL_WINDOWS
 
     def needs_in_memory(self) -> str | None:
         """What of this heal needs the whole model in memory (None: it heals a streamed model too)."""

@@ -53,6 +53,21 @@ def test_heal_text_joins_the_windows_of_each_source(tiny_models, calib_txt):
     assert "assert" in python_docs_text()[:200]  # the reference's topics, from the standard library
 
 
+def test_heal_text_defaults_to_128_windows_of_a_text_read_or_what_a_short_one_holds(tiny_models, calib_txt, tmp_path):
+    """With no --heal-samples, each text read gives up to 128 windows (a short file all it holds);
+    a file whose name holds `+` stays one source."""
+    loaded = load_model(str(tiny_models["llama"]))
+    short = tmp_path / "notes+more.txt"
+    short.write_text(calib_txt.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    held = tokenize_text(loaded.tokenizer, short.read_text(encoding="utf-8")).numel() // 32
+    assert 1 <= held < 128
+    plan = HealPlan(source=f"{short}+{PYTHON_DOCS}", seq_len=32)
+    assert plan.sources() == (str(short), PYTHON_DOCS)
+    ids = heal_windows(loaded, plan, seed=0)
+    assert ids.shape == (held + 128, 32)
+    assert torch.equal(ids[held:], windows_from_ids(tokenize_text(loaded.tokenizer, python_docs_text()), 128, 32))
+
+
 def kl_to_dense(loaded, removed, runs, windows) -> float:
     final, dense = final_states(loaded.runner, windows.ids, removal_runs(removed, runs))
     return evaluate(loaded.runner, final, windows, (loaded.runner, dense)).kl
@@ -124,7 +139,8 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(expor
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(out)
     assert manifest.heal is not None and manifest.heal.steps == 5
-    assert manifest.heal.text == str(calib_txt)  # the heal text follows --calib unless --heal-text says otherwise
+    # The heal text follows --calib, joined by Python's documentation, unless --heal-text says otherwise.
+    assert manifest.heal.text == f"{calib_txt}+python-docs" and manifest.heal.windows == 2 * 8
     assert manifest.plan.heal.reach == 2 and manifest.heal.blocks == healed_blocks(manifest.kept, manifest.removed, 2)
     assert manifest.plan.heal is not None and "heal" in manifest.timings_s
     card = (out / "README.md").read_text()
@@ -232,9 +248,9 @@ def test_build_heal_streamed_writes_block_healed_weights(export_models, calib_tx
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(out)
     assert manifest.execution == "streamed" and manifest.heal.objective == "blocks" and manifest.heal.steps == 4 * len(manifest.heal.blocks)
-    # Every step of every healed block trains on 4 of the 8 heal windows (256 tokens each: heal
-    # windows have their own length, not the calibration's).
-    assert (manifest.heal.windows, manifest.heal.seq_len) == (8, 256) and manifest.heal.tokens == manifest.heal.steps * 4 * 256
+    # Every step of every healed block trains on 4 of the 16 heal windows (8 of the calibration
+    # file, 8 of Python's documentation; 256 tokens each: heal windows have their own length).
+    assert (manifest.heal.windows, manifest.heal.seq_len) == (16, 256) and manifest.heal.tokens == manifest.heal.steps * 4 * 256
     assert manifest.heal.heldout_after == manifest.quality.pruned_ppl
     assert "each block's output distilled toward the dense state after it" in (out / "README.md").read_text()
     # What ships holds the healed weights: the checkpoint's differ from the dense model's exactly in the healed blocks.
@@ -315,7 +331,7 @@ def test_heal_command_heals_a_streamed_reference_block_by_block(export_models, c
     # The heal's own execution is recorded beside the prune's (which loaded the model in memory).
     assert (manifest.execution, manifest.heal.execution, manifest.heal.device) == ("in-memory", "streamed", "cpu")
     assert PruningManifest.read(whole).heal.execution == "in-memory"
-    assert manifest.heal.text == str(calib_txt)  # the pruned checkpoint's recorded calibration text
+    assert manifest.heal.text == f"{calib_txt}+python-docs"  # the pruned checkpoint's recorded calibration text, and the docs
     ours, theirs, before = safetensors_of(streamed), safetensors_of(whole), safetensors_of(pruned)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -20,7 +20,7 @@ def heal(
         "--reference", "-r", help="The dense model it was pruned from (default: the model its pruning.json records).")] = None,
     heal_steps: o.HealSteps = 300,
     heal_minutes: o.HealMinutes = 10.0,
-    heal_samples: o.HealSamples = 64,
+    heal_samples: o.HealSamples = None,
     heal_reach: o.HealReach = 1,
     heal_precision: o.HealPrecisionOpt = HealPrecision.auto,
     heal_objective: o.HealObjectiveOpt = HealObjective.auto,

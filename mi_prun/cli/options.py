@@ -56,7 +56,7 @@ HealReach = Annotated[int, typer.Option("--heal-reach", min=1, help="Healing: ad
 HealPrecisionOpt = Annotated[HealPrecision, typer.Option("--heal-precision", help="Healing: the student's compute type. auto: bf16 autocast where the device has native bf16 units (CUDA, a CPU with AMX or AVX512-BF16), else fp32.")]
 HealObjectiveOpt = Annotated[HealObjective, typer.Option("--heal-objective", help="Healing: what to match. logits: the dense model's next-token distribution through the whole pruned model (needs it in memory); blocks: each healed block's output against the dense state after it, one block in memory at a time (--heal-steps per block); auto: logits in memory, blocks streamed.")]
 HealText = Annotated[Optional[str], typer.Option("--heal-text", help="Healing: text to distil on: the forms of --calib, or `python-docs` (Python's own reference documentation), several joined by '+'. Default: the calibration's source when it is a file or dataset (text of the use case heals most); with --calib self, self+python-docs (the model's own text, another seed, and Python's documentation).")]
-HealSamples = Annotated[int, typer.Option("--heal-samples", min=1, help="Healing: windows of 256 tokens to train on, from each source of --heal-text.")]
+HealSamples = Annotated[Optional[int], typer.Option("--heal-samples", min=1, help="Healing: windows of 256 tokens to train on, from each source of --heal-text. Default: 64 of self-generated text, 128 of each text read.")]
 PlanFile = Annotated[Optional[Path], typer.Option(
     "--plan",
     help="Replay the decision of a pruning.json (or its folder): same blocks, maps fitted again, no scoring. "
