@@ -183,7 +183,9 @@ TEXT_HEAL_WINDOWS = 128
 def default_heal_text(calibration_source: str) -> str:
     """--heal-text's default: the calibration's source joined by Python's documentation when the
     user gave real text (text of the use case heals most), else SELF_HEAL_TEXT."""
-    return SELF_HEAL_TEXT if calibration_source == "self" else calibration_source + TEXT_HEAL_SUFFIX
+    if calibration_source == "self":
+        return SELF_HEAL_TEXT
+    return calibration_source if calibration_source == "python-docs" else calibration_source + TEXT_HEAL_SUFFIX
 
 
 def text_sources(source: str) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ from mi_prun.heal import fold_healed, heal, heal_windows, healed_blocks
 from mi_prun.load import load_model, resolve_source
 from mi_prun.manifest import PruningManifest
 from mi_prun.pipeline import prune
-from mi_prun.plan import CalibrationSpec, EvalPlan, Execution, HealObjective, HealPlan, HealPrecision, Plan
+from mi_prun.plan import CalibrationSpec, EvalPlan, Execution, HealObjective, HealPlan, HealPrecision, Plan, default_heal_text
 from mi_prun.quality import calibration_overlap, measure_quality
 
 from .conftest import WIKI_TEST
@@ -66,6 +66,8 @@ def test_heal_text_defaults_to_128_windows_of_a_text_read_or_what_a_short_one_ho
     ids = heal_windows(loaded, plan, seed=0)
     assert ids.shape == (held + 128, 32)
     assert torch.equal(ids[held:], windows_from_ids(tokenize_text(loaded.tokenizer, python_docs_text()), 128, 32))
+    # The documentation is what joins a user's text by default, not a second copy of itself.
+    assert default_heal_text(str(short)) == f"{short}+{PYTHON_DOCS}" and default_heal_text(PYTHON_DOCS) == PYTHON_DOCS
 
 
 def kl_to_dense(loaded, removed, runs, windows) -> float:
