@@ -295,4 +295,13 @@ def _calibration_batches(loaded, spec: CalibrationSpec) -> torch.Tensor:
         share = distributed.share(spec.n_samples)
         mine = self_generated_ids(loaded.model, loaded.tokenizer, spec, range(share.start, share.stop))
         return torch.from_numpy(distributed.gather_rows(mine.numpy()))
-    return windows_from_ids(tokenize_text(loaded.tokenizer, read_text_source(spec.source)), spec.n_samples, spec.seq_len)
+    return text_windows(loaded, spec.source, spec.n_samples, spec.seq_len)
+
+
+def text_windows(loaded, source: str, n_samples: int, seq_len: int, at_most: bool = False, what: str = "calibration") -> torch.Tensor:
+    """`n_samples` windows of a file, dataset or `python-docs` source; `at_most`: a shorter text
+    gives the windows it holds instead of an error."""
+    ids = tokenize_text(loaded.tokenizer, read_text_source(source, what))
+    if at_most:
+        n_samples = max(1, min(n_samples, ids.numel() // seq_len))
+    return windows_from_ids(ids, n_samples, seq_len)

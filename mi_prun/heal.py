@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .archs import ArchSpec, get_path, set_path
 from .blockset import blocks_kept
-from .calibration import calibration_batches, read_text_source, tokenize_text, windows_from_ids
+from .calibration import calibration_batches, text_windows
 from .compensate import RunCompensation, applied, compensated_weights, first_changed, replaced
 from .manifest import HealInfo
 from .plan import CalibrationSpec, HealObjective, HealPlan, HealPrecision
@@ -80,8 +80,7 @@ def _source_windows(loaded, heal: HealPlan, source: str, seed: int) -> torch.Ten
     wanted = heal.windows_of(source)
     if heal.samples is None and source != "self":
         # The default count of a text read is a ceiling: a shorter text gives the windows it holds.
-        ids = tokenize_text(loaded.tokenizer, read_text_source(source, "heal"))
-        return windows_from_ids(ids, max(1, min(wanted, ids.numel() // heal.seq_len)), heal.seq_len)
+        return text_windows(loaded, source, wanted, heal.seq_len, at_most=True, what="heal")
     return calibration_batches(loaded, CalibrationSpec(source, wanted, heal.seq_len, seed + 1))
 
 
