@@ -69,6 +69,9 @@ class ArchSpec:
         ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
         ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
     )
+    # A block's RMSNorm weights (per-channel scales, float32 in every GGUF), with their GGUF names:
+    # healing may train them too (HealPlan.norms). GGUF stores (norm_scale_offset + weight).
+    heal_norms: tuple[tuple[str, str], ...] = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
     # Config key of a cap applied to the logits after the head (tanh soft-capping), if the family has one.
     logit_softcap_key: str | None = None
     # Config lists with one entry per block: sliced by the kept indices on repack.
@@ -120,6 +123,10 @@ REGISTRY: dict[str, ArchSpec] = {
             gguf_residual_projection="post_ffw_norm",
             compensation_fold=Fold.scale,
             norm_scale_offset=1.0,
+            heal_norms=(
+                ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
+            ),
             logit_softcap_key="final_logit_softcapping",
             notes="per-layer layer_types (sliding/full attention), q/k norms, (1+w) RMSNorm",
             **_LLAMA_LIKE,

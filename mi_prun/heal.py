@@ -4,8 +4,10 @@ The pruned model (the kept blocks, compensation folded in) is trained to give th
 next-token distribution on heal text: the loss is KL(dense || pruned) per token. The dense side
 comes from one dense pass over the heal windows (its final states are kept; their logits are
 recomputed per step, a head's matmul). What trains is a LoRA adapter (peft) on the linear layers
-of the kept blocks near each cut (`HealPlan.reach`, `ArchSpec.heal_modules`), the rest frozen. The adapters are
-then merged (W + scale B A) and handed back as rewritten weights by original block index, so every
+of the kept blocks near each cut (`HealPlan.reach`, `ArchSpec.heal_modules`), with every kept block's
+norm weights (`HealPlan.norms`, `ArchSpec.heal_norms`: per-channel scales that re-balance what each
+block reads after a cut, float32 in every GGUF), the rest frozen. The adapters are
+then merged (W + scale B A) and handed back with the norms as rewritten weights by original block index, so every
 exporter writes them as it writes compensated weights, and transformers, llama.cpp and
 onnxruntime load the result unchanged.
 
@@ -70,6 +72,12 @@ def healed_blocks(kept: Sequence[int], removed: Sequence[int], reach: int = 1) -
     return [i for i in kept if any(abs(i - r) <= reach for r in removed)]
 
 
+def trained_norms(loaded, heal: HealPlan) -> list[str]:
+    """The norms inside a block whose weights this heal trains: none for a model held in 16 bits,
+    where a step of the learning rate is below the resolution of a weight near 1 (bfloat16: 0.008)."""
+    return [norm for norm, _ in loaded.spec.heal_norms] if heal.norms and loaded.dtype == torch.float32 else []
+
+
 def heal_windows(loaded, heal: HealPlan, seed: int) -> torch.Tensor:
     """The heal text: `heal.windows_of(source)` windows of each source (self-generated with a seed
     other than the calibration's, a file's or `python-docs`' windows), one after the other."""
@@ -103,17 +111,24 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     dtype = training_dtype(heal_plan.precision, runner.device)
     position = {old: new for new, old in enumerate(kept)}
     targets = [spec.block_param(position[b], module) for b in chosen for module, _ in spec.heal_modules]
+    block_norms = trained_norms(loaded, heal_plan)
+    # Every kept block's norms, those before the first adapted block too, though their gradient costs
+    # backward work of its own (steps 24% slower at N = 4): from the first adapted block on only, the
+    # same heal closed less of the gap in more steps (docs/method.md).
+    norm_blocks = list(kept) if block_norms else []
+    norms = [spec.block_param(position[b], norm) for b in norm_blocks for norm in block_norms]
     torch.manual_seed(seed)
     with applied(model, spec, runs), replaced(model, rewritten or {}), blocks_kept(model, spec, kept), \
-            _adapters(model, targets, heal_plan.rank) as trained:
+            _adapters(model, targets, heal_plan.rank, norms) as trained:
         # --heal-minutes bounds the whole stage the user waits for: heal text and dense pass included.
         losses, tokens, steps = _train(model, runner, ids, teacher, trained, heal_plan, reporter, started + heal_plan.minutes * 60, dtype)
         weights = {}
-        for name, merged in _merged(model, targets).items():
+        for name, merged in _merged(model, targets, norms).items():
             new, module = spec.block_of(name)
             weights[spec.block_param(kept[new], module)] = merged
     info = HealInfo(
-        blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=sum(p.numel() for p in trained),
+        blocks=chosen, modules=[m for m, _ in spec.heal_modules], norms=block_norms, norm_blocks=norm_blocks, rank=heal_plan.rank,
+        trained_parameters=sum(p.numel() for p in trained),
         text=heal_plan.source, windows=len(ids), seq_len=heal_plan.seq_len, steps=steps, tokens=tokens,
         learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), objective=objective.value,
         seconds=round(time.perf_counter() - started, 1), device=str(runner.device), execution=loaded.execution.value,
@@ -152,6 +167,7 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
     dtype = training_dtype(heal_plan.precision, runner.device)
     projections = {r.prev: r.weight for r in runs if r.weight is not None}
     projection = f"{spec.residual_projection}.weight"
+    norms = trained_norms(loaded, heal_plan)
     weights: dict[str, torch.Tensor] = {}
     losses: dict[int, tuple[float, float, int]] = {}  # block -> error on the heal text before, after; steps
     trained = tokens = 0
@@ -166,13 +182,14 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
             fitted = {projection: projections[b]} if b in projections else {}
             label = f"healing block {b} ({chosen.index(b) + 1}/{len(chosen)}): matching the dense state {targets[b]}"
             merged, h, (before, after, steps), count, block_tokens = _train_block(runner, spec, b, h, dense[targets[b]], fitted,
-                                                                                  heal_plan, dtype, block_deadline, reporter, label, seed)
+                                                                                  norms, heal_plan, dtype, block_deadline, reporter, label, seed)
             weights.update({spec.block_param(b, name): w for name, w in merged.items()})
             trained += count
             tokens += block_tokens
             losses[b] = (round(before, 5), round(after, 5), steps)
     info = HealInfo(
-        blocks=chosen, modules=[m for m, _ in spec.heal_modules], rank=heal_plan.rank, trained_parameters=trained,
+        blocks=chosen, modules=[m for m, _ in spec.heal_modules], norms=norms, norm_blocks=chosen if norms else [], rank=heal_plan.rank,
+        trained_parameters=trained,
         text=heal_plan.source, windows=len(ids), seq_len=heal_plan.seq_len, steps=sum(v[2] for v in losses.values()),
         tokens=tokens, learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."),
         objective=HealObjective.blocks.value, seconds=round(time.perf_counter() - started, 1), block_loss=losses,
@@ -190,9 +207,9 @@ def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, target: torch.Tensor, fitted: dict[str, torch.Tensor],
-                 heal: HealPlan, dtype: torch.dtype, deadline: float, reporter: Reporter, label: str, seed: int):
-    """One block's adapters trained toward `target` from `inputs` (the pruned state entering it),
-    `fitted` (a compensation map) under them. Returns the merged weights (names inside the block),
+                 norms: list[str], heal: HealPlan, dtype: torch.dtype, deadline: float, reporter: Reporter, label: str, seed: int):
+    """One block's adapters (and its `norms`' weights) trained toward `target` from `inputs` (the
+    pruned state entering it), `fitted` (a compensation map) under them. Returns the merged weights (names inside the block),
     the block's output for every window (adapters in place: the healed block), its error on every
     heal window before and after training with the steps taken, the number of trained parameters, and
     the tokens trained on."""
@@ -209,7 +226,7 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
 
     with runner.open_block(index, fitted) as (layer, apply):
         before = float(relative_error(outputs_of(apply), target.to(device)))
-        with _adapters(layer, modules, heal.rank) as params:
+        with _adapters(layer, modules, heal.rank, norms) as params:
             optimizer = torch.optim.AdamW(params, lr=heal.learning_rate, weight_decay=0.0)
             layer.train()
             start = time.perf_counter()
@@ -227,7 +244,7 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
                     advance(f"relative error {losses[-1]:.4f}, {tokens / (time.perf_counter() - start):.0f} tokens/s")
             layer.eval()
             outputs = outputs_of(apply)  # adapters in place: what the merged block gives
-            merged = _merged(layer, modules)
+            merged = _merged(layer, modules, norms)
         after = float(relative_error(outputs, target.to(device)))
     return merged, outputs, (before, after, len(losses)), sum(p.numel() for p in params), tokens
 
@@ -270,27 +287,36 @@ def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list
 
 
 @contextmanager
-def _adapters(module, targets: list[str], rank: int) -> Iterator[list[torch.nn.Parameter]]:
-    """LoRA adapters (peft) on the linear layers `targets` (names in `module`), everything else
-    frozen, for the duration; yields the adapters' parameters. Afterwards the module is as it was."""
+def _adapters(module, targets: list[str], rank: int, norms: Sequence[str] = ()) -> Iterator[list[torch.nn.Parameter]]:
+    """LoRA adapters (peft) on the linear layers `targets` (names in `module`) and the weights of the
+    norms `norms` trained as they are, everything else frozen, for the duration; yields the trained
+    parameters. Afterwards the module is as it was (the norms' weights put back)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     frozen = {p: p.requires_grad for p in module.parameters()}
     for p in frozen:
         p.requires_grad_(False)
+    scales = [get_path(module, norm).weight for norm in norms]
+    originals = [w.detach().clone() for w in scales]
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     try:
-        yield [p for name, p in module.named_parameters() if "lora_" in name]
+        for w in scales:
+            w.requires_grad_(True)
+        yield [p for name, p in module.named_parameters() if "lora_" in name] + scales
     finally:
         _remove_adapters(module, targets)
+        with torch.no_grad():
+            for w, original in zip(scales, originals):
+                w.copy_(original)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
 
 
-def _merged(module, targets: list[str]) -> dict[str, torch.Tensor]:
-    """Each adapted linear layer's weight with its adapter merged (W + scale B A), by parameter name in `module`."""
-    out = {}
+def _merged(module, targets: list[str], norms: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Each adapted linear layer's weight with its adapter merged (W + scale B A), and each trained
+    norm's weight, by parameter name in `module`."""
+    out = {f"{norm}.weight": get_path(module, norm).weight.detach().clone().cpu() for norm in norms}
     for name in targets:
         layer = get_path(module, name)
         with torch.no_grad():

@@ -33,6 +33,10 @@ class HealInfo(BaseModel):
 
     blocks: list[int]  # kept blocks adapted (original indices): near each cut (HealPlan.reach)
     modules: list[str]  # linear layers adapted in each
+    # Norm weights trained (HealPlan.norms), in the blocks `norm_blocks` (original indices): every kept
+    # block (objective logits), or each adapted block (blocks)
+    norms: list[str] = []
+    norm_blocks: list[int] = []
     rank: int  # LoRA rank (merged before export)
     trained_parameters: int
     text: str  # heal text source (`self`: generated with the calibration seed + 1)

@@ -71,7 +71,11 @@ def _healing(m: PruningManifest) -> str:
     h = m.heal
     toward = ("each block's output distilled toward the dense state after it" if h.objective == "blocks"
               else "distilled toward the dense model's next-token distribution")
-    text = (f"LoRA rank {h.rank} on {', '.join(f'`{x}`' for x in h.modules)} of blocks {h.blocks}, {toward}, "
+    norms = ""
+    if h.norms:
+        where = "of every kept block" if h.objective == "logits" else "of the same blocks"
+        norms = f" and the weights of {', '.join(f'`{x}`' for x in h.norms)} {where}"
+    text = (f"LoRA rank {h.rank} on {', '.join(f'`{x}`' for x in h.modules)} of blocks {h.blocks}{norms}, {toward}, "
             f"on {h.windows} x {h.seq_len} tokens of `{h.text}` text: {h.steps} steps, {h.seconds:.0f} s ({h.precision}), "
             f"{h.fit()}; merged into the weights")
     if h.heldout_before is not None and h.heldout_after is not None:

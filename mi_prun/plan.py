@@ -221,6 +221,9 @@ class HealPlan(BaseModel):
     # made the Q4_1 file bigger than the dense one (docs/method.md), so 1 is the default.
     reach: int = Field(1, ge=1)
     learning_rate: float = Field(2e-3, gt=0)  # 34% against 30% for 5e-4 (the same heals)
+    # Train the blocks' norm weights (per-channel scales, ArchSpec.heal_norms) with the adapters:
+    # every kept block's with the logits objective, each healed block's own with the blocks objective.
+    norms: bool = True
     batch_windows: int = Field(4, ge=1)  # windows per step
     # The student's forward and backward run under bfloat16 autocast where the device computes it
     # natively (`auto`; heal.training_dtype), else in float32. The adapters, the optimizer, the

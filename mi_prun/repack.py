@@ -91,12 +91,16 @@ def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], f
 
 
 def healed_gguf_tensors(spec: ArchSpec, healed: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Healed weights under their GGUF names (original block indices)."""
-    gguf_name = dict(spec.heal_modules)
+    """Healed weights under their GGUF names (original block indices); a norm's weight as the scale
+    GGUF stores (the family's offset added, as the converter does)."""
+    linear, norms = dict(spec.heal_modules), dict(spec.heal_norms)
     out = {}
     for name, weight in healed.items():
         block, module = spec.block_of(name)
-        out[f"blk.{block}.{gguf_name[module.removesuffix('.weight')]}.weight"] = weight.float().numpy()
+        module = module.removesuffix(".weight")
+        value = weight.float().numpy()
+        out[f"blk.{block}.{linear[module] if module in linear else norms[module]}.weight"] = (
+            value if module in linear else value + spec.norm_scale_offset)
     return out
 
 

@@ -19,6 +19,7 @@ from exporters import llamacpp
 from exporters.gguf_export import GGUFType, export_gguf
 from exporters.gguf_prune import open_gguf
 from exporters.parity import compare_logits, transformers_logits
+from mi_prun.archs import get_path
 from mi_prun.blockset import blocks_kept, keep_indices
 from mi_prun.calibration import PYTHON_DOCS, calibration_batches, python_docs_text, tokenize_text, windows_from_ids
 from mi_prun.cli import app
@@ -31,7 +32,7 @@ from mi_prun.pipeline import prune
 from mi_prun.plan import CalibrationSpec, EvalPlan, Execution, HealObjective, HealPlan, HealPrecision, Plan, default_heal_text
 from mi_prun.quality import calibration_overlap, measure_quality
 
-from .conftest import WIKI_TEST
+from .conftest import TINY_BLOCKS, WIKI_TEST, build_export_model
 
 runner = CliRunner()
 
@@ -97,7 +98,15 @@ def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models,
     # A spent --heal-minutes budget (counted from the start of the heal stage) trains nothing.
     spent = heal(loaded, result.kept, result.removed, result.compensation, plan.model_copy(update={"minutes": 1e-6}))
     assert spent.info.steps <= 1
-    assert set(healed.weights) == {f"model.layers.{b}.{m}.weight" for b in blocks for m, _ in loaded.spec.heal_modules}
+    # The adapted projections of the blocks beside each cut, and the norm weights of every kept block.
+    norms = [n for n, _ in loaded.spec.heal_norms]
+    assert healed.info.norms == norms == ["input_layernorm", "post_attention_layernorm"]
+    assert set(healed.weights) == ({f"model.layers.{b}.{m}.weight" for b in blocks for m, _ in loaded.spec.heal_modules}
+                                   | {f"model.layers.{b}.{n}.weight" for b in result.kept for n in norms})
+    assert not any(torch.equal(w, before[name]) for name, w in healed.weights.items())
+    # --no-heal-norms trains the adapters alone.
+    plain_heal = heal(loaded, result.kept, result.removed, result.compensation, plan.model_copy(update={"steps": 2, "norms": False}))
+    assert plain_heal.info.norms == [] and set(plain_heal.weights) == {n for n in healed.weights if "layernorm" not in n}
     assert healed.info.kl_last < healed.info.kl_first
     # On held-out text (not the heal text), the healed weights bring the pruned model nearer to dense.
     ids = loaded.tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:20000], return_tensors="pt").input_ids[0]
@@ -153,6 +162,10 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(expor
     for b in manifest.heal.blocks:
         for name in ("attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             assert rewritten.get(f"blk.{b}.{name}.weight") == "Q8_0", rewritten
+    # Every kept block's trained norm weights, in the norms' own type (no file growth).
+    assert manifest.heal.norms == ["input_layernorm", "post_attention_layernorm"]
+    for b in manifest.kept:
+        assert rewritten.get(f"blk.{b}.attn_norm.weight") == rewritten.get(f"blk.{b}.ffn_norm.weight") == "F32", rewritten
     # The GGUF holds what the healed checkpoint holds (up to Q8_0 rounding) ...
     hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
     tensors = {t.name: t for t in open_gguf(out / e.file).tensors}
@@ -164,6 +177,40 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(expor
     tokens = smol_tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:4000], add_special_tokens=False)["input_ids"][:200]
     parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(out / e.file, tokens))
     assert parity.top1 >= 0.9, parity
+
+
+def test_build_heal_gemma3_in_place_writes_its_norms_as_llama_cpp_reads_them(smol_tokenizer, calib_txt, tmp_path):
+    """Gemma 3 scales by (1 + w): healed norm weights go into a GGUF pruned in place as the scale
+    itself, as the converter writes them, and llama.cpp runs the file as transformers runs the checkpoint."""
+    from exporters.gguf_export import convert
+
+    # Shaped like the real Gemma 3 (every 6th layer global, head_dim = query_pre_attn_scalar = 256; test_gguf.py).
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(TINY_BLOCKS)]
+    folder = build_export_model("gemma3_text", tmp_path / "gemma", smol_tokenizer, layer_types=pattern, head_dim=256,
+                                query_pre_attn_scalar=256)
+    src = tmp_path / "gemma.f32.gguf"
+    convert(folder, src, "f32")
+    out = tmp_path / "build"
+    result = runner.invoke(app, [str(a) for a in (
+        "build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2,
+        "--no-verify", "--heal", "--heal-steps", 6, "--heal-samples", 4, "--keep-hf", "--out", out, "--quiet")])
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    assert manifest.heal.norms == ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                   "post_feedforward_layernorm"]
+    [e] = manifest.exports
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    tensors = {t.name: t for t in open_gguf(out / e.file).tensors}
+    dense = {t.name: t for t in open_gguf(src).tensors}
+    for new, old in enumerate(manifest.kept):
+        layer = hf.model.layers[new]
+        for module, name in (("input_layernorm", "attn_norm"), ("pre_feedforward_layernorm", "ffn_norm")):
+            written = np.asarray(tensors[f"blk.{new}.{name}.weight"].data)
+            np.testing.assert_allclose(written, get_path(layer, module).weight.detach().numpy() + 1.0, rtol=1e-6)
+            assert not np.allclose(written, np.asarray(dense[f"blk.{old}.{name}.weight"].data))  # trained
+    tokens = smol_tokenizer(WIKI_TEST.read_text(encoding="utf-8")[:4000], add_special_tokens=False)["input_ids"][:200]
+    parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(out / e.file, tokens))
+    assert parity.top1 >= 0.99 and parity.mean_kl < 1e-3, parity
 
 
 def test_build_heal_on_self_calibration_heals_on_self_and_python_docs(export_models, tmp_path):
@@ -207,8 +254,9 @@ def test_block_heal_streams_one_block_at_a_time_as_it_heals_in_memory(tiny_model
             assert first_cut - 2 in result.kept and first_cut - 2 not in wide.info.blocks, (result.removed, wide.info.blocks)
             assert set(wide.info.blocks) >= set(info.blocks) and all(first > 0 for first, _, _ in wide.info.block_loss.values())
     ours, theirs = healed[Execution.in_memory].weights, healed[Execution.streamed].weights
+    trained = [m for m, _ in loaded.spec.heal_modules] + [n for n, _ in loaded.spec.heal_norms]  # a block's own norms too
     assert set(ours) == set(theirs) == {f"model.layers.{b}.{m}.weight" for b in healed[Execution.in_memory].info.blocks
-                                        for m, _ in loaded.spec.heal_modules}
+                                        for m in trained}
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-5, msg=name)
     # Held-out text, measured through the streamed runner with the healed weights in place.
@@ -265,7 +313,7 @@ def test_build_heal_streamed_writes_block_healed_weights(export_models, calib_tx
             continue
         new, rest = at
         original = dense[f"model.layers.{manifest.kept[new]}.{rest}"]
-        healed = manifest.kept[new] in manifest.heal.blocks and rest.removesuffix(".weight") in manifest.heal.modules
+        healed = manifest.kept[new] in manifest.heal.blocks and rest.removesuffix(".weight") in manifest.heal.modules + manifest.heal.norms
         assert torch.equal(value, original) != healed, name
     # The GGUF (converted from that checkpoint) holds the healed weights too, up to Q8_0 rounding.
     [e] = manifest.exports
@@ -312,7 +360,8 @@ def test_heal_command_heals_a_pruned_checkpoint_as_build_heal_does(export_models
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
     changed = {n for n in ours if not torch.equal(ours[n], before[n])}
     position = {old: new for new, old in enumerate(manifest.kept)}
-    assert changed == {f"model.layers.{position[b]}.{m}.weight" for b in manifest.heal.blocks for m in manifest.heal.modules}
+    assert changed == ({f"model.layers.{position[b]}.{m}.weight" for b in manifest.heal.blocks for m in manifest.heal.modules}
+                       | {f"model.layers.{position[b]}.{n}.weight" for b in manifest.kept for n in manifest.heal.norms})
 
 
 def test_heal_command_heals_a_streamed_reference_block_by_block(export_models, calib_txt, tmp_path):
@@ -339,7 +388,8 @@ def test_heal_command_heals_a_streamed_reference_block_by_block(export_models, c
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-5, msg=name)
     position = {old: new for new, old in enumerate(manifest.kept)}
     changed = {n for n in ours if not torch.equal(ours[n], before[n])}
-    assert changed == {f"model.layers.{position[b]}.{m}.weight" for b in manifest.heal.blocks for m in manifest.heal.modules}
+    assert changed == {f"model.layers.{position[b]}.{m}.weight" for b in manifest.heal.blocks
+                       for m in manifest.heal.modules + manifest.heal.norms}
 
 
 def test_heal_command_refuses_bad_input_before_loading(tiny_models, calib_txt, tmp_path):

@@ -16,7 +16,8 @@ def line(text: str) -> None:
 
 def healed(manifest) -> None:
     h = manifest.heal
-    text = (f"healed blocks {h.blocks} ({h.trained_parameters} LoRA parameters, rank {h.rank}): {h.steps} steps, "
+    trained = f"LoRA rank {h.rank}" + (f" and the norm weights of {'every kept block' if h.objective == 'logits' else 'each'}" if h.norms else "")
+    text = (f"healed blocks {h.blocks} ({h.trained_parameters} parameters trained: {trained}): {h.steps} steps, "
               f"{h.tokens} tokens, {h.seconds:.0f} s ({h.precision}, objective {h.objective}); {h.fit()}")
     if h.heldout_before is not None and h.heldout_after is not None:
         text += f"; held-out ppl {h.heldout_before:.2f} -> {h.heldout_after:.2f}"
