@@ -72,10 +72,16 @@ def healed_blocks(kept: Sequence[int], removed: Sequence[int], reach: int = 1) -
     return [i for i in kept if any(abs(i - r) <= reach for r in removed)]
 
 
-def trained_norms(loaded, heal: HealPlan) -> list[str]:
+def trained_norms(loaded, heal: HealPlan, reporter: Reporter = QUIET) -> list[str]:
     """The norms inside a block whose weights this heal trains: none for a model held in 16 bits,
     where a step of the learning rate is below the resolution of a weight near 1 (bfloat16: 0.008)."""
-    return [norm for norm, _ in loaded.spec.heal_norms] if heal.norms and loaded.dtype == torch.float32 else []
+    if not heal.norms:
+        return []
+    if loaded.dtype != torch.float32:
+        reporter.say(f"healing: norm weights not trained, the model is held in {str(loaded.dtype).removeprefix('torch.')} "
+                     "(--dtype float32 trains them; the adapters train either way)")
+        return []
+    return [norm for norm, _ in loaded.spec.heal_norms]
 
 
 def heal_windows(loaded, heal: HealPlan, seed: int) -> torch.Tensor:
@@ -111,7 +117,7 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     dtype = training_dtype(heal_plan.precision, runner.device)
     position = {old: new for new, old in enumerate(kept)}
     targets = [spec.block_param(position[b], module) for b in chosen for module, _ in spec.heal_modules]
-    block_norms = trained_norms(loaded, heal_plan)
+    block_norms = trained_norms(loaded, heal_plan, reporter)
     # Every kept block's norms, those before the first adapted block too, though their gradient costs
     # backward work of its own (steps 24% slower at N = 4): from the first adapted block on only, the
     # same heal closed less of the gap in more steps (docs/method.md).
@@ -167,7 +173,7 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
     dtype = training_dtype(heal_plan.precision, runner.device)
     projections = {r.prev: r.weight for r in runs if r.weight is not None}
     projection = f"{spec.residual_projection}.weight"
-    norms = trained_norms(loaded, heal_plan)
+    norms = trained_norms(loaded, heal_plan, reporter)
     weights: dict[str, torch.Tensor] = {}
     losses: dict[int, tuple[float, float, int]] = {}  # block -> error on the heal text before, after; steps
     trained = tokens = 0

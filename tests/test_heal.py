@@ -119,6 +119,16 @@ def test_heal_lowers_the_kl_to_dense_and_leaves_the_model_as_it_was(tiny_models,
     assert after < plain
 
 
+def test_a_model_held_in_bfloat16_heals_its_adapters_not_its_norms(tiny_models, calib_txt):
+    """A step of the learning rate is below a bfloat16 norm weight's resolution near 1: the norms are
+    left out (and the manifest says so), the adapters still train."""
+    loaded = load_model(str(tiny_models["llama"]), dtype="bfloat16")
+    plan = HealPlan(steps=2, samples=4, seq_len=32, source=str(calib_txt))
+    healed = heal(loaded, [0, 1, 2, 5, 6, 7], [3, 4], [], plan)
+    assert healed.info.norms == [] and healed.info.norm_blocks == [] and healed.info.steps == 2
+    assert set(healed.weights) == {f"model.layers.{b}.{m}.weight" for b in (2, 5) for m, _ in loaded.spec.heal_modules}
+
+
 def test_quality_puts_healed_weights_in_the_pruned_model_only(tiny_models, tmp_path):
     """build --heal --eval: the reference is the dense model as given, the pruned one holds the healed weights."""
     loaded = load_model(str(tiny_models["llama"]))
