@@ -90,26 +90,32 @@ def write_shards(loaded, kept: Sequence[int], runs: Sequence[RunCompensation], f
     config.save_pretrained(folder)
 
 
+def gguf_norm_scale(spec: ArchSpec, weight: torch.Tensor) -> np.ndarray:
+    """A norm's weight as GGUF stores it: the scale itself (the family's offset added, as llama.cpp's
+    converter does: Gemma's 1 + w)."""
+    return weight.float().numpy() + spec.norm_scale_offset
+
+
 def healed_gguf_tensors(spec: ArchSpec, healed: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Healed weights under their GGUF names (original block indices); a norm's weight as the scale
-    GGUF stores (the family's offset added, as the converter does)."""
+    """Healed weights under their GGUF names (original block indices); a norm's as `gguf_norm_scale`."""
     linear, norms = dict(spec.heal_modules), dict(spec.heal_norms)
     out = {}
     for name, weight in healed.items():
         block, module = spec.block_of(name)
         module = module.removesuffix(".weight")
-        value = weight.float().numpy()
-        out[f"blk.{block}.{linear[module] if module in linear else norms[module]}.weight"] = (
-            value if module in linear else value + spec.norm_scale_offset)
+        if module in linear:
+            out[f"blk.{block}.{linear[module]}.weight"] = weight.float().numpy()
+        else:
+            out[f"blk.{block}.{norms[module]}.weight"] = gguf_norm_scale(spec, weight)
     return out
 
 
 def compensated_gguf_tensors(spec: ArchSpec, runs: Sequence[RunCompensation]) -> dict[str, np.ndarray]:
     """The weights rewritten by compensation, under their GGUF names (original block indices); a
-    norm's weight as the scale GGUF stores (with the family's offset added, as the converter does)."""
-    offset = spec.norm_scale_offset if spec.compensation_fold is Fold.scale else 0.0
+    norm's (the scale fold) as `gguf_norm_scale`."""
+    scale = spec.compensation_fold is Fold.scale
     return {
-        f"blk.{r.prev}.{spec.gguf_residual_projection}.weight": r.weight.float().numpy() + offset
+        f"blk.{r.prev}.{spec.gguf_residual_projection}.weight": gguf_norm_scale(spec, r.weight) if scale else r.weight.float().numpy()
         for r in runs
         if r.weight is not None
     }

@@ -16,7 +16,7 @@ def line(text: str) -> None:
 
 def healed(manifest) -> None:
     h = manifest.heal
-    trained = f"LoRA rank {h.rank}" + (f" and the norm weights of {'every kept block' if h.objective == 'logits' else 'each'}" if h.norms else "")
+    trained = f"LoRA rank {h.rank}" + (f" and the norm weights of {'every kept block' if h.objective == 'logits' else 'each adapted block'}" if h.norms else "")
     text = (f"healed blocks {h.blocks} ({h.trained_parameters} parameters trained: {trained}): {h.steps} steps, "
               f"{h.tokens} tokens, {h.seconds:.0f} s ({h.precision}, objective {h.objective}); {h.fit()}")
     if h.heldout_before is not None and h.heldout_after is not None:
