@@ -1,9 +1,9 @@
 """Healing: a short distillation of the pruned model toward the dense one, merged into plain weights.
 
 The pruned model (the kept blocks, compensation folded in) is trained to give the dense model's
-next-token distribution on heal text: the loss is KL(dense || pruned) per token. The dense side
-comes from one dense pass over the heal windows (its final states are kept; their logits are
-recomputed per step, a head's matmul). What trains is a LoRA adapter (peft) on the linear layers
+next-token distribution on heal text: the loss is KL(dense || pruned) per token over the dense
+model's top k tokens and the rest (distill.py). The dense side comes from one dense pass over the
+heal windows, its top-k log-probabilities computed once. What trains is a LoRA adapter (peft) on the linear layers
 of the kept blocks near each cut (`HealPlan.reach`, `ArchSpec.heal_modules`), with every kept block's
 norm weights (`HealPlan.norms`, `ArchSpec.heal_norms`: per-channel scales that re-balance what each
 block reads after a cut, float32 in every GGUF), the rest frozen. The adapters are
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .archs import ArchSpec, get_path, set_path
 from .blockset import blocks_kept
 from .calibration import calibration_batches, text_windows
 from .compensate import RunCompensation, applied, compensated_weights, first_changed, replaced
+from .distill import TEACHER_TOP_K, TeacherTargets, coarse_kl, teacher_targets
 from .manifest import HealInfo
 from .plan import CalibrationSpec, HealObjective, HealPlan, HealPrecision
 from .progress import QUIET, Reporter
@@ -41,7 +41,7 @@ from .runner import Windows
 
 ADAPTER = "heal"
 # Bytes of logits a micro-batch may hold: windows x seq_len x vocabulary x 4 bytes, three times over
-# (teacher, student, gradient); Gemma 3's 262k vocabulary takes one window at a time.
+# (the student's logits, their float32 copy, the gradient); Gemma 3's 262k vocabulary takes one window at a time.
 LOGIT_BYTES = 1536 * 2**20
 
 
@@ -111,10 +111,14 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
     n = runner.n_blocks
     started = time.perf_counter()
     ids = heal_windows(loaded, heal_plan, seed)
-    with reporter.task("dense pass over the heal text", n) as advance:
-        teacher = runner.dense_pass(Windows(ids), keep=lambda b: b == n, on_block=advance).dense[n]
-    chosen = healed_blocks(kept, removed, heal_plan.reach)
     dtype = training_dtype(heal_plan.precision, runner.device)
+    # The dense pass computes in the student's precision (its states and the head stay float32):
+    # in bfloat16 it took a third of float32's time on the default model, time the training gets.
+    with reporter.task("dense pass over the heal text", n) as advance, _autocast(runner.device, dtype):
+        final = runner.dense_pass(Windows(ids), keep=lambda b: b == n, on_block=advance).dense[n]
+    teacher = teacher_targets(runner.logits, final, TEACHER_TOP_K, _windows_at_once(model, ids))
+    del final
+    chosen = healed_blocks(kept, removed, heal_plan.reach)
     position = {old: new for new, old in enumerate(kept)}
     targets = [spec.block_param(position[b], module) for b in chosen for module, _ in spec.heal_modules]
     block_norms = trained_norms(loaded, heal_plan, reporter)
@@ -139,6 +143,7 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
         learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), objective=objective.value,
         seconds=round(time.perf_counter() - started, 1), device=str(runner.device), execution=loaded.execution.value,
         kl_first=round(losses[0], 5) if losses else None, kl_last=round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
+        kl_top_k=teacher.tokens.shape[-1],
     )
     return Healed(weights, info)
 
@@ -240,7 +245,7 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
                 while len(losses) < heal.steps and time.perf_counter() < deadline:
                     rows = torch.randperm(inputs.shape[0], generator=generator)[: heal.batch_windows]
                     optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    with _autocast(device, dtype):
                         output = apply(inputs[rows])
                     loss = relative_error(output, target[rows].to(device))
                     loss.backward()
@@ -255,14 +260,25 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
     return merged, outputs, (before, after, len(losses)), sum(p.numel() for p in params), tokens
 
 
-def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list, heal: HealPlan, reporter: Reporter,
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """Matrix products in `dtype` where it is bfloat16 (training_dtype), else as they are."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def _windows_at_once(model, ids: torch.Tensor) -> int:
+    """Windows whose logits fit in LOGIT_BYTES together (at least one)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, LOGIT_BYTES // (ids.shape[1] * vocab * 4 * 3))
+
+
+def _train(model, runner, ids: torch.Tensor, teacher: TeacherTargets, params: list, heal: HealPlan, reporter: Reporter,
            deadline: float, dtype: torch.dtype):
-    """AdamW on the adapters until the step budget or the `deadline` (perf_counter) ends; per-token KL(dense || pruned)."""
+    """AdamW on the adapters until the step budget or the `deadline` (perf_counter) ends; per-token
+    KL(dense || pruned) over the dense top k and the rest."""
     device = runner.device
     optimizer = torch.optim.AdamW(params, lr=heal.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    micro = max(1, min(heal.batch_windows, LOGIT_BYTES // (ids.shape[1] * vocab * 4 * 3)))
+    micro = min(heal.batch_windows, _windows_at_once(model, ids))
     losses: list[float] = []
     tokens = steps = 0
     start = time.perf_counter()
@@ -274,12 +290,9 @@ def _train(model, runner, ids: torch.Tensor, teacher: torch.Tensor, params: list
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for part in rows.split(micro):
-                    with torch.no_grad():
-                        target = F.log_softmax(runner.logits(teacher[part].reshape(-1, teacher.shape[-1])), dim=-1)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                        logits = model(input_ids=ids[part].to(device), use_cache=False).logits.float()
-                    student = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-                    loss = F.kl_div(student, target, log_target=True, reduction="batchmean") * len(part) / len(rows)
+                    with _autocast(device, dtype):
+                        logits = model(input_ids=ids[part].to(device), use_cache=False).logits
+                    loss = coarse_kl(logits, teacher[part]) * len(part) / len(rows)
                     loss.backward()
                     step_loss += float(loss.detach())
                 optimizer.step()

@@ -52,8 +52,11 @@ class HealInfo(BaseModel):
     # own device and execution are the prune's).
     device: str | None = None
     execution: str | None = None  # in-memory | streamed
-    kl_first: float | None = None  # KL(dense || pruned) per token, first step
+    # objective logits: KL(dense || pruned) per token over the dense model's `kl_top_k` most likely
+    # tokens and the rest (distill.coarse_kl), first step
+    kl_first: float | None = None
     kl_last: float | None = None  # mean of the last 10 steps
+    kl_top_k: int | None = None
     # objective blocks: per healed block, its output's squared error relative to the dense state's
     # energy on every heal window, before and after training, and its steps
     block_loss: dict[int, tuple[float, float, int]] | None = None
@@ -65,7 +68,7 @@ class HealInfo(BaseModel):
         if self.objective == "blocks":
             errors = ", ".join(f"{b}: {before:.4f} -> {after:.4f}" for b, (before, after, _) in (self.block_loss or {}).items())
             return f"block output error to dense on the heal text, before -> after: {errors}"
-        return f"KL to dense {self.kl_first} -> {self.kl_last}"
+        return f"KL to dense (top {self.kl_top_k} + rest) {self.kl_first} -> {self.kl_last}"
 
 
 class DistributedInfo(BaseModel):
