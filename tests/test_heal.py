@@ -156,16 +156,17 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(expor
     out = tmp_path / "build"
     result = runner.invoke(app, [str(a) for a in (
         "build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2,
-        "--heal", "--heal-steps", 5, "--heal-samples", 8, "--heal-reach", 2, "--keep-hf", "--out", out, "--quiet")])
+        "--heal", "--heal-steps", 5, "--heal-samples", 8, "--heal-reach", 2, "--heal-rank", 4, "--keep-hf", "--out", out, "--quiet")])
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(out)
     assert manifest.heal is not None and manifest.heal.steps == 5
     # The heal text follows --calib, joined by Python's documentation, unless --heal-text says otherwise.
     assert manifest.heal.text == f"{calib_txt}+python-docs" and manifest.heal.windows == 2 * 8
     assert manifest.plan.heal.reach == 2 and manifest.heal.blocks == healed_blocks(manifest.kept, manifest.removed, 2)
+    assert manifest.plan.heal.rank == manifest.heal.rank == 4
     assert manifest.plan.heal is not None and "heal" in manifest.timings_s
     card = (out / "README.md").read_text()
-    assert f"| healing | LoRA rank 8 on" in card and f"of blocks {manifest.heal.blocks}" in card and "merged into the weights" in card
+    assert f"| healing | LoRA rank 4 on" in card and f"of blocks {manifest.heal.blocks}" in card and "merged into the weights" in card
     [e] = manifest.exports
     position = {old: new for new, old in enumerate(manifest.kept)}
     rewritten = e.check["tensors_replaced"]

@@ -38,6 +38,7 @@ def build(
     heal_minutes: o.HealMinutes = 10.0,
     heal_samples: o.HealSamples = None,
     heal_reach: o.HealReach = 1,
+    heal_rank: o.HealRank = 32,
     heal_norms: o.HealNorms = True,
     heal_precision: o.HealPrecisionOpt = HealPrecision.auto,
     heal_objective: o.HealObjectiveOpt = HealObjective.auto,
@@ -74,7 +75,7 @@ def build(
         export=ExportPlan(target=target, gguf_type=gguf_type, compensated_type=compensated_type,
                           onnx_precision=onnx_precision, keep_hf=keep_hf),
         evaluation=EvalPlan(data=eval_data, windows=eval_windows) if eval_data else None,
-        heal=HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, norms=heal_norms, precision=heal_precision,
+        heal=HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, rank=heal_rank, norms=heal_norms, precision=heal_precision,
                       objective=heal_objective,
                       source=heal_text or default_heal_text(calib)) if heal else None,
     )

@@ -22,6 +22,7 @@ def heal(
     heal_minutes: o.HealMinutes = 10.0,
     heal_samples: o.HealSamples = None,
     heal_reach: o.HealReach = 1,
+    heal_rank: o.HealRank = 32,
     heal_norms: o.HealNorms = True,
     heal_precision: o.HealPrecisionOpt = HealPrecision.auto,
     heal_objective: o.HealObjectiveOpt = HealObjective.auto,
@@ -44,7 +45,7 @@ def heal(
 
     manifest, inspected = check_heal(model, reference, out, force, eval_data, heal_text)
     reporter = Reporter(quiet)
-    plan = HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, norms=heal_norms, precision=heal_precision,
+    plan = HealPlan(steps=heal_steps, minutes=heal_minutes, samples=heal_samples, reach=heal_reach, rank=heal_rank, norms=heal_norms, precision=heal_precision,
                     objective=heal_objective, source=heal_text or default_heal_text(manifest.calibration.source))
     check_heal_objective(plan)
     loaded = load(inspected, device, dtype, reporter, execution_of(streamed), needs_in_memory=plan.needs_in_memory())
