@@ -16,7 +16,7 @@ import torch
 
 from . import distributed
 from .errors import UserError, first_line
-from .plan import CalibrationSpec
+from .plan import PYTHON_DOCS, SELF_TEXT, CalibrationSpec
 
 DATASET_PRESETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "validation"),
@@ -41,12 +41,6 @@ SELF_PROMPTS = (
 
 
 FILE_SUFFIXES = {".txt", ".raw", ".tokens", ".jsonl", ".parquet"}
-
-# The reference topics of Python's own documentation (`pydoc_data`, part of the standard library):
-# about 100k tokens of technical English present wherever this tool runs, with no data or network.
-# Healing on it beside self-generated text heals more than either alone (docs/method.md).
-PYTHON_DOCS = "python-docs"
-
 
 def python_docs_text() -> str:
     from pydoc_data.topics import topics
@@ -73,7 +67,7 @@ def read_text_source(source: str, what: str = "calibration") -> str:
 def check_text_source(source: str, flag: str) -> None:
     """A file source exists and is a readable file (checked before any model loads); `self` and
     dataset specs are checked when read."""
-    if source == "self" or not _is_file_source(source):
+    if source == SELF_TEXT or not _is_file_source(source):
         return
     path = Path(source).expanduser()
     if not path.exists():
@@ -101,7 +95,7 @@ def _dataset_parts(spec: str) -> tuple[str, str | None, str]:
 def canonical_source(source: str) -> str:
     """One spelling per text source (absolute file path, or `path@config:split`), to tell when
     two sources are the same text: evaluation on calibration text must not pass unnoticed."""
-    if source in ("self", PYTHON_DOCS):
+    if source in (SELF_TEXT, PYTHON_DOCS):
         return source
     if _is_file_source(source):
         return str(Path(source).expanduser().resolve())
@@ -287,7 +281,7 @@ def calibration_batches(loaded, spec: CalibrationSpec) -> torch.Tensor:
 
 
 def _calibration_batches(loaded, spec: CalibrationSpec) -> torch.Tensor:
-    if spec.source == "self":
+    if spec.source == SELF_TEXT:
         # Sampling token by token from a model streamed block by block would take hours.
         loaded.require_in_memory(SELF_NEEDS_MEMORY)
         # Distributed: each rank writes its share of the windows (each window seeded by its index),

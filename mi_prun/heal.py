@@ -35,7 +35,7 @@ from .calibration import calibration_batches, text_windows
 from .compensate import RunCompensation, applied, compensated_weights, first_changed, replaced
 from .distill import TEACHER_TOP_K, TeacherTargets, coarse_kl, teacher_targets
 from .manifest import HealInfo
-from .plan import CalibrationSpec, HealObjective, HealPlan, HealPrecision
+from .plan import SELF_TEXT, CalibrationSpec, HealObjective, HealPlan, HealPrecision
 from .progress import QUIET, Reporter
 from .runner import Windows
 
@@ -92,7 +92,7 @@ def heal_windows(loaded, heal: HealPlan, seed: int) -> torch.Tensor:
 
 def _source_windows(loaded, heal: HealPlan, source: str, seed: int) -> torch.Tensor:
     wanted = heal.windows_of(source)
-    if heal.samples is None and source != "self":
+    if heal.samples is None and source != SELF_TEXT:
         # The default count of a text read is a ceiling: a shorter text gives the windows it holds.
         return text_windows(loaded, source, wanted, heal.seq_len, at_most=True, what="heal")
     return calibration_batches(loaded, CalibrationSpec(source, wanted, heal.seq_len, seed + 1))
@@ -136,16 +136,24 @@ def heal(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequence[Run
         for name, merged in _merged(model, targets, norms).items():
             new, module = spec.block_of(name)
             weights[spec.block_param(kept[new], module)] = merged
-    info = HealInfo(
-        blocks=chosen, modules=[m for m, _ in spec.heal_modules], norms=block_norms, norm_blocks=norm_blocks, rank=heal_plan.rank,
-        trained_parameters=sum(p.numel() for p in trained),
-        text=heal_plan.source, windows=len(ids), seq_len=heal_plan.seq_len, steps=steps, tokens=tokens,
-        learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."), objective=objective.value,
-        seconds=round(time.perf_counter() - started, 1), device=str(runner.device), execution=loaded.execution.value,
+    info = _info(
+        loaded, heal_plan, ids, dtype, started, objective=objective.value, blocks=chosen, norms=block_norms, norm_blocks=norm_blocks,
+        trained_parameters=sum(p.numel() for p in trained), steps=steps, tokens=tokens,
         kl_first=round(losses[0], 5) if losses else None, kl_last=round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
         kl_top_k=teacher.tokens.shape[-1],
     )
     return Healed(weights, info)
+
+
+def _info(loaded, heal_plan: HealPlan, ids: torch.Tensor, dtype: torch.dtype, started: float, **outcome) -> HealInfo:
+    """The manifest's record of a heal: what either objective shares (the plan's settings, the heal
+    text, where and how long it ran) and its `outcome`."""
+    return HealInfo(
+        modules=[m for m, _ in loaded.spec.heal_modules], rank=heal_plan.rank, text=heal_plan.source, windows=len(ids),
+        seq_len=heal_plan.seq_len, learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."),
+        seconds=round(time.perf_counter() - started, 1), device=str(loaded.runner.device), execution=loaded.execution.value,
+        **outcome,
+    )
 
 
 def block_targets(kept: Sequence[int], chosen: Sequence[int], n_blocks: int) -> dict[int, int]:
@@ -192,19 +200,16 @@ def _heal_blocks(loaded, kept: Sequence[int], removed: Sequence[int], runs: Sequ
             block_deadline = time.perf_counter() + (deadline - time.perf_counter()) / left
             fitted = {projection: projections[b]} if b in projections else {}
             label = f"healing block {b} ({chosen.index(b) + 1}/{len(chosen)}): matching the dense state {targets[b]}"
-            merged, h, (before, after, steps), count, block_tokens = _train_block(runner, spec, b, h, dense[targets[b]], fitted,
-                                                                                  norms, heal_plan, dtype, block_deadline, reporter, label, seed)
-            weights.update({spec.block_param(b, name): w for name, w in merged.items()})
-            trained += count
-            tokens += block_tokens
-            losses[b] = (round(before, 5), round(after, 5), steps)
-    info = HealInfo(
-        blocks=chosen, modules=[m for m, _ in spec.heal_modules], norms=norms, norm_blocks=chosen if norms else [], rank=heal_plan.rank,
-        trained_parameters=trained,
-        text=heal_plan.source, windows=len(ids), seq_len=heal_plan.seq_len, steps=sum(v[2] for v in losses.values()),
-        tokens=tokens, learning_rate=heal_plan.learning_rate, precision=str(dtype).removeprefix("torch."),
-        objective=HealObjective.blocks.value, seconds=round(time.perf_counter() - started, 1), block_loss=losses,
-        device=str(runner.device), execution=loaded.execution.value,
+            block = _train_block(runner, spec, b, h, dense[targets[b]], fitted, norms, heal_plan, dtype, block_deadline, reporter, label, seed)
+            weights.update({spec.block_param(b, name): w for name, w in block.weights.items()})
+            h = block.outputs
+            trained += block.trained_parameters
+            tokens += block.tokens
+            losses[b] = (round(block.error_before, 5), round(block.error_after, 5), block.steps)
+    info = _info(
+        loaded, heal_plan, ids, dtype, started, objective=HealObjective.blocks.value, blocks=chosen, norms=norms,
+        norm_blocks=chosen if norms else [], trained_parameters=trained, steps=sum(v[2] for v in losses.values()),
+        tokens=tokens, block_loss=losses,
     )
     return Healed(weights, info)
 
@@ -217,13 +222,24 @@ def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output - target).pow(2).sum() / target.pow(2).sum()
 
 
+@dataclass
+class HealedBlock:
+    """One block healed block-locally (_train_block)."""
+
+    weights: dict[str, torch.Tensor]  # merged weights, by name inside the block
+    outputs: torch.Tensor  # the healed block's output for every heal window (the next block's input)
+    error_before: float  # its output's error against the dense state on every heal window (relative_error)
+    error_after: float
+    steps: int
+    trained_parameters: int
+    tokens: int  # tokens trained on (with repeats)
+
+
 def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, target: torch.Tensor, fitted: dict[str, torch.Tensor],
-                 norms: list[str], heal: HealPlan, dtype: torch.dtype, deadline: float, reporter: Reporter, label: str, seed: int):
+                 norms: list[str], heal: HealPlan, dtype: torch.dtype, deadline: float, reporter: Reporter, label: str,
+                 seed: int) -> HealedBlock:
     """One block's adapters (and its `norms`' weights) trained toward `target` from `inputs` (the
-    pruned state entering it), `fitted` (a compensation map) under them. Returns the merged weights (names inside the block),
-    the block's output for every window (adapters in place: the healed block), its error on every
-    heal window before and after training with the steps taken, the number of trained parameters, and
-    the tokens trained on."""
+    pruned state entering it), `fitted` (a compensation map) under them."""
     device = runner.device
     modules = [m for m, _ in spec.heal_modules]
     generator = torch.Generator().manual_seed(seed + index)
@@ -257,7 +273,7 @@ def _train_block(runner, spec: ArchSpec, index: int, inputs: torch.Tensor, targe
             outputs = outputs_of(apply)  # adapters in place: what the merged block gives
             merged = _merged(layer, modules, norms)
         after = float(relative_error(outputs, target.to(device)))
-    return merged, outputs, (before, after, len(losses)), sum(p.numel() for p in params), tokens
+    return HealedBlock(merged, outputs, before, after, len(losses), sum(p.numel() for p in params), tokens)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

@@ -68,7 +68,8 @@ class HealInfo(BaseModel):
         if self.objective == "blocks":
             errors = ", ".join(f"{b}: {before:.4f} -> {after:.4f}" for b, (before, after, _) in (self.block_loss or {}).items())
             return f"block output error to dense on the heal text, before -> after: {errors}"
-        return f"KL to dense (top {self.kl_top_k} + rest) {self.kl_first} -> {self.kl_last}"
+        over = f" (top {self.kl_top_k} + rest)" if self.kl_top_k else ""  # a manifest written before the top-k loss: the full KL
+        return f"KL to dense{over} {self.kl_first} -> {self.kl_last}"
 
 
 class DistributedInfo(BaseModel):

@@ -18,6 +18,13 @@ from exporters.onnx_export import OnnxPrecision
 
 from .errors import UserError
 
+# Text sources named rather than read from a path: text the model writes for itself from seeded
+# prompts, and the reference topics of Python's own documentation (`pydoc_data`, in the standard
+# library: about 100k tokens of technical English wherever this tool runs, with no data or network;
+# healing on it beside the model's own text heals more than either alone, docs/method.md).
+SELF_TEXT = "self"
+PYTHON_DOCS = "python-docs"
+
 
 class HealPrecision(str, Enum):
     """The student's compute type while healing."""
@@ -41,12 +48,12 @@ class CalibrationSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    source: str = "self"
+    source: str = SELF_TEXT
     n_samples: int = 16
     seq_len: int = 256
     seed: int = 0
 
-    def __init__(self, source: str = "self", n_samples: int = 16, seq_len: int = 256, seed: int = 0) -> None:
+    def __init__(self, source: str = SELF_TEXT, n_samples: int = 16, seq_len: int = 256, seed: int = 0) -> None:
         super().__init__(source=source, n_samples=n_samples, seq_len=seq_len, seed=seed)
 
     def validate(self) -> None:
@@ -162,16 +169,16 @@ class ExportPlan(BaseModel):
 
 
 # The default heal text where the calibration is self-generated: the model's own text joined by
-# Python's documentation (calibration.PYTHON_DOCS). Default model, N = 4, 150 steps, held-out share
+# Python's documentation. Default model, N = 4, 150 steps, held-out share
 # of the gap closed on wikitext-2 test / licence texts: self 34.6% / 33.5%, python-docs 27.8% /
 # 40.9%, both 36.7% / 45.9% (docs/method.md).
-SELF_HEAL_TEXT = "self+python-docs"
+SELF_HEAL_TEXT = f"{SELF_TEXT}+{PYTHON_DOCS}"
 # Where the user gave text, it is joined by Python's documentation too: the use case's text heals
 # its own domain, the documentation keeps other text from being left behind. Default model, N = 4,
 # wiki.valid as the user's text, share of the gap closed on wikitext-2 test / licence texts: alone
 # 59% / 28% (shipped GGUF in llama.cpp, reports/heal_texts.md); joined by python-docs, 10 minutes,
 # PyTorch, 64 windows of each 52.8% / 47.2%, 128 of each 54.6% / 49.0% (docs/method.md).
-TEXT_HEAL_SUFFIX = "+python-docs"
+TEXT_HEAL_SUFFIX = f"+{PYTHON_DOCS}"
 # Windows of each heal source, unless --heal-samples says: reading a text costs nothing but the
 # dense pass, so real text gets more windows (fewer passes over each: 64 -> 128 above; 256 healed
 # 56.6% / 49.3% but its dense pass took 3 of the 10 minutes); self-generated windows cost generation
@@ -183,9 +190,9 @@ TEXT_HEAL_WINDOWS = 128
 def default_heal_text(calibration_source: str) -> str:
     """--heal-text's default: the calibration's source joined by Python's documentation when the
     user gave real text (text of the use case heals most), else SELF_HEAL_TEXT."""
-    if calibration_source == "self":
+    if calibration_source == SELF_TEXT:
         return SELF_HEAL_TEXT
-    return calibration_source if calibration_source == "python-docs" else calibration_source + TEXT_HEAL_SUFFIX
+    return calibration_source if calibration_source == PYTHON_DOCS else calibration_source + TEXT_HEAL_SUFFIX
 
 
 def text_sources(source: str) -> tuple[str, ...]:
@@ -243,13 +250,13 @@ class HealPlan(BaseModel):
         text and TEXT_HEAL_WINDOWS of real text."""
         if self.samples is not None:
             return self.samples
-        return SELF_HEAL_WINDOWS if source == "self" else TEXT_HEAL_WINDOWS
+        return SELF_HEAL_WINDOWS if source == SELF_TEXT else TEXT_HEAL_WINDOWS
 
     def needs_in_memory(self) -> str | None:
         """What of this heal needs the whole model in memory (None: it heals a streamed model too)."""
         if self.objective is HealObjective.logits:
             return "--heal-objective logits (training runs the whole model)"
-        if "self" in self.sources():
+        if SELF_TEXT in self.sources():
             return f"self-generated heal text (--heal-text {self.source})"
         return None
 

@@ -14,7 +14,7 @@ from .atomic import check_target
 from .calibration import check_text_source
 from .errors import UserError
 from .load import ModelSource, inspect_model, resolve_source
-from .plan import Estimator, HealObjective, HealPlan, Objective, Plan, Target, check_replay, text_sources
+from .plan import SELF_TEXT, Estimator, HealObjective, HealPlan, Objective, Plan, Target, check_replay, text_sources
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def check_heal_text(source: str) -> None:
 
 def check_heal_objective(heal: HealPlan) -> None:
     """The one combination of heal settings measured to do harm."""
-    if heal.objective is HealObjective.blocks and "self" in heal.sources():
+    if heal.objective is HealObjective.blocks and SELF_TEXT in heal.sources():
         # Default model, N = 4: every block-local loss tried on self-generated text raised the
         # held-out perplexity (docs/method.md); on real text it lowered it.
         raise UserError("--heal-objective blocks on self-generated heal text made held-out perplexity worse in our measurements: "

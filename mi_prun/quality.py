@@ -16,7 +16,7 @@ from . import distributed
 from .evaluate import EvalResult, EvalWindows, evaluate, final_states, strided_windows
 from .load import LoadedModel, ModelSource
 from .manifest import MANIFEST_NAME, PruningManifest, QualityInfo
-from .plan import EvalPlan, text_sources
+from .plan import SELF_TEXT, EvalPlan, text_sources
 from .progress import QUIET, Reporter
 
 # For evaluation a dataset preset means its test split (calibration presets mean validation).
@@ -37,7 +37,7 @@ def calibration_overlap(model_source: ModelSource, data: str) -> str | None:
         used += [("heal", source) for source in text_sources(manifest.heal.text)]
     evaluated = canonical_source(eval_source(data))
     for what, source in used:
-        if source != "self" and canonical_source(source) == evaluated:
+        if source != SELF_TEXT and canonical_source(source) == evaluated:
             return (
                 f"the evaluation text {data} is the {what} text of this model "
                 f"(pruning.json: {source}); these numbers overstate its quality on unseen text"

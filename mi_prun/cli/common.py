@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..plan import Execution, Plan, read_replay
+from ..plan import SELF_TEXT, Execution, Plan, read_replay
 from ..preflight import Inspected
 from ..progress import Reporter
 
@@ -61,7 +61,7 @@ def load_for_plan(inspected: Inspected, plan: Plan, reporter: Reporter):
     """Load as the plan says; a plan that generates its own calibration needs the whole model."""
     from ..calibration import SELF_NEEDS_MEMORY
 
-    generates = plan.calibration.source == "self" and (plan.replay is None or plan.compensate)
+    generates = plan.calibration.source == SELF_TEXT and (plan.replay is None or plan.compensate)
     needs = SELF_NEEDS_MEMORY if generates else plan.heal.needs_in_memory() if plan.heal is not None else None
     return load(inspected, plan.device, plan.dtype, reporter, plan.execution, plan.batch_size, needs)
 
