@@ -36,9 +36,10 @@ class TeacherTargets:
 
 
 def teacher_targets(logits_of: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, k: int,
-                    windows_at_once: int = 1) -> TeacherTargets:
+                    windows_at_once: int = 1, advance: Callable[[], None] | None = None) -> TeacherTargets:
     """Top-k log-probabilities from the dense model's final states (windows, positions, hidden):
-    `logits_of` maps (rows, hidden) states to (rows, vocabulary) logits."""
+    `logits_of` maps (rows, hidden) states to (rows, vocabulary) logits; `advance` is called after
+    each `windows_at_once` windows."""
     log_probs, tokens = [], []
     with torch.no_grad():
         for part in states.split(windows_at_once):
@@ -46,6 +47,8 @@ def teacher_targets(logits_of: Callable[[torch.Tensor], torch.Tensor], states: t
             top = torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
             log_probs.append(top.values.reshape(*part.shape[:2], -1).cpu())
             tokens.append(top.indices.reshape(*part.shape[:2], -1).cpu())
+            if advance is not None:
+                advance()
     return TeacherTargets(torch.cat(log_probs), torch.cat(tokens))
 
 

@@ -61,3 +61,13 @@ def test_a_student_with_all_its_mass_on_the_top_k_gives_a_finite_loss():
     loss = coarse_kl(peaked, targets)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(peaked.grad).all()
+
+
+def test_targets_come_in_parts_of_windows_and_say_so():
+    states = torch.randn(5, 3, 7)
+    called = []
+    whole = teacher_targets(lambda s: s, states, 4)
+    parted = teacher_targets(lambda s: s, states, 4, windows_at_once=2, advance=lambda: called.append(1))
+    assert len(called) == 3  # 5 windows, 2 at a time
+    assert torch.equal(parted.tokens, whole.tokens) and torch.allclose(parted.log_probs, whole.log_probs)
+    assert whole.tokens.shape == (5, 3, 4)
