@@ -13,6 +13,7 @@ equal to it when k is the vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +23,7 @@ TEACHER_TOP_K = 64
 # A student's rest mass below this is taken as this: log(1 - sum q_k) stays finite when the
 # student puts (in float32) all of its mass on the dense model's top k.
 MIN_REST = 1e-6
+MAX_TOP_LOG_MASS = math.log1p(-MIN_REST)  # log(1 - MIN_REST): the most a student's top k may hold
 
 
 @dataclass
@@ -66,6 +68,6 @@ def coarse_kl(student_logits: torch.Tensor, target: TeacherTargets) -> torch.Ten
     log_q = logits.gather(-1, tokens) - torch.logsumexp(logits, dim=-1, keepdim=True)
     p = log_p.exp()
     p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
-    q_rest_log = _log1mexp(torch.logsumexp(log_q, dim=-1).clamp_max(torch.log1p(torch.tensor(-MIN_REST)).item()))
+    q_rest_log = _log1mexp(torch.logsumexp(log_q, dim=-1).clamp_max(MAX_TOP_LOG_MASS))
     kl = (p * (log_p - log_q)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * q_rest_log
     return kl.mean()
