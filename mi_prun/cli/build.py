@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..plan import DEFAULT_BUILD_RATIO, DEFAULT_OBJECTIVES, CompensatedType, Estimator, HealObjective, HealPrecision, Method, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, DEFAULT_OBJECTIVES, CompensatedType, Estimator, Method, OnnxPrecision, StateView, Target
 from . import options as o, output
 from .app import app
 from .common import execution_of, load_for_plan, make_plan
@@ -34,14 +34,14 @@ def build(
     compensate: o.Compensate = True,
     compensation_samples: o.CompensationSamples = None,
     heal: o.Heal = False,
-    heal_steps: o.HealSteps = 300,
-    heal_minutes: o.HealMinutes = 10.0,
+    heal_steps: o.HealSteps = o.HEAL_DEFAULTS.steps,
+    heal_minutes: o.HealMinutes = o.HEAL_DEFAULTS.minutes,
     heal_samples: o.HealSamples = None,
-    heal_reach: o.HealReach = 1,
-    heal_rank: o.HealRank = 32,
-    heal_norms: o.HealNorms = True,
-    heal_precision: o.HealPrecisionOpt = HealPrecision.auto,
-    heal_objective: o.HealObjectiveOpt = HealObjective.auto,
+    heal_reach: o.HealReach = o.HEAL_DEFAULTS.reach,
+    heal_rank: o.HealRank = o.HEAL_DEFAULTS.rank,
+    heal_norms: o.HealNorms = o.HEAL_DEFAULTS.norms,
+    heal_precision: o.HealPrecisionOpt = o.HEAL_DEFAULTS.precision,
+    heal_objective: o.HealObjectiveOpt = o.HEAL_DEFAULTS.objective,
     heal_text: o.HealText = None,
     seed: o.Seed = 0,
     plan_file: o.PlanFile = None,

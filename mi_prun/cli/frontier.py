@@ -39,8 +39,8 @@ def frontier(
     onnx_types: Annotated[str, typer.Option("--onnx-types", help="--target onnx: precisions every point is exported at.")] = ",".join(ONNX_TYPES),
     heal_at: Annotated[Optional[str], typer.Option(
         "--heal-at", help="Blocks-removed values also built with --heal (e.g. 4,8; healing takes up to --heal-minutes each).")] = None,
-    heal_minutes: o.HealMinutes = 10.0,
-    heal_steps: o.HealSteps = 300,
+    heal_minutes: o.HealMinutes = o.HEAL_DEFAULTS.minutes,
+    heal_steps: o.HealSteps = o.HEAL_DEFAULTS.steps,
     windows: Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of --eval-seq-len tokens per held-out text.")] = 24,
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", min=16, help="Tokens per evaluation window.")] = 512,
     kl_windows: Annotated[int, typer.Option("--kl-windows", min=1, help="Windows of the first text the KL and top-1 are taken on.")] = 8,

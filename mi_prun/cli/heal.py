@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..plan import HealObjective, HealPrecision
 from . import options as o, output
 from .app import app
 
@@ -18,14 +17,14 @@ def heal(
     out: o.Out,
     reference: Annotated[Optional[str], typer.Option(
         "--reference", "-r", help="The dense model it was pruned from (default: the model its pruning.json records).")] = None,
-    heal_steps: o.HealSteps = 300,
-    heal_minutes: o.HealMinutes = 10.0,
+    heal_steps: o.HealSteps = o.HEAL_DEFAULTS.steps,
+    heal_minutes: o.HealMinutes = o.HEAL_DEFAULTS.minutes,
     heal_samples: o.HealSamples = None,
-    heal_reach: o.HealReach = 1,
-    heal_rank: o.HealRank = 32,
-    heal_norms: o.HealNorms = True,
-    heal_precision: o.HealPrecisionOpt = HealPrecision.auto,
-    heal_objective: o.HealObjectiveOpt = HealObjective.auto,
+    heal_reach: o.HealReach = o.HEAL_DEFAULTS.reach,
+    heal_rank: o.HealRank = o.HEAL_DEFAULTS.rank,
+    heal_norms: o.HealNorms = o.HEAL_DEFAULTS.norms,
+    heal_precision: o.HealPrecisionOpt = o.HEAL_DEFAULTS.precision,
+    heal_objective: o.HealObjectiveOpt = o.HEAL_DEFAULTS.objective,
     heal_text: o.HealText = None,
     eval_data: o.EvalData = None,
     eval_windows: o.EvalWindows = 16,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, HealObjective, HealPrecision, Method, Objective, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, HealObjective, HealPlan, HealPrecision, Method, Objective, OnnxPrecision, StateView, Target
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
@@ -50,6 +50,8 @@ Heal = Annotated[bool, typer.Option(
     "--heal",
     help="Distil the pruned model toward the dense one (LoRA near each cut, merged into plain weights) before export.",
 )]
+# The heal settings' defaults, read by every command that heals: HealPlan is their one source.
+HEAL_DEFAULTS = HealPlan()
 HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most (per healed block with --heal-objective blocks).")]
 HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: minutes for the whole heal stage (heal text, dense pass, training), at most; training stops at whichever budget ends first.")]
 HealReach = Annotated[int, typer.Option("--heal-reach", min=1, help="Healing: adapt the kept blocks within this many blocks of a cut (1: the two beside it). More heals more, but in a GGUF pruned in place every adapted projection is written at 8 bits: the file grows.")]
