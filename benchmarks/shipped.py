@@ -57,8 +57,8 @@ ROWS = {
     "wiki-valid": ("--calib wiki.valid.tokens", ["--calib", str(WIKI_VALID)]),
     "objectives": ("--objective (all four, compensated included)", [
         "--objective", "channel", "--objective", "per-block", "--objective", "length-penalized", "--objective", "compensated"]),
-    # A local search past the proposals: 8 single-block swaps a round verified (about 2 minutes more
-    # per build on 2 cores, so not the default).
+    # A local search past the proposals: 8 single-block swaps a round verified (1 to 3 minutes more
+    # per build on 2 cores, reports/quality.md; not the default).
     "swaps": ("--swaps 8", ["--swaps", "8"]),
     # The default build healed with its default budget (10 minutes or 300 steps of LoRA distillation).
     "heal": ("--heal", ["--heal"]),
