@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..plan import DEFAULT_BUILD_RATIO, CompensatedType, Estimator, GGUFType, HealObjective, HealPlan, HealPrecision, Method, Objective, OnnxPrecision, StateView, Target
+from ..plan import DEFAULT_BUILD_RATIO, CalibrationSpec, CompensatedType, Estimator, GGUFType, HealObjective, HealPlan, HealPrecision, Method, Objective, OnnxPrecision, StateView, Target
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
@@ -35,6 +35,8 @@ Objectives = Annotated[Optional[list[Objective]], typer.Option(
 Swaps = Annotated[int, typer.Option("--swaps", min=0, help="Single-block swaps of the best MI-PRUN proposal verified per round (0: none).")]
 
 Calib = Annotated[str, typer.Option("--calib", help="Calibration text: .txt/.jsonl/.parquet file, a dataset (wikitext2, PATH[@CONFIG][:SPLIT]), or 'self'.")]
+# The calibration settings' defaults, read by every command that calibrates: CalibrationSpec is their one source.
+CALIB_DEFAULTS = CalibrationSpec()
 NSamples = Annotated[int, typer.Option("--n-samples", help="Calibration sequences.")]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for calibration sampling, token subsampling and random selection.")]
