@@ -2,7 +2,7 @@
 
 Nothing outside this module spells a module path or a config key of a particular architecture.
 Adding a family means adding one `ArchSpec` row, not touching the pipeline. Torch-free: the
-exporters and the plan read it without loading a model library.
+runtimes and the plan read it without loading a model library.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ArchSpec:
     logit_softcap_key: str | None = None
     # Config lists with one entry per block: sliced by the kept indices on repack.
     per_layer_config_keys: tuple[str, ...] = ("layer_types",)
-    # Architecture names in the export formats (used by exporters/).
+    # Architecture names in the export formats (used by runtimes/).
     gguf_arch: str = "llama"
     gguf_layer_flags: tuple[GGUFLayerFlag, ...] = ()
     # Config key of a sliding window that llama.cpp's architecture ignores (outputs differ beyond it).

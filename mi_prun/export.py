@@ -15,10 +15,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from exporters import llamacpp
-from exporters.gguf_export import GGUF_TYPES, GGUFType, check_gguf, export_gguf, layer_flag_kv, spec_of_folder
-from exporters.gguf_prune import KVValue, prune_gguf
-from exporters.onnx_export import OnnxPrecision, check_onnx, check_supported, export_onnx
+from .runtimes import llamacpp
+from .runtimes.formats import GGUF_TYPES, GGUFType
+from .runtimes.gguf_export import check_gguf, export_gguf, layer_flag_kv, spec_of_folder
+from .runtimes.gguf_prune import KVValue, prune_gguf
+from .runtimes.formats import OnnxPrecision
+from .runtimes.onnx_export import check_onnx, check_supported, export_onnx
 
 from .archs import REGISTRY
 from .atomic import atomic_dir, check_target

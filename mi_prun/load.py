@@ -128,7 +128,7 @@ def inspect_model(source: ModelSource) -> tuple[ArchSpec, PretrainedConfig]:
         config = AutoConfig.from_pretrained(source.location, **_pretrained_kwargs(source))
     except Exception as err:  # corrupt files raise struct/KeyError/ValueError/...: all one message
         if source.kind == "gguf":
-            from exporters.gguf_prune import open_gguf
+            from .runtimes.gguf_prune import open_gguf
 
             # Says precisely what is wrong with the file (truncated, not a GGUF) when it can.
             # (Only on failure: a parse of a GGUF with a large vocabulary takes seconds.)

@@ -1,4 +1,4 @@
-"""Reported numbers from summed statistics: torch-free, shared by the engine and the exporters' checks."""
+"""Reported numbers from summed statistics: torch-free, shared by the engine and the runtimes' checks."""
 
 from __future__ import annotations
 

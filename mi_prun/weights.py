@@ -73,7 +73,7 @@ class GGUFTensors:
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         from gguf import dequantize
 
-        from exporters.gguf_prune import read_tensor
+        from .runtimes.gguf_prune import read_tensor
 
         t = self.tensors[name]
         raw = read_tensor(self.path, t)

@@ -10,10 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from exporters import llamacpp
-from exporters.gguf_export import GGUFType, check_gguf, export_gguf, export_warnings
-from exporters.gguf_prune import open_gguf, prune_gguf
-from exporters.parity import compare_logits, transformers_logits
+from mi_prun.runtimes import llamacpp
+from mi_prun.runtimes.formats import GGUFType
+from mi_prun.runtimes.gguf_export import check_gguf, export_gguf, export_warnings
+from mi_prun.runtimes.gguf_prune import open_gguf, prune_gguf
+from mi_prun.runtimes.parity import compare_logits, transformers_logits
 from mi_prun.archs import spec_for
 from mi_prun.blockset import apply_keep, keep_indices
 from mi_prun.cli import app
@@ -231,7 +232,7 @@ def test_in_place_build_writes_compensated_weights(export_models, calib_txt, smo
 def test_in_place_gemma3_writes_its_sliding_window_pattern(smol_tokenizer, tmp_path):
     """A Gemma 3 GGUF as llama.cpp's converter writes it has no per-layer pattern (llama.cpp then
     assumes every 6th layer global); pruned in place, it must carry the kept blocks' own pattern."""
-    from exporters.gguf_export import convert
+    from mi_prun.runtimes.gguf_export import convert
 
     # Shaped like the real Gemma 3 (every 6th layer global, head_dim = query_pre_attn_scalar = 256),
     # so that its converter-made GGUF is right without the array, as the real model's is, and

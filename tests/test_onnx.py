@@ -6,8 +6,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from exporters.onnx_export import OnnxPrecision, OnnxSession, check_onnx, export_onnx, genai_greedy, onnx_perplexity
-from exporters.parity import compare_logits, transformers_logits
+from mi_prun.runtimes.formats import OnnxPrecision
+from mi_prun.runtimes.onnx_export import OnnxSession, check_onnx, export_onnx, genai_greedy, onnx_perplexity
+from mi_prun.runtimes.parity import compare_logits, transformers_logits
 from mi_prun.cli import app
 from mi_prun.manifest import PruningManifest
 from tests.conftest import TINY_BLOCKS
@@ -92,7 +93,7 @@ def test_onnx_build_and_export_cli(export_models, calib_txt, tmp_path):
 def test_unsupported_architecture_is_a_clear_error():
     from dataclasses import replace
 
-    from exporters.onnx_export import check_supported
+    from mi_prun.runtimes.onnx_export import check_supported
     from mi_prun.archs import spec_for
     from mi_prun.errors import UserError
 

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from exporters import llamacpp
-from exporters.gguf_prune import open_gguf
-from exporters.parity import compare_logits, transformers_logits
+from mi_prun.runtimes import llamacpp
+from mi_prun.runtimes.gguf_prune import open_gguf
+from mi_prun.runtimes.parity import compare_logits, transformers_logits
 from mi_prun.cli import app
 from mi_prun.manifest import PruningManifest
 
@@ -51,7 +51,7 @@ def test_pruned_gemma3_f16_runs_in_llama_cpp_as_in_transformers(gemma_gguf, tmp_
 def test_compensated_gemma3_onnx_runs_in_onnxruntime_as_in_transformers(gemma_gguf, tmp_path, record_property):
     """Compensation of Gemma 3 (a per-channel scale folded into the post-feed-forward norm) exported
     by onnxruntime-genai's builder: onnxruntime runs the pruned export as transformers runs the checkpoint."""
-    from exporters.onnx_export import OnnxSession
+    from mi_prun.runtimes.onnx_export import OnnxSession
 
     out = tmp_path / "gemma-onnx"
     result = CliRunner().invoke(app, [

@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from exporters import llamacpp
-from exporters.gguf_prune import open_gguf
-from exporters.parity import compare_logits, transformers_logits
+from mi_prun.runtimes import llamacpp
+from mi_prun.runtimes.gguf_prune import open_gguf
+from mi_prun.runtimes.parity import compare_logits, transformers_logits
 from mi_prun.cli import app
 from mi_prun.load import default_model_path, load_model
 from mi_prun.manifest import PruningManifest

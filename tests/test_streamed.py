@@ -103,7 +103,8 @@ def test_gguf_tensors_equal_transformers_gguf_load(model_type, export_models, tm
 
     monkeypatch.setattr(weights_module, "DEQUANTIZE_CHUNK", 1000)
 
-    from exporters.gguf_export import GGUFType, export_gguf
+    from mi_prun.runtimes.formats import GGUFType
+    from mi_prun.runtimes.gguf_export import export_gguf
 
     src = tmp_path / "m.q8_0.gguf"
     export_gguf(export_models[model_type], src, GGUFType.q8_0, tmp_path)

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
@@ -21,17 +20,13 @@ import numpy as np
 from mi_prun.archs import ArchSpec
 from mi_prun.errors import UserError, first_line
 
+from .formats import OnnxPrecision
 from .gguf_export import spec_of_folder, tool_error_line
 from .onnx_builder_compat import builder_config
 from .parity import WindowScore
 
 ONNX_MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
-
-
-class OnnxPrecision(str, Enum):
-    fp32 = "fp32"
-    int4 = "int4"
 
 
 @dataclass(frozen=True)
@@ -61,10 +56,10 @@ class Int4Settings:
         return out + ([f"matmul_mixed_precision={self.mixed_precision}"] if self.mixed_precision else [])
 
 
-# Measured against fp32 and the builder's own defaults in reports/onnx_int4.md (dense default model,
-# wikitext-2 test): the builder's defaults cost 1.38x perplexity; most of that is the tied head/embedding
-# in int4 and the most sensitive layers. This keeps the embedding a matrix of its own (int4 lookup),
-# the head and llama.cpp's "mixed" layers (first and last eighth, every third qkv/v/down) in int8.
+# Most of what int4 costs is the tied head/embedding in int4 and the most sensitive layers: this keeps
+# the embedding a matrix of its own (int4 lookup), the head and llama.cpp's "mixed" layers (first and
+# last eighth, every third qkv/v/down) in int8. What these settings cost against fp32 is measured by
+# `frontier --target onnx` (reports/frontier_onnx.md, make bench-frontier-onnx).
 DEFAULT_INT4 = Int4Settings(shared_embeddings=False, op_types_to_quantize="MatMul/Gather",
                             mixed_precision="last_matmul:int8,mixed_layers:int8")
 
@@ -100,12 +95,12 @@ def export_onnx(folder: Path, output: Path, precision: OnnxPrecision, cache_dir:
     except ImportError:
         raise UserError("ONNX export needs onnxruntime-genai (with onnx-ir and onnxscript): make install adds them") from None
     source = stage_for_builder(Path(folder), Path(cache_dir))
-    cmd = [sys.executable, "-m", "exporters.onnx_builder_compat", "-i", str(source), "-o", str(output),
+    cmd = [sys.executable, "-m", "mi_prun.runtimes.onnx_builder_compat", "-i", str(source), "-o", str(output),
            "-p", precision.value, "-e", "cpu", "-c", str(cache_dir),
            # A full-length KV cache on sliding-window layers too: the windowed (ring) cache is
            # only fed correctly by onnxruntime-genai, and plain onnxruntime must run the model.
            "--extra_options", "windowed_kv_cache=false", *(int4.extra_options() if precision is OnnxPrecision.int4 else [])]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[2]))
     if done.returncode != 0 or not (Path(output) / ONNX_MODEL_FILE).is_file():
         raise UserError(f"onnxruntime-genai's model builder failed on {folder}: {tool_error_line(done.stderr + done.stdout, r'Error|error:|Exception|not supported')[:400]}")
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import gguf
@@ -21,36 +20,8 @@ from mi_prun.archs import ArchSpec, UnsupportedArchitectureError, read_config, s
 from mi_prun.errors import UserError
 
 from . import llamacpp
+from .formats import GGUF_TYPES, GGUFType
 from .gguf_prune import BLOCK_TENSOR, KVValue, model_info, open_gguf, rewrite_gguf
-
-
-class GGUFType(str, Enum):
-    f32 = "f32"
-    f16 = "f16"
-    q8_0 = "q8_0"
-    q6_k = "q6_k"
-    q5_k_m = "q5_k_m"
-    q4_k_m = "q4_k_m"
-    q4_1 = "q4_1"
-    q4_0 = "q4_0"
-
-
-@dataclass(frozen=True)
-class GGUFTypeInfo:
-    converter_outtype: str  # what the converter writes; llama.cpp quantizes it when it is not the type itself
-    llama_ftype: str  # llama.cpp's name for the type (the quantizer's target)
-
-
-GGUF_TYPES: dict[GGUFType, GGUFTypeInfo] = {
-    GGUFType.f32: GGUFTypeInfo("f32", "LLAMA_FTYPE_ALL_F32"),
-    GGUFType.f16: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_F16"),
-    GGUFType.q8_0: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q8_0"),
-    GGUFType.q6_k: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q6_K"),
-    GGUFType.q5_k_m: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q5_K_M"),
-    GGUFType.q4_k_m: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
-    GGUFType.q4_1: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q4_1"),
-    GGUFType.q4_0: GGUFTypeInfo("f16", "LLAMA_FTYPE_MOSTLY_Q4_0"),
-}
 
 
 def spec_of_folder(folder: Path) -> tuple[ArchSpec, dict]:

@@ -1,6 +1,6 @@
 """Run onnxruntime-genai's model builder under transformers 5, with the shims it needs.
 
-    python -m exporters.onnx_builder_compat <model builder arguments>
+    python -m mi_prun.runtimes.onnx_builder_compat <model builder arguments>
 
 Gemma 3: transformers 5 keeps the rope thetas per layer type (`rope_parameters["full_attention"]`,
 `["sliding_attention"]`) and dropped `rope_local_base_freq`; the builder (0.18) still reads a flat

@@ -154,6 +154,60 @@ def encode_like(
         return values.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
+def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, info: GGUFModelInfo, kept: list[int],
+                   set_kv: dict[str, KVValue], report: GGUFPruneReport) -> None:
+    """Every key of the source, with the block count and per-layer arrays for the kept blocks, and
+    `set_kv` set (replacing a key of the same name, else added)."""
+    n = info.block_count
+    block_count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=info.arch)
+    for f in reader.fields.values():
+        if f.name.startswith(WRITER_OWNED_PREFIX) or f.name == gguf.Keys.General.ARCHITECTURE:
+            continue
+        value_type = f.types[0]
+        sub_type = f.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        value = f.contents()
+        if f.name in set_kv:
+            new = set_kv.pop(f.name)
+            writer.add_key_value(f.name, new.value, new.type, sub_type=new.sub_type)
+            report.set_keys.append(f.name)
+            continue
+        if f.name == block_count_key:
+            value = len(kept)
+        elif _per_layer(f, info.arch, n):
+            value = [value[i] for i in kept]
+            report.sliced_keys.append(f.name)
+        writer.add_key_value(f.name, value, value_type, sub_type=sub_type)
+    for key, new in set_kv.items():
+        writer.add_key_value(key, new.value, new.type, sub_type=new.sub_type)
+        report.set_keys.append(key)
+
+
+def _tensor_infos(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, new_index: dict[int, int], replace: dict[str, np.ndarray],
+                  replace_type: ReplaceType | None, report: GGUFPruneReport) -> list[gguf.ReaderTensor | np.ndarray]:
+    """The kept tensors, renumbered, declared to the writer; returns what to write for each: a
+    tensor to copy as is, or the new data of a replaced one (taken out of `replace`)."""
+    written: list[gguf.ReaderTensor | np.ndarray] = []
+    for t in reader.tensors:
+        match = BLOCK_TENSOR.match(t.name)
+        name = t.name
+        if match:
+            block = int(match.group(1))
+            if block not in new_index:
+                report.tensors_dropped += 1
+                continue
+            name = f"blk.{new_index[block]}.{match.group(2)}"
+        if t.name in replace:
+            data, qtype = encode_like(replace.pop(t.name), t, replace_type(t.tensor_type) if replace_type else None)
+            report.replaced[t.name] = qtype.name
+            written.append(data)
+        else:
+            # Raw bytes and the original type: no dequantize/requantize round trip.
+            data, qtype = t.data, t.tensor_type
+            written.append(t)
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
+    return written
+
+
 def rewrite_gguf(
     source: Path,
     output: Path,
@@ -185,47 +239,8 @@ def rewrite_gguf(
     alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
     if alignment is not None:
         writer.data_alignment = int(alignment)  # tensor offsets must follow the copied key
-    block_count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=info.arch)
-    for f in reader.fields.values():
-        if f.name.startswith(WRITER_OWNED_PREFIX) or f.name == gguf.Keys.General.ARCHITECTURE:
-            continue
-        value_type = f.types[0]
-        sub_type = f.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        value = f.contents()
-        if f.name in set_kv:
-            new = set_kv.pop(f.name)
-            writer.add_key_value(f.name, new.value, new.type, sub_type=new.sub_type)
-            report.set_keys.append(f.name)
-            continue
-        if f.name == block_count_key:
-            value = len(kept)
-        elif _per_layer(f, info.arch, n):
-            value = [value[i] for i in kept]
-            report.sliced_keys.append(f.name)
-        writer.add_key_value(f.name, value, value_type, sub_type=sub_type)
-    for key, new in set_kv.items():
-        writer.add_key_value(key, new.value, new.type, sub_type=new.sub_type)
-        report.set_keys.append(key)
-
-    written: list[gguf.ReaderTensor | np.ndarray] = []  # a tensor to copy, or new data
-    for t in reader.tensors:
-        match = BLOCK_TENSOR.match(t.name)
-        name = t.name
-        if match:
-            block = int(match.group(1))
-            if block in removed_set:
-                report.tensors_dropped += 1
-                continue
-            name = f"blk.{new_index[block]}.{match.group(2)}"
-        if t.name in replace:
-            data, qtype = encode_like(replace.pop(t.name), t, replace_type(t.tensor_type) if replace_type else None)
-            report.replaced[t.name] = qtype.name
-            written.append(data)
-        else:
-            # Raw bytes and the original type: no dequantize/requantize round trip.
-            data, qtype = t.data, t.tensor_type
-            written.append(t)
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
+    _copy_metadata(reader, writer, info, kept, set_kv, report)
+    written = _tensor_infos(reader, writer, new_index, replace, replace_type, report)
     if replace:
         raise ValueError(f"tensors to replace are not in {source} (or belong to removed blocks): {sorted(replace)}")
     writer.write_header_to_file()

@@ -71,7 +71,7 @@ def load_check(path: Path) -> dict:
     llama_cpp_module()
     code = (
         "import json, resource, sys\n"
-        "from exporters import llamacpp\n"
+        "from mi_prun.runtimes import llamacpp\n"
         "try:\n"
         "    llm = llamacpp.load(sys.argv[1], n_ctx=64)\n"
         "    n = llamacpp.n_layer(llm)\n"
@@ -85,7 +85,7 @@ def load_check(path: Path) -> dict:
         "peak = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'layers': n, 'peak_rss_kib': peak}))\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the folder holding mi_prun
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
