@@ -9,8 +9,9 @@ from __future__ import annotations
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,8 +34,11 @@ from .scoring import Scores, score_model
 from .runner import Windows
 from .verify import RemovalScorer, ensure_dense
 
+if TYPE_CHECKING:
+    from .load import LoadedModel
 
-@dataclass
+
+@dataclass(frozen=True)
 class PruneResult:
     n_blocks: int
     removed: list[int]
@@ -49,28 +53,38 @@ class PruneResult:
     heal: HealInfo | None = None
 
 
-@contextmanager
-def _timed(timings: dict[str, float], stage: str, peaks: dict[str, float] | None = None):
-    start = time.perf_counter()
-    yield
-    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-    if peaks is not None:
-        peaks[stage] = round(peak_rss_bytes() / 2**20, 1)
+class Stopwatch:
+    """Wall time and the process's peak memory after each stage, kept apart from the results until
+    a stage's result is made (results are not changed once made)."""
+
+    def __init__(self, timings: dict[str, float] | None = None, peaks: dict[str, float] | None = None):
+        self.timings, self.peaks = dict(timings or {}), dict(peaks or {})
+
+    @classmethod
+    def of(cls, result: PruneResult) -> "Stopwatch":
+        return cls(result.timings, result.peak_rss_mib)
+
+    @contextmanager
+    def stage(self, name: str, peak: bool = True):
+        start = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        if peak:
+            self.peaks[name] = round(peak_rss_bytes() / 2**20, 1)
 
 
-def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
-    """Decide which blocks go (or replay a recorded decision) and fit their compensation maps."""
-    timings: dict[str, float] = {}
-    peaks: dict[str, float] = {"load": round(peak_rss_bytes() / 2**20, 1)}
+def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
+    """Decide which blocks go (or replay a recorded decision) and fit their compensation maps.
+    The model runs `plan.batch_size` windows a pass: it was loaded for this plan (`jobs.loading`)."""
+    watch = Stopwatch(peaks={"load": round(peak_rss_bytes() / 2**20, 1)})
     runner = loaded.runner
-    runner.batch_size = plan.batch_size
     n = runner.n_blocks
     n_remove = plan.n_remove(n)
     compensate = plan.compensate and can_compensate(loaded.spec)
     cal = plan.calibration
     calib = fit = calib_ids = None
     if plan.replay is None or compensate:
-        with _timed(timings, "calibrate", peaks):
+        with watch.stage("calibrate"):
             reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
             calib_ids = calibration_batches(loaded, cal)
             # Each rank runs its share of the windows (all of them in one process).
@@ -86,24 +100,24 @@ def prune(loaded, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
         info = SelectionInfo(replayed_from=plan.replay.manifest)
         reporter.say(f"replaying {plan.replay.manifest}: removing blocks {removed}")
     else:
-        with _timed(timings, "capture", peaks):
+        with watch.stage("capture"):
             # Compensated run costs (the compensated objective, and the ranking of swaps) need the
             # projection taps of the capture pass.
             wants = Objective.compensated in plan.objectives or plan.swaps > 0
             taps = compensate and wants and plan.method in (Method.mi_prun, Method.mi_prun_exact)
             scores = score_model(loaded, calib, plan, reporter, taps=taps)
-        with _timed(timings, "select", peaks):
+        with watch.stage("select"):
             removed, info = select_blocks(scores, plan, n_remove, _scorer(loaded, plan, calib, fit, compensate), reporter)
 
     runs: list[RunCompensation] = []
     if compensate:
-        with _timed(timings, "compensate", peaks), reporter.task("fitting linear compensation for the removed runs", None):
+        with watch.stage("compensate"), reporter.task("fitting linear compensation for the removed runs", None):
             runs = compensation_for(loaded, removed, ensure_dense(runner, fit))
         info.forward_passes += capture_passes(runs)
-    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, timings, runs, peaks)
+    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, watch.timings, runs, watch.peaks)
 
 
-def _scorer(loaded, plan: Plan, calib: Windows, fit: Windows, compensate: bool) -> RemovalScorer:
+def _scorer(loaded: LoadedModel, plan: Plan, calib: Windows, fit: Windows, compensate: bool) -> RemovalScorer:
     """MI-PRUN's proposals are scored as they ship (compensated, on the compensation windows);
     SLEB and ppl keep their published form: plain removal on the scoring windows."""
     if plan.method in (Method.mi_prun, Method.mi_prun_exact):
@@ -111,77 +125,77 @@ def _scorer(loaded, plan: Plan, calib: Windows, fit: Windows, compensate: bool) 
     return RemovalScorer(loaded, calib)
 
 
-def heal_result(loaded, plan: Plan, result: PruneResult, reporter: Reporter = QUIET) -> None:
-    """Distil the pruned model toward the dense one (`heal.py`); its weights join the result (a
+def heal_result(loaded: LoadedModel, plan: Plan, result: PruneResult, reporter: Reporter = QUIET) -> PruneResult:
+    """Distil the pruned model toward the dense one (`heal/`); its weights join the result (a
     healed projection of a compensated block becomes that run's weight)."""
     before = None
     if plan.evaluation is not None:
         before = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter).pruned_ppl
-    with _timed(result.timings, "heal", result.peak_rss_mib):
+    watch = Stopwatch.of(result)
+    with watch.stage("heal"):
         healed = heal(loaded, result.kept, result.removed, result.compensation, plan.heal, plan.seed, reporter)
-    result.healed = fold_healed(result.compensation, healed.weights, loaded.spec)
-    result.heal = healed.info
-    result.heal.heldout_before = before
+    return replace(result, healed=fold_healed(result.compensation, healed.weights, loaded.spec),
+                   heal=healed.info.model_copy(update={"heldout_before": before}), timings=watch.timings, peak_rss_mib=watch.peaks)
 
 
-def heal_checkpoint(loaded, manifest: PruningManifest, folder: Path, heal_plan: HealPlan, evaluation: EvalPlan | None,
+def heal_checkpoint(loaded: LoadedModel, manifest: PruningManifest, folder: Path, heal_plan: HealPlan, evaluation: EvalPlan | None,
                     out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
     """`heal`: a pruned checkpoint written earlier (`folder`, its `manifest`), distilled toward the
     dense model it was pruned from (`loaded`), written as a healed checkpoint of the same form."""
     # The stages of this command; a second heal replaces the first one's record of them.
-    timings = {k: v for k, v in manifest.timings_s.items() if k not in ("read pruned", "heal", "repack healed")}
-    with _timed(timings, "read pruned"):
+    watch = Stopwatch({k: v for k, v in manifest.timings_s.items() if k not in ("read pruned", "heal", "repack healed")})
+    with watch.stage("read pruned", peak=False):
         rewritten = rewritten_weights(loaded, folder, manifest.kept)
     reporter.say(f"{folder}: {len(rewritten)} tensors differ from the dense model (compensated or healed before)")
     before = None
     if evaluation is not None:
         before = measure_quality(loaded, manifest.removed, [], evaluation, reporter, rewritten=rewritten).pruned_ppl
-    with _timed(timings, "heal"):
+    with watch.stage("heal", peak=False):
         healed = heal(loaded, manifest.kept, manifest.removed, [], heal_plan, manifest.seed, reporter, rewritten=rewritten)
     weights = {**rewritten, **healed.weights}
     quality = measure_quality(loaded, manifest.removed, [], evaluation, reporter, rewritten=weights) if evaluation else None
-    healed.info.heldout_before = before
-    healed.info.heldout_after = quality.pruned_ppl if quality else None
+    info = healed.info.model_copy(update={"heldout_before": before, "heldout_after": quality.pruned_ppl if quality else None})
     with atomic_dir(out, force) as tmp:
-        with _timed(timings, "repack healed"):
+        with watch.stage("repack healed", peak=False):
             save_checkpoint(loaded, manifest.kept, [], tmp, weights)
         plan = manifest.plan.model_copy(update={"heal": heal_plan}) if manifest.plan is not None else None
-        updated = manifest.model_copy(update={"plan": plan, "heal": healed.info, "quality": quality, "exports": [],
-                                              "timings_s": timings, "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)})
+        updated = manifest.model_copy(update={"plan": plan, "heal": info, "quality": quality, "exports": [],
+                                              "timings_s": watch.timings, "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)})
         updated.write(tmp)
     return updated
 
 
-def save_pruned(loaded, plan: Plan, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
+def save_pruned(loaded: LoadedModel, plan: Plan, result: PruneResult, out: Path, force: bool = False) -> PruningManifest:
     """The pruned checkpoint + pruning.json, written all at once into `out` (by rank 0 alone)."""
     if not distributed.is_main():
         return build_manifest(loaded, plan, result)
+    watch = Stopwatch.of(result)
     with atomic_dir(out, force) as tmp:
-        with _timed(result.timings, "repack", result.peak_rss_mib):
+        with watch.stage("repack"):
             save_checkpoint(loaded, result.kept, result.compensation, tmp, result.healed)
-        manifest = build_manifest(loaded, plan, result)
+        manifest = build_manifest(loaded, plan, replace(result, timings=watch.timings, peak_rss_mib=watch.peaks))
         manifest.write(tmp)
     return manifest
 
 
-def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
+def build(loaded: LoadedModel, plan: Plan, out: Path, force: bool = False, reporter: Reporter = QUIET) -> PruningManifest:
     """Prune, measure (with --eval), export and check, describe: one output folder, written at once."""
     result = prune(loaded, plan, reporter)
     if plan.heal is not None:
-        heal_result(loaded, plan, result, reporter)
+        result = heal_result(loaded, plan, result, reporter)
     quality = None
     if plan.evaluation is not None:
         quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter, rewritten=result.healed)
     if quality is not None and result.heal is not None:
-        result.heal.heldout_after = quality.pruned_ppl
+        result = replace(result, heal=result.heal.model_copy(update={"heldout_after": quality.pruned_ppl}))
     if not distributed.is_main():  # every rank took the same decision; rank 0 writes it
         return build_manifest(loaded, plan, result)
+    watch = Stopwatch.of(result)
     with atomic_dir(out, force) as tmp:
-        with _timed(result.timings, "export", result.peak_rss_mib):
+        with watch.stage("export"):
             export = export_pruned(loaded, plan.export, result, tmp, reporter)
-        manifest = build_manifest(loaded, plan, result)
-        manifest.quality = quality
-        manifest.exports.append(export)
+        manifest = build_manifest(loaded, plan, replace(result, timings=watch.timings, peak_rss_mib=watch.peaks),
+                                  quality=quality, exports=[export])
         if plan.export.keep_hf:
             manifest.write(tmp / HF_SUBDIR)
         elif (tmp / HF_SUBDIR).exists():
@@ -191,7 +205,7 @@ def build(loaded, plan: Plan, out: Path, force: bool = False, reporter: Reporter
     return manifest
 
 
-def score_blocks(loaded, plan: Plan, reporter: Reporter = QUIET) -> tuple[Scores, list[int]]:
+def score_blocks(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> tuple[Scores, list[int]]:
     """The scores of one capture pass and the blocks the plan's method would remove (uncompensated
     verification: `score` shows the MI criterion, it ships nothing)."""
     calib = Windows.share(calibration_batches(loaded, plan.calibration))

@@ -7,39 +7,16 @@ model or on another quantization of it. Torch-free: the plan is checked in secon
 
 from __future__ import annotations
 
-import json
-from enum import Enum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from exporters.gguf_export import GGUFType
-from exporters.onnx_export import OnnxPrecision
-
+from .choices import (DEFAULT_OBJECTIVES, PYTHON_DOCS, SELF_TEXT, Estimator, Execution, HealObjective, HealPrecision,  # noqa: F401
+                      Method, Objective, StateView)
 from .errors import UserError
-
-# Text sources named rather than read from a path: text the model writes for itself from seeded
-# prompts, and the reference topics of Python's own documentation (`pydoc_data`, in the standard
-# library: about 100k tokens of technical English wherever this tool runs, with no data or network;
-# healing on it beside the model's own text heals more than either alone, docs/method.md).
-SELF_TEXT = "self"
-PYTHON_DOCS = "python-docs"
-
-
-class HealPrecision(str, Enum):
-    """The student's compute type while healing."""
-
-    auto = "auto"  # bf16 where the device computes it natively (heal.training_dtype), else fp32
-    bf16 = "bf16"
-    fp32 = "fp32"
-
-
-class HealObjective(str, Enum):
-    """What healing matches to the dense model."""
-
-    auto = "auto"  # logits for a model in memory, blocks for a streamed one
-    logits = "logits"  # next-token distribution, KL through the whole pruned model (needs it in memory)
-    blocks = "blocks"  # each healed block's output state, one block at a time (streamable)
+from .heal_plan import SELF_HEAL_TEXT, HealPlan, default_heal_text  # noqa: F401
+from .replay import Replay, read_replay
+from .runtimes.formats import CompensatedType, GGUFType, OnnxPrecision, Target  # noqa: F401
 
 
 class CalibrationSpec(BaseModel):
@@ -63,99 +40,8 @@ class CalibrationSpec(BaseModel):
             raise UserError("--seq-len must be at least 8 tokens")
 
 
-class Method(str, Enum):
-    mi_prun = "mi-prun"
-    mi_prun_exact = "mi-prun-exact"
-    shortgpt = "shortgpt"
-    angular = "angular"
-    sleb = "sleb"
-    ppl = "ppl"
-    random = "random"
-
-
-class Estimator(str, Enum):
-    """`token`: per-token Gaussian channel (default). `gaussian`, `renyi`: across the token population."""
-
-    token = "token"
-    gaussian = "gaussian"
-    renyi = "renyi"
-
-
-class Objective(str, Enum):
-    """Forms of the MI-PRUN objective whose optima are proposed (`methods.propose`).
-
-    channel: a run costs its measured lost fraction exp(-2 I(h_{i-1}; h_j)) (favours one long run);
-    per_block: a run costs the sum of its blocks' lost fractions (no interaction, one-shot);
-    length: the run's lost fraction times its length (between the two);
-    compensated: a run costs what its fitted linear map cannot recover (`recovery.py`), i.e. the
-    removal the tool ships (only where compensation is on).
-    """
-
-    channel = "channel"
-    per_block = "per-block"
-    length = "length-penalized"
-    compensated = "compensated"
-
-
-# Not the compensated form by default: measured on SmolLM2-135M it wins some budgets and texts and
-# loses others (docs/method.md, "The compensated objective").
-DEFAULT_OBJECTIVES = (Objective.channel, Objective.per_block, Objective.length)
-
-
-class StateView(str, Enum):
-    """What the estimators see of a state: as captured, or RMS-normalized per token.
-
-    Per-token RMS normalization removes the norm growth with depth; the per-token estimator and
-    cosine are invariant to it, the population estimators are not.
-    """
-
-    raw = "raw"
-    rms = "rms"
-
-
-class Execution(str, Enum):
-    """How the model's weights are held while it runs: whole, or one block at a time."""
-
-    auto = "auto"
-    in_memory = "in-memory"
-    streamed = "streamed"
-
-
-class Target(str, Enum):
-    gguf = "gguf"
-    onnx = "onnx"
-
-
 # `build` with neither --remove nor --ratio removes this fraction of the blocks.
 DEFAULT_BUILD_RATIO = 0.125
-
-
-class Replay(BaseModel):
-    """A decision taken by an earlier run, applied again instead of scoring."""
-
-    model_config = ConfigDict(frozen=True)
-
-    manifest: str  # the pruning.json it came from
-    removed: list[int]
-    architecture: str
-    blocks_before: int
-    # Config values that fix every tensor shape (hidden size, heads, ...): a plan made on one
-    # model is refused on a model of other shapes, before any weights load.
-    shapes: dict[str, int] = Field(default_factory=dict)
-
-
-class CompensatedType(str, Enum):
-    """The GGUF type of the tensors compensation rewrites in a GGUF pruned in place.
-
-    auto: the tensor's own type when it has 8 bits or more, else Q8_0. Re-encoding a fitted map in
-    a 4-bit type rounds it again: measured on the default Q4_1 model, the main job's GGUF scores
-    56.57 on held-out text with its compensated tensor in Q4_1 and 54.46 in Q8_0, for 0.4% more
-    bytes (reports/compensated_type.md)."""
-
-    auto = "auto"
-    same = "same"  # the tensor's own type in the source
-    q8_0 = "q8_0"
-    f16 = "f16"
 
 
 class ExportPlan(BaseModel):
@@ -166,105 +52,6 @@ class ExportPlan(BaseModel):
     compensated_type: CompensatedType = CompensatedType.auto
     onnx_precision: OnnxPrecision = OnnxPrecision.int4
     keep_hf: bool = False
-
-
-# The default heal text where the calibration is self-generated: the model's own text joined by
-# Python's documentation. Default model, N = 4, 150 steps, held-out share
-# of the gap closed on wikitext-2 test / licence texts: self 34.6% / 33.5%, python-docs 27.8% /
-# 40.9%, both 36.7% / 45.9% (docs/method.md).
-SELF_HEAL_TEXT = f"{SELF_TEXT}+{PYTHON_DOCS}"
-# Where the user gave text, it is joined by Python's documentation too: the use case's text heals
-# its own domain, the documentation keeps other text from being left behind. Default model, N = 4,
-# wiki.valid as the user's text, share of the gap closed on wikitext-2 test / licence texts: alone
-# 59% / 28% (shipped GGUF in llama.cpp, reports/heal_texts.md); joined by python-docs, 10 minutes,
-# PyTorch, 64 windows of each 52.8% / 47.2%, 128 of each 54.6% / 49.0% (docs/method.md).
-TEXT_HEAL_SUFFIX = f"+{PYTHON_DOCS}"
-# Windows of each heal source, unless --heal-samples says: reading a text costs nothing but the
-# dense pass, so real text gets more windows (fewer passes over each: 64 -> 128 above; 256 healed
-# 56.6% / 49.3% but its dense pass took 3 of the 10 minutes); self-generated windows cost generation
-# time out of the same budget, and four times as many healed no more (docs/method.md).
-SELF_HEAL_WINDOWS = 64
-TEXT_HEAL_WINDOWS = 128
-
-
-def default_heal_text(calibration_source: str) -> str:
-    """--heal-text's default: the calibration's source joined by Python's documentation when the
-    user gave real text (text of the use case heals most), else SELF_HEAL_TEXT."""
-    if calibration_source == SELF_TEXT:
-        return SELF_HEAL_TEXT
-    return calibration_source if calibration_source == PYTHON_DOCS else calibration_source + TEXT_HEAL_SUFFIX
-
-
-def text_sources(source: str) -> tuple[str, ...]:
-    """The text sources of a `+`-joined --heal-text. A file whose name holds `+` stays one source:
-    from each part on, the longest run of parts that names an existing path is taken whole."""
-    parts = source.split("+")
-    sources, start = [], 0
-    while start < len(parts):
-        end = next((end for end in range(len(parts), start + 1, -1)
-                    if Path("+".join(parts[start:end])).expanduser().exists()), start + 1)
-        sources.append("+".join(parts[start:end]))
-        start = end
-    return tuple(sources)
-
-
-class HealPlan(BaseModel):
-    """A short distillation of the pruned model toward the dense one (build --heal): LoRA adapters on
-    the blocks near each cut, trained on windows of each `source` text, merged before export."""
-
-    model_config = ConfigDict(frozen=True)
-
-    steps: int = Field(300, ge=1)  # optimizer steps, at most (per healed block with the blocks objective)
-    minutes: float = Field(10.0, gt=0)  # training time, at most (whichever budget ends first)
-    samples: int | None = Field(None, ge=1)  # heal windows of each source (None: windows_of's default)
-    seq_len: int = Field(256, ge=8)
-    # Text sources joined by `+`; `self`: the model writes it, with a seed other than the
-    # calibration's (build --heal passes default_heal_text(calibration source) unless --heal-text is given).
-    source: str = SELF_HEAL_TEXT
-    # LoRA rank: merged before export, so it costs no file size, only slower steps. Default model,
-    # N = 4, heal text wiki.valid + python-docs, 10 minutes: 32 closed 61% / 54% of the held-out gap
-    # (wikitext-2 test / licence texts), 8 56% / 49.5%, 64 61% / 54% (docs/method.md).
-    rank: int = Field(32, ge=1)
-    # Kept blocks within this many blocks of a removed one are adapted (1: the two beside each cut).
-    # 3 heals more (39% of the held-out gap against 34% for 1 in a 5-minute heal, default model,
-    # N = 4) but a GGUF pruned in place keeps each adapted projection at 8 bits: at N = 8 reach 3
-    # made the Q4_1 file bigger than the dense one (docs/method.md), so 1 is the default.
-    reach: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)  # 34% against 30% for 5e-4 (the same heals)
-    # Train the blocks' norm weights (per-channel scales, ArchSpec.heal_norms) with the adapters:
-    # every kept block's with the logits objective, each healed block's own with the blocks objective.
-    norms: bool = True
-    batch_windows: int = Field(4, ge=1)  # windows per step
-    # The student's forward and backward, and the dense pass over the heal text, run under bfloat16
-    # autocast where the device computes it natively (`auto`; heal.training_dtype), else in float32.
-    # The adapters, the optimizer, the dense model's final head and log-probabilities and the merged
-    # weights stay float32.
-    precision: HealPrecision = HealPrecision.auto
-    objective: HealObjective = HealObjective.auto
-
-    def sources(self) -> tuple[str, ...]:
-        return text_sources(self.source)
-
-    def windows_of(self, source: str) -> int:
-        """Heal windows taken from one source: `samples`, else SELF_HEAL_WINDOWS of self-generated
-        text and TEXT_HEAL_WINDOWS of real text."""
-        if self.samples is not None:
-            return self.samples
-        return SELF_HEAL_WINDOWS if source == SELF_TEXT else TEXT_HEAL_WINDOWS
-
-    def needs_in_memory(self) -> str | None:
-        """What of this heal needs the whole model in memory (None: it heals a streamed model too)."""
-        if self.objective is HealObjective.logits:
-            return "--heal-objective logits (training runs the whole model)"
-        if SELF_TEXT in self.sources():
-            return f"self-generated heal text (--heal-text {self.source})"
-        return None
-
-    def objective_for(self, in_memory: bool) -> HealObjective:
-        """The objective a model loaded this way is healed with."""
-        if self.objective is HealObjective.auto:
-            return HealObjective.logits if in_memory else HealObjective.blocks
-        return self.objective
 
 
 class EvalPlan(BaseModel):
@@ -336,6 +123,23 @@ class Plan(BaseModel):
         return blocks_to_remove(n_blocks, self.remove, self.ratio)
 
 
+# What a replayed plan takes from the command line: where and how to run, never what to remove.
+REPLAY_KEEPS_FROM_COMMAND = ("model", "device", "dtype", "execution", "export", "evaluation", "heal")
+
+
+def make_plan(plan_file: Path | None, **choices) -> Plan:
+    """The plan of a run from its choices, or, with a `plan_file` (--plan), the recorded one with
+    its decision, keeping from `choices` only REPLAY_KEEPS_FROM_COMMAND."""
+    if plan_file is None:
+        return Plan.make(**choices)
+    recorded, replay = read_replay(plan_file)
+    for key in REPLAY_KEEPS_FROM_COMMAND:
+        if key in choices and (choices[key] is not None or key not in recorded):
+            recorded[key] = choices[key]
+    recorded.pop("replay", None)
+    return Plan.make(**recorded, replay=replay)
+
+
 def validation_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
@@ -357,41 +161,36 @@ def blocks_to_remove(n_blocks: int, remove: int | None, ratio: float | None) -> 
     return remove
 
 
-# Config keys whose values fix the tensor shapes a replayed decision must find again.
-SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+class HealRunPlan(BaseModel):
+    """What `heal` does to a pruned checkpoint written earlier."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pruned: Path  # a folder written by `prune` (or build --keep-hf's hf/)
+    reference: str | None = None  # the dense model (None: the one its pruning.json records)
+    heal: HealPlan = HealPlan()
+    # --heal-text; None: the default for the calibration its pruning.json records (default_heal_text).
+    text: str | None = None
+    evaluation: EvalPlan | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    execution: Execution = Execution.auto
 
 
-def shapes_of(config: dict) -> dict[str, int]:
-    return {k: int(config[k]) for k in SHAPE_KEYS if isinstance(config.get(k), int)}
+class EvalRunPlan(BaseModel):
+    """What `eval` measures: perplexity on held-out text, with a reference KL and top-1 agreement."""
 
+    model_config = ConfigDict(frozen=True)
 
-def read_replay(path: Path) -> tuple[dict, Replay]:
-    """The recorded plan (as a dict of choices) and the decision of a pruning.json (or of the
-    folder holding one); one clear line for anything unreadable."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "pruning.json"
-    if not path.is_file():
-        raise UserError(f"plan file {path} does not exist: give a pruning.json written by mi-prun-edge")
-    try:
-        data = json.loads(path.read_text())
-        replay = Replay(
-            manifest=str(path.resolve()), removed=data["removed"], architecture=data["architecture"],
-            blocks_before=data["blocks_before"], shapes=data.get("shapes", {}),
-        )
-    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as err:
-        raise UserError(f"{path} is not a pruning.json of mi-prun-edge ({type(err).__name__}: {err})") from None
-    return dict(data.get("plan") or {}), replay
-
-
-def check_replay(replay: Replay, architecture: str, n_blocks: int, config: dict) -> None:
-    """Refuse a recorded decision on a model it does not fit (before any weights load)."""
-    where = f"the plan {replay.manifest}"
-    if replay.architecture != architecture:
-        raise UserError(f"{where} was made for a {replay.architecture} model, not {architecture}")
-    if replay.blocks_before != n_blocks:
-        raise UserError(f"{where} was made for {replay.blocks_before} blocks; this model has {n_blocks}")
-    shapes = shapes_of(config)
-    differ = [f"{k} {v} (plan: {replay.shapes[k]})" for k, v in shapes.items() if k in replay.shapes and replay.shapes[k] != v]
-    if differ:
-        raise UserError(f"{where} does not fit this model's tensor shapes: {', '.join(differ)}")
+    data: str
+    model: str | None = None
+    reference: str | None = None
+    seq_len: int = 512
+    stride: int | None = None  # None: non-overlapping windows
+    max_windows: int | None = None
+    batch_size: int = 4
+    tasks: tuple[str, ...] = ()  # lm-eval tasks
+    task_limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    execution: Execution = Execution.auto

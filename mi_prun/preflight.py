@@ -14,7 +14,9 @@ from .atomic import check_target
 from .calibration import check_text_source
 from .errors import UserError
 from .load import ModelSource, inspect_model, resolve_source
-from .plan import SELF_TEXT, Estimator, HealObjective, HealPlan, Objective, Plan, Target, check_replay, text_sources
+from .heal_plan import text_sources
+from .plan import SELF_TEXT, Estimator, HealObjective, HealPlan, Objective, Plan, Target
+from .replay import check_replay
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def inspect(model: str | None) -> Inspected:
 def require_export_tools(target: Target) -> None:
     """Missing runtimes are reported before minutes of pruning, not after."""
     if target is Target.gguf:
-        from exporters import llamacpp
+        from .runtimes import llamacpp
 
         llamacpp.llama_cpp_module()
         return
@@ -104,7 +106,7 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
     if plan.export is not None:
         require_export_tools(plan.export.target)
         if plan.export.target is Target.onnx:
-            from exporters.onnx_export import check_supported
+            from .runtimes.onnx_export import check_supported
 
             check_supported(inspected.spec)
     return inspected
@@ -134,7 +136,8 @@ def check_heal(pruned: Path, reference: str | None, out: Path, force: bool, eval
     from pydantic import ValidationError
 
     from .manifest import MANIFEST_NAME, PruningManifest
-    from .plan import read_replay, validation_line
+    from .plan import validation_line
+    from .replay import read_replay
 
     if distributed.active():
         raise UserError("heal trains one model in one process: run it without torchrun")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -39,6 +40,10 @@ class Reporter:
         # Plain text: messages carry paths and lists such as "mi-prun[renyi]" that rich would read as markup.
         if not self.quiet:
             self.console.print(message, style=style, markup=False, highlight=False)
+
+    def warn(self, message: str) -> None:
+        """A warning about the numbers a run will give: shown even under --quiet."""
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 QUIET = Reporter(quiet=True)

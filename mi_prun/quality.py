@@ -16,7 +16,8 @@ from . import distributed
 from .evaluate import EvalResult, EvalWindows, evaluate, final_states, strided_windows
 from .load import LoadedModel, ModelSource
 from .manifest import MANIFEST_NAME, PruningManifest, QualityInfo
-from .plan import SELF_TEXT, EvalPlan, text_sources
+from .heal_plan import text_sources
+from .plan import SELF_TEXT, EvalPlan
 from .progress import QUIET, Reporter
 
 # For evaluation a dataset preset means its test split (calibration presets mean validation).

@@ -8,8 +8,10 @@ import sys
 from . import distributed
 from .calibration import canonical_source, diversity
 from .compensate import can_compensate
-from .manifest import CalibrationInfo, CompensationInfo, DistributedInfo, CompensationRun, PruningManifest, package_versions
-from .plan import Estimator, Plan, shapes_of
+from .manifest import (CalibrationInfo, CompensationInfo, CompensationRun, DistributedInfo, ExportInfo, PruningManifest, QualityInfo,
+                       package_versions)
+from .plan import Estimator, Plan
+from .replay import shapes_of
 
 
 def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
@@ -54,7 +56,7 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
+def build_manifest(loaded, plan: Plan, result, quality: QualityInfo | None = None, exports: list[ExportInfo] = ()) -> PruningManifest:
     cal = plan.calibration
     scores = result.scores
     return PruningManifest(
@@ -93,4 +95,6 @@ def build_manifest(loaded, plan: Plan, result) -> PruningManifest:
         peak_rss_mib_after=dict(result.peak_rss_mib),
         timings_s={k: round(v, 3) for k, v in result.timings.items()},
         versions=package_versions(),
+        quality=quality,
+        exports=list(exports),
     )
