@@ -2,16 +2,19 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
-from exporters import llamacpp
-from exporters.gguf_export import GGUFType, export_gguf
+from mi_prun.runtimes import llamacpp
+from mi_prun.runtimes.formats import GGUFType
+from mi_prun.runtimes.gguf_export import export_gguf
 from mi_prun.budget import Budget, parse_fraction, parse_size, pick
 from mi_prun.cli import app
 from mi_prun.errors import UserError
-from mi_prun.frontier import pareto, work_dir
+from mi_prun.frontier import Frontier, pareto
+from mi_prun.frontier.measure import work_dir
 from mi_prun.manifest import PruningManifest
 from tests.conftest import TINY_BLOCKS, WIKI_TEST
 
@@ -73,8 +76,11 @@ def test_fronts_hold_the_points_no_other_beats(measured):
         if p["on_size_front"]:  # nothing both smaller-or-equal and strictly better
             assert not any(q["bytes"] <= p["bytes"] and q["ppl_primary"] < p["ppl_primary"] for q in points)
     # A point beaten on both axes is off the front.
-    toy = [{"ppl_primary": 1.0, "bytes": 10}, {"ppl_primary": 2.0, "bytes": 20}, {"ppl_primary": 3.0, "bytes": 5}]
-    assert pareto(toy, lambda a, b: a["bytes"] <= b["bytes"]) == [True, False, True]
+    toy = [SimpleNamespace(ppl_primary=1.0, bytes=10), SimpleNamespace(ppl_primary=2.0, bytes=20), SimpleNamespace(ppl_primary=3.0, bytes=5)]
+    assert pareto(toy, lambda a, b: a.bytes <= b.bytes) == [True, False, True]
+    # Equal on both axes: neither beats the other.
+    twins = [SimpleNamespace(ppl_primary=1.0, bytes=10), SimpleNamespace(ppl_primary=1.0, bytes=10)]
+    assert pareto(twins, lambda a, b: a.bytes <= b.bytes) == [True, True]
 
 
 def test_build_with_a_size_budget_ships_the_best_point_that_fits(measured, tmp_path):
@@ -99,8 +105,8 @@ def test_speed_budget_and_unmeetable_budget(measured, tmp_path):
     result = invoke("build", "--model", src, "--frontier", out, "--min-speedup", fastest * 2, "--out", tmp_path / "none")
     assert result.exit_code == 2 and "no measured point meets the budget" in result.output
     assert not (tmp_path / "none").exists()
-    point, why = pick(frontier, Budget(min_speedup=1.0))
-    assert point["speedup"] >= 1.0 and all(p["ppl_primary"] >= point["ppl_primary"] for p in frontier["points"] if p["speedup"] >= 1.0)
+    point, why = pick(Frontier.model_validate(frontier), Budget(min_speedup=1.0))
+    assert point.speedup >= 1.0 and all(p["ppl_primary"] >= point.ppl_primary for p in frontier["points"] if p["speedup"] >= 1.0)
 
 
 def test_budget_input_errors_are_one_line_before_any_work(measured, tmp_path):
@@ -154,7 +160,7 @@ def test_points_of_another_frontier_are_not_reused(measured, calib_txt, tmp_path
 def test_onnx_frontier_exports_and_measures_every_point_in_onnxruntime(export_models, calib_txt, tmp_path):
     """--target onnx: each point exported at fp32 and int4 by the model builder, quality in
     onnxruntime, speed in onnxruntime-genai; a size budget ships the picked export folder."""
-    from exporters.onnx_export import OnnxSession, onnx_perplexity
+    from mi_prun.runtimes.onnx_export import OnnxSession, onnx_perplexity
 
     model, out = export_models["llama"], tmp_path / "onnx-frontier"
     result = invoke("frontier", "--target", "onnx", "--model", model, "--remove", "0,2", "--eval", WIKI_TEST,

@@ -1,13 +1,18 @@
-"""Every command-line option, declared once: commands take these types, so they cannot drift."""
+"""Every command-line option, declared once: its type and help here, its default read from the plan
+field it sets (Plan, CalibrationSpec, ExportPlan, EvalPlan, HealPlan), so `--help` and the plan
+cannot drift. A command names the options it takes (`takes`); `plans` turns them into a plan."""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from ..plan import DEFAULT_BUILD_RATIO, CalibrationSpec, CompensatedType, Estimator, GGUFType, HealObjective, HealPlan, HealPrecision, Method, Objective, OnnxPrecision, StateView, Target
+from ..plan import (DEFAULT_BUILD_RATIO, CalibrationSpec, CompensatedType, Estimator, EvalPlan, ExportPlan, GGUFType, HealObjective,
+                    HealPlan, HealPrecision, Method, Objective, OnnxPrecision, Plan, StateView, Target)
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
@@ -35,8 +40,6 @@ Objectives = Annotated[Optional[list[Objective]], typer.Option(
 Swaps = Annotated[int, typer.Option("--swaps", min=0, help="Single-block swaps of the best MI-PRUN proposal verified per round (0: none).")]
 
 Calib = Annotated[str, typer.Option("--calib", help="Calibration text: .txt/.jsonl/.parquet file, a dataset (wikitext2, PATH[@CONFIG][:SPLIT]), or 'self'.")]
-# The calibration settings' defaults, read by every command that calibrates: CalibrationSpec is their one source.
-CALIB_DEFAULTS = CalibrationSpec()
 NSamples = Annotated[int, typer.Option("--n-samples", help="Calibration sequences.")]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for calibration sampling, token subsampling and random selection.")]
@@ -52,8 +55,6 @@ Heal = Annotated[bool, typer.Option(
     "--heal",
     help="Distil the pruned model toward the dense one (LoRA near each cut, merged into plain weights) before export.",
 )]
-# The heal settings' defaults, read by every command that heals: HealPlan is their one source.
-HEAL_DEFAULTS = HealPlan()
 HealSteps = Annotated[int, typer.Option("--heal-steps", min=1, help="Healing: optimizer steps, at most (per healed block with --heal-objective blocks).")]
 HealMinutes = Annotated[float, typer.Option("--heal-minutes", min=0.01, help="Healing: minutes for the whole heal stage (heal text, dense pass, training), at most; training stops at whichever budget ends first.")]
 HealReach = Annotated[int, typer.Option("--heal-reach", min=1, help="Healing: adapt the kept blocks within this many blocks of a cut (1: the two beside it). More heals more, but in a GGUF pruned in place every adapted projection is written at 8 bits: the file grows.")]
@@ -89,3 +90,58 @@ MaxPplIncrease = Annotated[Optional[str], typer.Option(
     "--max-ppl-increase", help="Budget: perplexity at most this much above the model as given (e.g. 10%); picks from a measured --frontier.")]
 FrontierDir = Annotated[Optional[Path], typer.Option(
     "--frontier", help="A folder written by `mi-prun-edge frontier`: the budgets pick its best point that meets them, and that file ships.")]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its type with typer's declaration, and its default (none: required)."""
+
+    annotation: Any
+    default: Any = inspect.Parameter.empty
+
+
+# The plans whose field defaults are the options' defaults.
+PLAN, CALIB, EXPORT, HEAL = Plan(remove=1), CalibrationSpec(), ExportPlan(), HealPlan()
+EVAL_WINDOWS = EvalPlan.model_fields["windows"].default
+
+# The options several commands share, by parameter name.
+OPTIONS: dict[str, Option] = {
+    "out": Option(Out), "force": Option(Force, False), "quiet": Option(Quiet, False),
+    "model": Option(Model, None), "device": Option(Device, PLAN.device), "dtype": Option(Dtype, PLAN.dtype),
+    "streamed": Option(Streamed, None), "plan_file": Option(PlanFile, None),
+    "remove": Option(Remove, None), "ratio": Option(Ratio, None),
+    "method": Option(MethodOpt, PLAN.method), "estimator": Option(EstimatorOpt, PLAN.estimator), "view": Option(ViewOpt, PLAN.view),
+    "calib": Option(Calib, CALIB.source), "n_samples": Option(NSamples, CALIB.n_samples), "seq_len": Option(SeqLen, CALIB.seq_len),
+    "seed": Option(Seed, PLAN.seed), "top_k": Option(TopK, PLAN.top_k), "verify": Option(Verify, PLAN.verify),
+    "objective": Option(Objectives, None), "swaps": Option(Swaps, PLAN.swaps),
+    "compensate": Option(Compensate, PLAN.compensate), "compensation_samples": Option(CompensationSamples, PLAN.compensation_samples),
+    "target": Option(TargetOpt, EXPORT.target), "gguf_type": Option(GGUFTypeOpt, EXPORT.gguf_type),
+    "compensated_type": Option(CompensatedTypeOpt, EXPORT.compensated_type),
+    "onnx_precision": Option(OnnxPrecisionOpt, EXPORT.onnx_precision), "keep_hf": Option(KeepHF, EXPORT.keep_hf),
+    "eval_data": Option(EvalData, None), "eval_windows": Option(EvalWindows, EVAL_WINDOWS),
+    "heal": Option(Heal, False), "heal_steps": Option(HealSteps, HEAL.steps), "heal_minutes": Option(HealMinutes, HEAL.minutes),
+    "heal_samples": Option(HealSamples, HEAL.samples), "heal_reach": Option(HealReach, HEAL.reach),
+    "heal_rank": Option(HealRank, HEAL.rank), "heal_norms": Option(HealNorms, HEAL.norms),
+    "heal_precision": Option(HealPrecisionOpt, HEAL.precision), "heal_objective": Option(HealObjectiveOpt, HEAL.objective),
+    "heal_text": Option(HealText, None),
+    "max_size": Option(MaxSize, None), "min_speedup": Option(MinSpeedup, None), "max_ppl_increase": Option(MaxPplIncrease, None),
+    "frontier": Option(FrontierDir, None),
+}
+# The options of the pruning plan, in the order the pruning commands show them.
+PRUNING = ("method", "estimator", "view", "calib", "n_samples", "seq_len", "top_k", "verify", "objective", "swaps")
+HEALING = ("heal_steps", "heal_minutes", "heal_samples", "heal_reach", "heal_rank", "heal_norms", "heal_precision",
+           "heal_objective", "heal_text")
+
+
+def takes(*params: str | tuple[str, Option]) -> Callable:
+    """Give a command `def command(**options)` these options, in this order: a name from OPTIONS,
+    or (name, Option) for one of the command's own. Typer reads the signature made here."""
+    def with_signature(command: Callable) -> Callable:
+        parameters = []
+        for param in params:
+            name, option = (param, OPTIONS[param]) if isinstance(param, str) else param
+            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option.annotation,
+                                                default=option.default))
+        command.__signature__ = inspect.Signature(parameters)
+        return command
+    return with_signature

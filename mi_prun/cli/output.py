@@ -85,3 +85,44 @@ def metric_table(title: str, rows: list[tuple[str, str]]) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def export_line(e, out) -> None:
+    line(f"{e.target} {e.format_type}: {out / e.file} ({e.bytes / 2**20:.1f} MiB; {e.route})")
+
+
+def built(result) -> None:
+    """What `build` prints: the decision, the files, healing and quality, the timings."""
+    manifest, out = result.manifest, result.out
+    decision(manifest)
+    for e in manifest.exports:
+        export_line(e, out)
+    if manifest.heal:
+        healed(manifest)
+    if manifest.quality:
+        quality(manifest.quality)
+    timings(manifest)
+    line(f"wrote {out} (model card: {out / 'README.md'})")
+
+
+def pruned(result) -> None:
+    manifest = result.manifest
+    block_table(manifest.block_scores, manifest.removed)
+    decision(manifest)
+    timings(manifest)
+    line(f"wrote {result.out}")
+
+
+def healed_checkpoint(result) -> None:
+    healed(result.manifest)
+    if result.manifest.quality:
+        quality(result.manifest.quality)
+    line(f"wrote {result.out} (export it with `mi-prun-edge export --model {result.out}`)")
+
+
+def frontier_points(frontier, out) -> None:
+    for p in frontier.points:
+        marks = [m for m, on in (("size", p.on_size_front), ("speed", p.on_speed_front)) if on]
+        line(f"{p.label}: {p.bytes / 2**20:.1f} MiB, ppl {p.ppl_primary:.2f}, {p.decode_tok_s.median:.1f} tok/s"
+             + (f"  [front: {', '.join(marks)}]" if marks else ""))
+    line(f"wrote {out / 'frontier.md'}")

@@ -1,0 +1,170 @@
+"""What `frontier` builds (FrontierPlan) and what it measured (FrontierPoint, Frontier), and the
+Pareto fronts over them. Torch-free: budgets read a frontier in milliseconds."""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import UserError
+from ..plan import ExportPlan, HealPlan, OnnxPrecision, Plan, Target
+
+FRONTIER_JSON = "frontier.json"
+DEFAULT_RATIOS = (0.0, 0.0625, 0.125, 0.1875, 0.25)
+DEFAULT_TYPES = ("f16", "q8_0", "q4_k_m", "q4_0")
+ONNX_TYPES = ("fp32", "int4")
+RUNTIME = {Target.gguf: "llama.cpp", Target.onnx: "onnxruntime"}
+SPEED_RUNTIME = {Target.gguf: "llama.cpp", Target.onnx: "onnxruntime-genai"}
+
+
+class FrontierPlan(BaseModel):
+    """What `frontier` builds and measures. Every pruned point is `build` with `build`'s choices."""
+
+    model_config = ConfigDict(frozen=True)
+
+    build: Plan  # the build of every pruned point; its remove/ratio is replaced per point
+    target: Target = Target.gguf  # the runtime every point is made for and measured in
+    removes: tuple[int, ...] | None = None  # blocks removed at each point (0: the model as given)
+    ratios: tuple[float, ...] | None = None  # or fractions of the blocks
+    gguf_types: tuple[str, ...] = DEFAULT_TYPES  # llama.cpp types every point is quantized to (--target gguf)
+    onnx_types: tuple[str, ...] = ONNX_TYPES  # model builder precisions every point is exported at (--target onnx)
+    heal_at: tuple[int, ...] = ()  # blocks-removed values also built healed (build.heal's budget)
+    texts: tuple[str, ...]  # held-out texts; the first decides the fronts and carries the KL
+    windows: int = Field(24, ge=1)
+    seq_len: int = Field(512, ge=16)
+    kl_windows: int = Field(8, ge=1)
+    speed_repeats: int = Field(3, ge=1)
+    prompt_tokens: int = Field(128, ge=1)
+    decode_tokens: int = Field(64, ge=2)
+    # Runtime threads for decode and prompt (llama-cpp-python's own default decodes on half the cores).
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FrontierPlan":
+        if (self.removes is None) == (self.ratios is None):
+            raise ValueError("give the points as --remove 0,2,4 or as --ratio 0,0.1,0.2, not both")
+        if any(r < 0 for r in self.removes or ()) or any(not 0 <= r < 1 for r in self.ratios or ()):
+            raise ValueError("blocks removed must be >= 0 and ratios in [0, 1)")
+        if not self.texts:
+            raise ValueError("give at least one held-out text (--eval)")
+        return self
+
+    def counts(self, n_blocks: int) -> list[int]:
+        """The distinct numbers of blocks removed, checked against the model before any weights load."""
+        counts = sorted({*(self.removes or ()), *(round(r * n_blocks) for r in self.ratios or ())} | {0})
+        if counts[-1] >= n_blocks:
+            raise UserError(f"cannot remove {counts[-1]} of {n_blocks} blocks: at least one must stay")
+        missing = [n for n in self.heal_at if n not in counts or n == 0]
+        if missing:
+            raise UserError(f"--heal-at {missing}: heal only points that are built (removing {counts[1:]} blocks)")
+        return counts
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return self.gguf_types if self.target is Target.gguf else self.onnx_types
+
+    def builds(self, counts: list[int]) -> list[tuple[int, bool]]:
+        """The (blocks removed, healed) points that are built (0 removed is the model as given)."""
+        return [(n, False) for n in counts if n > 0] + [(n, True) for n in counts if n in self.heal_at]
+
+    def point_plan(self, n: int, healed: bool) -> Plan:
+        # An ONNX point is built at fp32 with its checkpoint kept: the other precisions are exported from it.
+        export = ExportPlan(target=Target.gguf) if self.target is Target.gguf else \
+            ExportPlan(target=Target.onnx, onnx_precision=OnnxPrecision.fp32, keep_hf=True)
+        return self.build.model_copy(update={
+            "remove": n, "ratio": None, "heal": (self.build.heal or HealPlan()) if healed else None,
+            "export": export, "evaluation": None})
+
+
+def point_name(n: int, healed: bool) -> str:
+    """The folder of a built point."""
+    return f"remove-{n}" + ("-healed" if healed else "")
+
+
+class Stats(BaseModel):
+    """Repeated timings: median (min-max) and every run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    median: float
+    min: float
+    max: float
+    runs: list[float]
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Stats":
+        return cls(median=statistics.median(values), min=min(values), max=max(values), runs=list(values))
+
+
+class FrontierPoint(BaseModel):
+    """One blocks-removed x type point, as measured in its runtime (frontier.json keeps these keys)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    removed_blocks: int
+    removed: list[int]
+    healed: bool
+    file: str  # relative to the frontier folder, or the model as given
+    type: str
+    build: dict[str, float] | None  # the build's stage timings (None: the model as given)
+    ppl: dict[str, float]  # per held-out text
+    kl_to_dense: float
+    top1_agreement: float
+    ppl_primary: float
+    bytes: int
+    prefill_ms: Stats
+    decode_tok_s: Stats
+    speedup: float = 1.0  # decode speed over the model as given
+    ppl_increase: float = 0.0  # perplexity on the first text over the model as given, minus 1
+    on_size_front: bool = False
+    on_speed_front: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.removed_blocks} removed{' healed' if self.healed else ''}, {self.type}"
+
+
+class Frontier(BaseModel):
+    """A measured frontier: frontier.json."""
+
+    model_config = ConfigDict(frozen=True)
+
+    command: str | None
+    model: str
+    default_model: bool
+    target: str
+    runtime: str
+    speed_runtime: str
+    reference: str
+    n_blocks: int
+    source_type: str | None
+    plan: dict
+    primary_text: str
+    eval: dict[str, str]
+    kl: str
+    speed: str
+    machine: str
+    points: list[FrontierPoint]
+    contention: dict
+    timing_contention: dict
+
+
+def pareto(points: list[FrontierPoint], better_x) -> list[bool]:
+    """Whether each point is on the front of quality (lower ppl is better) against an axis where
+    `better_x(a, b)` says a is at least as good as b; ties on both count as not beaten."""
+    def beats(q: FrontierPoint, p: FrontierPoint) -> bool:
+        return q.ppl_primary <= p.ppl_primary and better_x(q, p) and (q.ppl_primary < p.ppl_primary or not better_x(p, q))
+
+    return [not any(beats(q, p) for q in points if q is not p) for p in points]
+
+
+def with_fronts(points: list[FrontierPoint]) -> list[FrontierPoint]:
+    """The points against the first (the model as given): speedup, perplexity increase, fronts marked."""
+    as_given = points[0]
+    points = [p.model_copy(update={"speedup": p.decode_tok_s.median / as_given.decode_tok_s.median,
+                                   "ppl_increase": p.ppl_primary / as_given.ppl_primary - 1}) for p in points]
+    size = pareto(points, lambda a, b: a.bytes <= b.bytes)
+    speed = pareto(points, lambda a, b: a.decode_tok_s.median >= b.decode_tok_s.median)
+    return [p.model_copy(update={"on_size_front": s, "on_speed_front": f}) for p, s, f in zip(points, size, speed)]

@@ -1,0 +1,100 @@
+"""A measured frontier as a folder: frontier.json, the markdown table with its answer, the chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..machine import contention_line
+from ..plan import Target
+from .points import FRONTIER_JSON, Frontier, FrontierPoint
+
+
+def report(frontier: Frontier) -> str:
+    points, primary = frontier.points, frontier.primary_text
+    others = [t for t in points[0].ppl if t != primary]
+    lines = [
+        f"# Prune x quantize frontier: {Path(frontier.model).name}",
+        "",
+        f"Command: `{frontier.command}`" if frontier.command else "",
+        "",
+        (f"Every point measured in one run: quality in {frontier.runtime}, speed in {frontier.speed_runtime}. "
+         if frontier.target == Target.onnx.value else "Every point measured in llama.cpp in one run. ")
+        + "Quality: perplexity on "
+        + "; ".join(f"{k} ({v})" for k, v in frontier.eval.items()) + f"; {frontier.kl}. "
+        f"Speed: {frontier.speed}; median (min-max). Machine: {frontier.machine}.",
+        "Whole run: " + contention_line(frontier.contention),
+        "While timing: " + contention_line(frontier.timing_contention),
+        "",
+        "| blocks removed | removed | type | size MiB | ppl " + Path(primary).name + " | " + " | ".join(f"ppl {Path(t).name}" for t in others)
+        + (" | " if others else "") + "KL | top-1 | prefill ms | decode tok/s | speedup | front: size | front: speed |",
+        "|---" * (12 + len(others)) + "|",
+    ]
+    lines += [_row(p, others) for p in points]
+    lines += ["", *answer(frontier), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _row(p: FrontierPoint, others: list[str]) -> str:
+    d, f = p.decode_tok_s, p.prefill_ms
+    return (f"| {p.removed_blocks}{' healed' if p.healed else ''} | {p.removed} | {p.type} | {p.bytes / 2**20:.1f} | "
+            f"{p.ppl_primary:.2f} | " + "".join(f"{p.ppl[t]:.2f} | " for t in others)
+            + f"{p.kl_to_dense:.4f} | {p.top1_agreement:.1%} | {f.median:.1f} ({f.min:.1f}-{f.max:.1f}) | "
+            f"{d.median:.1f} ({d.min:.1f}-{d.max:.1f}) | {p.speedup:.2f}x | "
+            f"{'yes' if p.on_size_front else ''} | {'yes' if p.on_speed_front else ''} |")
+
+
+def answer(frontier: Frontier) -> list[str]:
+    """The question the frontier is for, answered from its own points."""
+    out = []
+    for front, what in (("on_size_front", "quality against size"), ("on_speed_front", "quality against decode speed")):
+        pruned = [p.label for p in frontier.points if getattr(p, front) and p.removed_blocks > 0]
+        dense = [p.label for p in frontier.points if getattr(p, front) and p.removed_blocks == 0]
+        if pruned:
+            out.append(f"- Front of {what}: pruned points on it: {', '.join(pruned)}; unpruned: {', '.join(dense) or 'none'}.")
+        else:
+            out.append(f"- Front of {what}: no pruned point is on it; every pruned point is beaten by an unpruned "
+                       f"quantization ({', '.join(dense)}): a lower quantization pays more than removing blocks here.")
+    if frontier.target == Target.onnx.value and frontier.source_type not in (None, "f32", "f16", "bf16"):
+        out.append(f"- The model as given is {frontier.source_type}: its fp32 export holds those rounded weights (the reference "
+                   "the KL is taken to), and int4 rounds them again.")
+    elif frontier.source_type not in (None, "f32", "f16", "bf16"):
+        out.append(f"- The model as given is {frontier.source_type}: every other type is made from its weights, so "
+                   "f16 and q8_0 carry its quantization error (they cannot beat it by more than the rounding of the "
+                   "activations), and a lower type rounds already rounded weights again.")
+    return out
+
+
+def chart(frontier: Frontier, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = frontier.points
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, x_of, xlabel, front in (
+            (axes[0], lambda p: p.bytes / 2**20, "size (MiB)", "on_size_front"),
+            (axes[1], lambda p: p.decode_tok_s.median, f"decode tokens/s ({frontier.speed_runtime})", "on_speed_front")):
+        for n in sorted({p.removed_blocks for p in points}):
+            for healed in (False, True):
+                group = [p for p in points if p.removed_blocks == n and p.healed == healed]
+                if group:
+                    ax.scatter([x_of(p) for p in group], [p.ppl_primary for p in group], marker="^" if healed else "o",
+                               label=f"{n} removed{' healed' if healed else ''}")
+        best = sorted((p for p in points if getattr(p, front)), key=x_of)
+        ax.plot([x_of(p) for p in best], [p.ppl_primary for p in best], "k--", lw=1, label="front")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"perplexity, {Path(frontier.primary_text).name}")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"prune x quantize: {Path(frontier.model).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(frontier: Frontier, folder: Path) -> None:
+    """frontier.json (the keys budgets read), frontier.md and frontier.png into `folder`."""
+    (folder / FRONTIER_JSON).write_text(frontier.model_dump_json(indent=2) + "\n")
+    (folder / "frontier.md").write_text(report(frontier))
+    chart(frontier, folder / "frontier.png")
