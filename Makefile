@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-methods bench-stability bench-ranks bench-scale bench-frontier bench-frontier-onnx clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-stability bench-ranks bench-scale bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,11 +62,6 @@ bench-quality:
 	$(PY) benchmarks/shipped.py --n 4 6 8 --rows default no-compensate shortgpt angular sleb ppl wiki-valid swaps \
 		--skip no-compensate@6 wiki-valid@6 --out reports/quality
 
-# Every selection method and estimator in torch, with MI-PRUN's proposals and Fast-Block-Select's gap
-# to the exact optimum (a few hours on 2 cores; cached in out/bench-cache).
-bench-methods:
-	$(PY) benchmarks/quality.py
-
 # Each method's removed blocks from three calibration sources and three seeds (about 45 minutes).
 bench-stability:
 	$(PY) benchmarks/stability.py --n 4
@@ -106,6 +101,26 @@ bench-frontier-onnx:
 
 bench-scale:
 	$(PY) benchmarks/scale.py
+
+# Healing against the training-free build at N = 4 and 8, measured on what ships (reports/heal.md).
+bench-heal:
+	$(PY) benchmarks/shipped.py --n 4 8 --rows default heal heal-wiki-valid-docs --work out/bench-shipped-heal6 --out reports/heal
+
+# The build default and the baselines on Gemma 3 270M, 3 blocks removed (reports/shipped_gemma3-270m.md).
+bench-gemma3:
+	$(PY) benchmarks/shipped.py --model gemma3-270m --n 3 --rows default no-compensate shortgpt angular
+
+# Which GGUF type the tensors that compensation rewrites get (reports/compensated_type.md).
+bench-compensated-type:
+	$(PY) benchmarks/compensated_type.py
+
+# A healed build survives export: llama.cpp on the f16 GGUF against transformers (reports/heal_parity.md).
+bench-heal-parity:
+	$(PY) benchmarks/heal_parity.py
+
+# Does a block score track removal damage: Spearman, every estimator and view (reports/rank_correlation.md).
+bench-rank-correlation:
+	$(PY) benchmarks/rank_correlation.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from mi_prun.load import default_model_path
+from mi_prun.machine import machine_line
+from mi_prun.manifest import PruningManifest
+from mi_prun.runtimes import llamacpp
 
-from exporters import llamacpp  # noqa: E402
-from machine import machine_line  # noqa: E402
-from mi_prun.load import default_model_path  # noqa: E402
-from mi_prun.manifest import PruningManifest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 CLI = [sys.executable, "-m", "mi_prun"]

@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import synthetic
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import synthetic  # noqa: E402
-
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 CLI = [sys.executable, "-m", "mi_prun", "build", "--target", "gguf", "--force", "--quiet"]
 

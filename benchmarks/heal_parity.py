@@ -13,11 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mi_prun.runtimes import llamacpp
+from mi_prun.runtimes.parity import compare_logits, transformers_logits
 
-from exporters import llamacpp  # noqa: E402
-from exporters.parity import compare_logits, transformers_logits  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 BUILD = [sys.executable, "-m", "mi_prun", "build", "--target", "gguf", "--remove", "4", "--gguf-type", "f16", "--keep-hf",

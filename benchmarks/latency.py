@@ -32,21 +32,17 @@ import sys
 import time
 from pathlib import Path
 
+from mi_prun import jobs
+from mi_prun.load import load_model
+from mi_prun.machine import Contention, machine_line
+from mi_prun.manifest import MANIFEST_NAME, ExportInfo, PruningManifest
+from mi_prun.plan import CalibrationSpec, ExportPlan, Plan
+from mi_prun.progress import Reporter
+from mi_prun.runtimes.formats import GGUFType, OnnxPrecision, Target
+
+from latency_report import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
-
-from exporters.gguf_export import GGUFType  # noqa: E402
-from exporters.onnx_export import OnnxPrecision  # noqa: E402
-from machine import Contention, contention_line, machine_line  # noqa: E402
-from mi_prun.export import export_folder  # noqa: E402
-from mi_prun.load import load_model  # noqa: E402
-from mi_prun.manifest import MANIFEST_NAME, ExportInfo, PruningManifest  # noqa: E402
-from mi_prun.pipeline import prune, save_pruned  # noqa: E402
-from mi_prun.plan import CalibrationSpec, Plan, Target  # noqa: E402
-from mi_prun.progress import Reporter  # noqa: E402
-
-WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 WORKER = Path(__file__).with_name("latency_worker.py")
 
 # runtime label -> (worker runtime, artifact format, computes logits at every prompt position)
@@ -97,34 +93,37 @@ def recorded_plan(folder: Path) -> Plan | None:
         return None
 
 
+def save_dense(model: str | None, folder: Path) -> None:
+    """The dense model as loaded, saved as a Hugging Face folder (no command writes an unpruned checkpoint)."""
+    loaded = load_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+
+
 def build_variants(args, reporter) -> tuple[dict[str, Path], dict[str, list[int]]]:
     """Dense and pruned Hugging Face folders, and the blocks each pruned one removed.
 
-    A pruned variant is what `mi-prun-edge prune` writes (`pipeline.prune` + `pipeline.save_pruned`:
-    checkpoint and pruning.json); it is reused when its pruning.json records the same plan. The dense
-    folder is the loaded model saved as is, reused when present (use another --work for another --model).
+    A pruned variant is what `mi-prun-edge prune` writes (`jobs.prune`: the model loaded as the plan
+    says, checkpoint and pruning.json); it is reused when its pruning.json records the same plan. The
+    dense folder is the loaded model saved as is, reused when present (use another --work for another --model).
     """
     work = args.work
     variants = {"dense": work / "dense"} | {f"pruned-{n}": work / f"pruned-{n}" for n in args.remove}
     plans = {f"pruned-{n}": variant_plan(args, n) for n in args.remove}
     stale = [v for v, plan in plans.items() if recorded_plan(variants[v]) != plan]
-    if stale or not (variants["dense"] / "config.json").is_file():
-        loaded = load_model(args.model)
-        if not (variants["dense"] / "config.json").is_file():
-            variants["dense"].mkdir(parents=True, exist_ok=True)
-            loaded.model.save_pretrained(variants["dense"])
-            loaded.tokenizer.save_pretrained(variants["dense"])
-        for v in stale:
-            reporter.say(f"building {v}: {plans[v].remove} blocks removed, as `mi-prun-edge prune` does")
-            result = prune(loaded, plans[v], reporter)
-            save_pruned(loaded, plans[v], result, variants[v], force=True)
+    if not (variants["dense"] / "config.json").is_file():
+        save_dense(args.model, variants["dense"])
+    for v in stale:
+        reporter.say(f"building {v}: {plans[v].remove} blocks removed, as `mi-prun-edge prune` does")
+        jobs.prune(plans[v], variants[v], force=True, reporter=reporter)
     removed = {v: PruningManifest.read(variants[v]).removed for v in plans}
     return variants, removed
 
 
 def artifact(label: str, variant: str, hf: Path, work: Path, reporter) -> Path:
     """The runtime file (or folder) of a variant, exported as `mi-prun-edge export` does
-    (`export.export_folder`: export, then the written artifact checked in its runtime).
+    (`jobs.export`: export, then the written artifact checked in its runtime).
 
     An export is reused while the pruning.json it was made from (copied beside it) is the variant's own."""
     _, fmt, _ = RUNTIMES[label]
@@ -137,7 +136,7 @@ def artifact(label: str, variant: str, hf: Path, work: Path, reporter) -> Path:
     out = work / "exports" / f"{variant}.{fmt.value}"
     if not export_current(out, hf):
         reporter.say(f"exporting {variant} to {target.value} {fmt.value}")
-        export_folder(hf, target, out, gguf_type, True, reporter, onnx_precision=precision)
+        jobs.export(hf, ExportPlan(target=target, gguf_type=gguf_type, onnx_precision=precision), out, force=True, reporter=reporter)
     return out / ExportInfo.model_validate_json((out / "export.json").read_text()).file
 
 
@@ -203,22 +202,82 @@ def summarize(values: list[float]) -> dict:
 METRICS = ("prefill_128_s", "prefill_512_s", "ttft_s", "decode_tok_s")
 
 
+def rerender(argv: list[str]) -> None:
+    """`--render [OUT]`: the report of a finished run, re-rendered from its JSON."""
+    out = Path(argv[1]) if len(argv) > 1 else ROOT / "reports" / "bench"
+    write_report(json.loads(out.with_suffix(".json").read_text()), out)
+
+
+def remeasure_memory() -> None:
+    """`--memory-only`: peak memory of a finished run's artifacts, measured again into its report."""
+    out = ROOT / "reports" / "bench"
+    payload = json.loads(out.with_suffix(".json").read_text())
+    threads = payload["settings"]["threads"]
+    args = parse_args(["--threads", str(threads)])
+    for label, rows in payload["results"].items():
+        for row in rows.values():
+            row["memory"] = worker("memory", RUNTIMES[label][0], [ROOT / row["artifact"]], args)
+    payload["memory_command"] = "python benchmarks/latency.py --memory-only"
+    write_report(payload, out)
+
+
+def add_ratios(rows: dict, flops: dict, logits_everywhere: bool) -> None:
+    """Each variant's measured speedup over dense (ratio of medians) and the FLOP-predicted ideal."""
+    dense = rows["dense"]
+    for v, row in rows.items():
+        f, fd = flops[v], flops["dense"]
+        row["speedup"] = {
+            "prefill_512": dense["prefill_512_s"]["median"] / row["prefill_512_s"]["median"],
+            "prefill_128": dense["prefill_128_s"]["median"] / row["prefill_128_s"]["median"],
+            "decode": row["decode_tok_s"]["median"] / dense["decode_tok_s"]["median"],
+            "ttft": dense["ttft_s"]["median"] / row["ttft_s"]["median"],
+        }
+        row["ideal"] = {
+            "prefill_512": ideal_flops(fd, 512, logits_everywhere, False) / ideal_flops(f, 512, logits_everywhere, False),
+            "prefill_128": ideal_flops(fd, 128, logits_everywhere, False) / ideal_flops(f, 128, logits_everywhere, False),
+            "decode": ideal_flops(fd, 192, logits_everywhere, True) / ideal_flops(f, 192, logits_everywhere, True),
+        }
+
+
+def measure_runtime(label: str, variants: dict[str, Path], flops: dict, args, reporter) -> dict:
+    """Every variant in one runtime: exported, timed in one worker (alternating rounds), peak memory
+    in a fresh worker each, size on disk, speedups."""
+    runtime, _, logits_everywhere = RUNTIMES[label]
+    paths = {v: artifact(label, v, hf, args.work, reporter) for v, hf in variants.items()}
+    reporter.say(f"timing {label} ({args.repeats} alternating rounds)")
+    timing = worker("time", runtime, list(paths.values()), args)
+    rows = {}
+    for v, path in paths.items():
+        runs = timing["runs"][str(path)]
+        memory = worker("memory", runtime, [path], args)
+        rows[v] = {
+            "artifact": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+            "bytes": size_on_disk(path),
+            **{m: summarize([r[m] for r in runs]) for m in METRICS},
+            "memory": memory,
+        }
+    add_ratios(rows, flops, logits_everywhere)
+    return rows
+
+
+def installed(label: str, reporter) -> bool:
+    """Whether the runtime's module imports (saying so when it does not)."""
+    module = RUNTIME_MODULES[RUNTIMES[label][0]]
+    try:
+        __import__(module)
+    except ImportError:
+        reporter.say(f"skipping {label}: {module} is not installed")
+        return False
+    return True
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--render"]:  # re-render the report of a finished run from its JSON
-        out = Path(argv[1]) if len(argv) > 1 else ROOT / "reports" / "bench"
-        write_report(json.loads(out.with_suffix(".json").read_text()), out)
+    if argv[:1] == ["--render"]:
+        rerender(argv)
         return
-    if argv[:1] == ["--memory-only"]:  # re-measure peak memory of a finished run's artifacts
-        out = ROOT / "reports" / "bench"
-        payload = json.loads(out.with_suffix(".json").read_text())
-        threads = payload["settings"]["threads"]
-        args = parse_args(["--threads", str(threads)])
-        for label, rows in payload["results"].items():
-            for row in rows.values():
-                row["memory"] = worker("memory", RUNTIMES[label][0], [ROOT / row["artifact"]], args)
-        payload["memory_command"] = "python benchmarks/latency.py --memory-only"
-        write_report(payload, out)
+    if argv[:1] == ["--memory-only"]:
+        remeasure_memory()
         return
     args = parse_args(argv)
     reporter = Reporter()
@@ -230,41 +289,10 @@ def main(argv=None) -> None:
 
     results, skipped = {}, []
     for label in args.runtimes:
-        runtime, _, logits_everywhere = RUNTIMES[label]
-        try:
-            __import__(RUNTIME_MODULES[runtime])
-        except ImportError:
+        if not installed(label, reporter):
             skipped.append(label)
-            reporter.say(f"skipping {label}: {RUNTIME_MODULES[runtime]} is not installed")
             continue
-        paths = {v: artifact(label, v, hf, args.work, reporter) for v, hf in variants.items()}
-        reporter.say(f"timing {label} ({args.repeats} alternating rounds)")
-        timing = worker("time", runtime, list(paths.values()), args)
-        rows = {}
-        for v, path in paths.items():
-            runs = timing["runs"][str(path)]
-            memory = worker("memory", runtime, [path], args)
-            rows[v] = {
-                "artifact": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
-                "bytes": size_on_disk(path),
-                **{m: summarize([r[m] for r in runs]) for m in METRICS},
-                "memory": memory,
-            }
-        dense = rows["dense"]
-        for v, row in rows.items():
-            f, fd = flops[v], flops["dense"]
-            row["speedup"] = {
-                "prefill_512": dense["prefill_512_s"]["median"] / row["prefill_512_s"]["median"],
-                "prefill_128": dense["prefill_128_s"]["median"] / row["prefill_128_s"]["median"],
-                "decode": row["decode_tok_s"]["median"] / dense["decode_tok_s"]["median"],
-                "ttft": dense["ttft_s"]["median"] / row["ttft_s"]["median"],
-            }
-            row["ideal"] = {
-                "prefill_512": ideal_flops(fd, 512, logits_everywhere, False) / ideal_flops(f, 512, logits_everywhere, False),
-                "prefill_128": ideal_flops(fd, 128, logits_everywhere, False) / ideal_flops(f, 128, logits_everywhere, False),
-                "decode": ideal_flops(fd, 192, logits_everywhere, True) / ideal_flops(f, 192, logits_everywhere, True),
-            }
-        results[label] = rows
+        rows = results[label] = measure_runtime(label, variants, flops, args, reporter)
         reporter.say(json.dumps({v: (round(r["speedup"]["decode"], 3), round(r["ideal"]["decode"], 3)) for v, r in rows.items()}))
 
     payload = {
@@ -282,129 +310,6 @@ def main(argv=None) -> None:
     }
     write_report(payload, args.out)
     print(args.out.with_suffix(".md").read_text())
-
-
-def fixed_cost_fit(rows: dict, flops: dict) -> tuple[float, float]:
-    """Decode time per token = fixed + per_block * blocks, least squares over the variants (ms)."""
-    xs = [flops[v]["blocks"] for v in rows]
-    ys = [1000.0 / rows[v]["decode_tok_s"]["median"] for v in rows]
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
-
-
-def write_report(payload: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    s = payload["settings"]
-    lines = [
-        "# Latency and memory: dense vs pruned, per runtime",
-        "",
-        f"Command: `{payload['command']}`"
-        + (f"; peak memory re-measured with `{payload['memory_command']}`" if payload.get("memory_command") else "") + "  ",
-        f"Machine: {payload['machine']}. Wall time {payload['wall_s']} s.  ",
-        (contention_line(payload["contention"]) if payload.get("contention") else
-         "Machine load: not recorded by this run (made before the benchmark recorded it): its absolute times may be contended.") + "  ",
-        f"Model: {payload['model']}; removed blocks (MI-PRUN): "
-        + ", ".join(f"{k}: {v}" for k, v in payload["removed"].items())
-        + (f", built by `{payload['pruned_with']}` (compensated, as shipped)" if payload.get("pruned_with") else "") + ".  ",
-        f"Each runtime: one process, warm-up, then {s['repeats']} alternating rounds; median [min-max]. "
-        f"Decode: greedy, {s['decode_tokens']} tokens after a 128-token prompt. Peak RSS: a fresh process per model "
-        "(load, prefill 512, decode 16); 'base' is the process before importing the runtime and loading the model.",
-        "",
-    ]
-    if payload["skipped"]:
-        lines += [f"Skipped (not installed): {', '.join(payload['skipped'])}.", ""]
-    lines += [
-        "## Speedup, pruned vs dense (ratio of medians within one run) and the FLOP-predicted ideal",
-        "",
-        "| runtime | model | prefill 128 | prefill 512 (ideal) | TTFT | decode tok/s (ideal) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, rows in payload["results"].items():
-        for v, r in rows.items():
-            if v == "dense":
-                continue
-            sp, ideal = r["speedup"], r["ideal"]
-            lines.append(f"| {label} | {v} | {sp['prefill_128']:.3f}x | {sp['prefill_512']:.3f}x ({ideal['prefill_512']:.3f}x) | "
-                         f"{sp['ttft']:.3f}x | {sp['decode']:.3f}x ({ideal['decode']:.3f}x) |")
-    lines += [
-        "",
-        "## Measurements",
-        "",
-        "| runtime | model | size MiB | prefill 128 ms | prefill 512 ms | TTFT ms | decode tok/s | peak RSS MiB (base) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-
-    def ms(d):
-        return f"{d['median'] * 1000:.1f} [{d['min'] * 1000:.1f}-{d['max'] * 1000:.1f}]"
-
-    for label, rows in payload["results"].items():
-        for v, r in rows.items():
-            tps = r["decode_tok_s"]
-            lines.append(f"| {label} | {v} | {r['bytes'] / 2**20:.1f} | {ms(r['prefill_128_s'])} | {ms(r['prefill_512_s'])} | "
-                         f"{ms(r['ttft_s'])} | {tps['median']:.1f} [{tps['min']:.1f}-{tps['max']:.1f}] | "
-                         f"{r['memory']['peak_rss_mib']:.0f} ({r['memory']['base_rss_mib']:.0f}) |")
-    lines += ["", "## Where the gap to the ideal goes", ""]
-    for label, rows in payload["results"].items():
-        fixed, per_block = fixed_cost_fit(rows, payload["flops"])
-        dense_ms = 1000.0 / rows["dense"]["decode_tok_s"]["median"]
-        blocks = payload["flops"]["dense"]["blocks"]
-        head_share = payload["flops"]["dense"]["head_params"] / (payload["flops"]["dense"]["block_params"] + payload["flops"]["dense"]["head_params"])
-        fixed_share = fixed / dense_ms
-        if fixed_share > head_share:
-            why = ("more of the token time than the head's FLOP share does not shrink with the block count (sampling, "
-                   "the runtime's per-call work), so removing blocks gains less than the FLOP ideal")
-        else:
-            why = ("each block costs more than its FLOP share (per-operator dispatch and thread synchronisation repeat "
-                   "in every block, while the head is one large matmul), so removing blocks gains more than the FLOP ideal")
-        lines.append(
-            f"- {label}: decode time per token fits {fixed:.2f} ms fixed + {per_block:.3f} ms per block "
-            f"(dense: {dense_ms:.2f} ms for {blocks} blocks); the fixed part is {fixed_share:.0%} of the dense token "
-            f"time, against {head_share:.0%} of the matmul FLOPs in the output head: {why}."
-        )
-    lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines))
-    charts(payload, out)
-
-
-def charts(payload: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    labels = list(payload["results"])
-    variants = [v for v in next(iter(payload["results"].values())) if v != "dense"] if labels else []
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / max(1, 2 * len(variants))
-    x = np.arange(len(labels))
-    for i, v in enumerate(variants):
-        for j, metric in enumerate(("prefill_512", "decode")):
-            vals = [payload["results"][l][v]["speedup"][metric] for l in labels]
-            ax.bar(x + (2 * i + j) * width, vals, width, label=f"{v} {metric}")
-            ideal = [payload["results"][l][v]["ideal"][metric] for l in labels]
-            ax.scatter(x + (2 * i + j) * width, ideal, marker="_", color="black", s=200, zorder=3)
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks(x + width * (2 * len(variants) - 1) / 2, labels, rotation=20, fontsize=8)
-    ax.set_ylabel("speedup vs dense (black: FLOP ideal)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.parent / f"{out.name}_speedup.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    all_variants = list(next(iter(payload["results"].values()))) if labels else []
-    width = 0.8 / max(1, len(all_variants))
-    for i, v in enumerate(all_variants):
-        ax.bar(x + i * width, [payload["results"][l][v]["memory"]["peak_rss_mib"] for l in labels], width, label=v)
-    ax.set_xticks(x + width * (len(all_variants) - 1) / 2, labels, rotation=20, fontsize=8)
-    ax.set_ylabel("peak RSS (MiB)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.parent / f"{out.name}_memory.png", dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,7 @@ import os
 import sys
 import time
 
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from exporters.llamacpp import timing_prompt as prompt_tokens  # noqa: E402  (the frontier times with the same ids)
+from mi_prun.runtimes.llamacpp import timing_prompt as prompt_tokens  # the frontier times with the same ids
 
 PROMPT_LENGTHS = (128, 512)
 
@@ -100,19 +96,19 @@ class OrtGenaiRuntime:
         self.model = og.Model(config)
         self.vocab = json.load(open(os.path.join(path, "genai_config.json")))["model"]["vocab_size"]
 
-    def _generator(self, length):
+    def new_generator(self, length):
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=length, min_length=length)
         return self.og.Generator(self.model, params)
 
     def prefill(self, tokens):
-        g = self._generator(len(tokens) + 1)
+        g = self.new_generator(len(tokens) + 1)
         t0 = time.perf_counter()
         g.append_tokens(tokens)
         return time.perf_counter() - t0
 
     def generate(self, tokens, n):
-        g = self._generator(len(tokens) + n)
+        g = self.new_generator(len(tokens) + n)
         t0 = time.perf_counter()
         g.append_tokens(tokens)
         g.generate_next_token()

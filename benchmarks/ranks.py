@@ -23,11 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from mi_prun.machine import machine_line
+from scale_sections import SCALE_MD, attach
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from machine import machine_line  # noqa: E402
-
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 BIN = Path(sys.executable).parent
 SETTINGS = {
@@ -85,22 +84,8 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(report(payload) + "\n")
-    attach(args.out.with_suffix(".md"), SCALE_MD)
+    attach(args.out.with_suffix(".md"), SCALE_MD)  # its section of reports/scale.md
     print(report(payload))
-
-
-SCALE_MD = ROOT / "reports" / "scale.md"
-SECTION = "## Several processes (torch.distributed)"
-
-
-def attach(ranks_md: Path, scale_md: Path) -> None:
-    """The ranks report as the last section of reports/scale.md (replacing an earlier one).
-    scale.py calls this too when it rewrites scale.md."""
-    if not ranks_md.is_file() or not scale_md.is_file():
-        return
-    body = ranks_md.read_text().split("\n", 1)[1].strip()  # without its own title
-    text = scale_md.read_text().split(f"\n{SECTION}\n", 1)[0].rstrip()
-    scale_md.write_text(f"{text}\n\n{SECTION}\n\n{body}\n(From [scale_ranks.md](scale_ranks.md), `python benchmarks/ranks.py`.)\n")
 
 
 def report(payload: dict) -> str:

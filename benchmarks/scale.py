@@ -20,14 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+import synthetic
+from mi_prun.machine import machine_line
+from scale_sections import attach
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import ranks  # noqa: E402
-import synthetic  # noqa: E402
-from machine import machine_line  # noqa: E402
-
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 CLI = [sys.executable, "-m", "mi_prun"]
 WINDOWS, SEQ_LEN, REMOVE = 4, 64, 4
@@ -120,21 +117,26 @@ def run_point(name: str, execution: str, work: Path) -> dict:
     return row
 
 
-def write_report(rows: list[dict], out: Path, seconds: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def parameter_counts() -> dict[str, int]:
+    """Parameters of every model a point may name."""
     params = {f"{k}.gguf": s.parameters() for k, s in synthetic.SHAPES.items()} | {f"{k}.safetensors": s.parameters() for k, s in synthetic.SHAPES.items()}
     params["default"] = 134_515_008
+    return params
+
+
+def add_bounds(rows: list[dict], params: dict[str, int]) -> None:
+    """Each row's parameter count, and for a streamed synthetic point its memory bound and whether it kept within 2x."""
     bounds = {f"{k}.{f}": memory_bound_bytes(s) for k, s in synthetic.SHAPES.items() for f in ("gguf", "safetensors")}
     for r in rows:
         r["parameters"] = params[r["model"]]
         if r["model"] in bounds and r["execution"].startswith("streamed"):
             r["bound_gib"] = round(bounds[r["model"]] / 2**30, 2)
             r["within_2x_bound"] = r.get("peak_rss_gib", 1e9) <= 2 * r["bound_gib"]
-    lines = [
+
+
+def header_lines(seconds: float) -> list[str]:
+    """The title, how the points were measured, and the table's head."""
+    return [
         "# Scale: peak memory and time of `build --target gguf`, in memory and streamed",
         "",
         "Command: `make bench-scale` (`python benchmarks/scale.py`); "
@@ -152,29 +154,47 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         "| model | parameters | execution | peak RSS (GiB) | peak so far after load / select / export (GiB) | 2 x bound (GiB) | wall (s) | stages (s) | removed | GGUF blocks (llama.cpp) | llama.cpp check's own peak (GiB) | load before | code |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        if r.get("exit"):
-            lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | | {r['wall_s']} | failed: {r['error']} | | | | {r['load_before']} | {r.get('commit', EARLIER)} |")
-            continue
-        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items())
-        bound = f"{2 * r['bound_gib']:.2f}" if "bound_gib" in r else ""
-        after = r.get("peak_rss_gib_after", {})
-        so_far = " / ".join(str(after.get(k, "-")) for k in ("load", "select", "export"))
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | {so_far} | {bound} | {r['wall_s']} | "
-                     f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r.get('llama_cpp_check_peak_gib', '')} | {r['load_before']} | {r.get('commit', EARLIER)} |")
+
+
+def table_row(r: dict) -> str:
+    """One point's row of the table (a failed point: its error in the stages column)."""
+    if r.get("exit"):
+        return f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | | | {r['wall_s']} | failed: {r['error']} | | | | {r['load_before']} | {r.get('commit', EARLIER)} |"
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items())
+    bound = f"{2 * r['bound_gib']:.2f}" if "bound_gib" in r else ""
+    after = r.get("peak_rss_gib_after", {})
+    so_far = " / ".join(str(after.get(k, "-")) for k in ("load", "select", "export"))
+    return (f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {r['execution']} | {r['peak_rss_gib']} | {so_far} | {bound} | {r['wall_s']} | "
+            f"{stages} | {r['removed']} | {r['blocks'][0]} -> {r['blocks'][1]} ({r['llama_cpp_blocks']}) | {r.get('llama_cpp_check_peak_gib', '')} | {r['load_before']} | {r.get('commit', EARLIER)} |")
+
+
+def commit_lines(rows: list[dict]) -> list[str]:
+    """A note when the rows come from more than one state of the code."""
     commits = sorted({r.get("commit", EARLIER) for r in rows})
-    if len(commits) > 1:
-        lines += ["", f"Rows come from {len(commits)} states of the code ({', '.join(commits)}: the code column); "
-                  "`python benchmarks/scale.py --fresh` measures every point at one."]
+    if len(commits) <= 1:
+        return []
+    return ["", f"Rows come from {len(commits)} states of the code ({', '.join(commits)}: the code column); "
+            "`python benchmarks/scale.py --fresh` measures every point at one."]
+
+
+def both_ways_lines(rows: list[dict], params: dict[str, int]) -> list[str]:
+    """Streamed against in memory for the largest model run both ways, and whether the two removed the same blocks."""
     both = [m for m in {r["model"] for r in rows} if {"in-memory", "streamed"} <= {r["execution"] for r in rows if r["model"] == m and not r.get("exit")}]
-    if both:
-        largest = max(both, key=lambda m: params[m])
-        rss = {r["execution"]: r["peak_rss_gib"] for r in rows if r["model"] == largest}
-        lines += ["", f"Largest model run both ways: {largest}: streamed peak RSS {rss['streamed']} GiB = "
-                  f"{rss['streamed'] / rss['in-memory']:.2f} x in-memory ({rss['in-memory']} GiB)."]
-        for m in sorted(both, key=lambda m: params[m]):
-            same = {json.dumps(r["removed"]) for r in rows if r["model"] == m}
-            lines.append(f"- {m}: the two executions removed {'the same blocks' if len(same) == 1 else 'DIFFERENT blocks: ' + ', '.join(same)}.")
+    if not both:
+        return []
+    largest = max(both, key=lambda m: params[m])
+    rss = {r["execution"]: r["peak_rss_gib"] for r in rows if r["model"] == largest}
+    lines = ["", f"Largest model run both ways: {largest}: streamed peak RSS {rss['streamed']} GiB = "
+             f"{rss['streamed'] / rss['in-memory']:.2f} x in-memory ({rss['in-memory']} GiB)."]
+    for m in sorted(both, key=lambda m: params[m]):
+        same = {json.dumps(r["removed"]) for r in rows if r["model"] == m}
+        lines.append(f"- {m}: the two executions removed {'the same blocks' if len(same) == 1 else 'DIFFERENT blocks: ' + ', '.join(same)}.")
+    return lines
+
+
+def bound_lines(rows: list[dict]) -> list[str]:
+    """Each streamed point's peak against its bound, and the streamed healing point against the others of its model."""
+    lines = []
     for r in rows:
         if "bound_gib" in r and not r.get("exit"):
             lines.append(f"- {r['model']} {r['execution']}: peak {r['peak_rss_gib']} GiB = {r['peak_rss_gib'] / r['bound_gib']:.2f} x the bound "
@@ -186,34 +206,39 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
             lines.append(f"- {r['model']} healed while streamed (blocks {heal.get('blocks')}, {heal.get('steps')} steps, "
                          f"heal stage {r['timings_s'].get('heal', 0):.0f} s): peak {r['peak_rss_gib']} GiB, against "
                          f"{other.get('streamed')} GiB streamed without healing and {other.get('in-memory')} GiB in memory.")
+    return lines
+
+
+def memory_lines(rows: list[dict]) -> list[str]:
+    """Where the 7B shape's streamed memory goes, against the default model's process base."""
     base = next((r["peak_rss_gib_after"].get("load") for r in rows if r["model"] == "default" and r["execution"] == "streamed"
                  and r.get("peak_rss_gib_after")), None)
     big = next((r for r in rows if r["model"] == "7b.gguf" and not r.get("exit")), None)
-    if base is not None and big is not None:
-        after = big.get("peak_rss_gib_after", {})
-        lines += [
-            "",
-            f"Where the memory goes (streamed): the process itself (Python, torch, transformers, the tokenizer, llama.cpp's "
-            f"library) holds most of the {base} GiB the default model's streamed run has after loading (its embedding is 0.1 GiB); "
-            "the bound does not count it, which is why small models sit far above 2x. On the 7B shape, loading ends at "
-            f"{after.get('load')} GiB (that base + the head in fp32, 0.75 GiB: an untied embedding is read a row at a time when "
-            "streamed); selection adds one block in fp32 "
-            "(0.75 GiB), the ridge regression's float64 moments (d x d matrices of 134 MB at d = 4096, a few at a time) and "
-            f"the memoized fits of the proposals (at most half a block's weights), reaching {after.get('select')} GiB: "
-            f"{big['peak_rss_gib'] / big['bound_gib']:.2f} x the bound, {(big['peak_rss_gib'] - base) / big['bound_gib']:.2f} x "
-            f"once the process base is set aside. The llama.cpp load check of the {big['gguf_mib'] / 1024:.1f} GiB output runs "
-            f"in a child process and peaks at {big['llama_cpp_check_peak_gib']} GiB there (llama.cpp maps the file and repacks "
-            "its Q4_0 weights for the CPU).",
-        ]
-    lines += [
+    if base is None or big is None:
+        return []
+    after = big.get("peak_rss_gib_after", {})
+    return [
         "",
-        "The 0.3b.safetensors streamed row was measured with 2 GiB checkpoint shards held in memory until written (its "
-        "export stage takes it from 1.1 to 1.77 GiB); shards are 512 MiB since 01f6caa, not re-measured here.",
+        f"Where the memory goes (streamed): the process itself (Python, torch, transformers, the tokenizer, llama.cpp's "
+        f"library) holds most of the {base} GiB the default model's streamed run has after loading (its embedding is 0.1 GiB); "
+        "the bound does not count it, which is why small models sit far above 2x. On the 7B shape, loading ends at "
+        f"{after.get('load')} GiB (that base + the head in fp32, 0.75 GiB: an untied embedding is read a row at a time when "
+        "streamed); selection adds one block in fp32 "
+        "(0.75 GiB), the ridge regression's float64 moments (d x d matrices of 134 MB at d = 4096, a few at a time) and "
+        f"the memoized fits of the proposals (at most half a block's weights), reaching {after.get('select')} GiB: "
+        f"{big['peak_rss_gib'] / big['bound_gib']:.2f} x the bound, {(big['peak_rss_gib'] - base) / big['bound_gib']:.2f} x "
+        f"once the process base is set aside. The llama.cpp load check of the {big['gguf_mib'] / 1024:.1f} GiB output runs "
+        f"in a child process and peaks at {big['llama_cpp_check_peak_gib']} GiB there (llama.cpp maps the file and repacks "
+        "its Q4_0 weights for the CPU).",
     ]
-    lines += ["", "![peak RSS and wall time against parameters](scale.png)", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
-    ranks.attach(out.with_name("scale_ranks.md"), out.with_suffix(".md"))  # the torch.distributed section
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "windows": WINDOWS, "seq_len": SEQ_LEN, "remove": REMOVE}, indent=2) + "\n")
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    """Peak RSS and wall time against parameters, one line per execution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for execution, marker in (("in-memory", "o"), ("streamed", "s"), ("streamed-heal", "^")):
@@ -229,7 +254,25 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         ax.legend()
     fig.suptitle("mi-prun-edge build --target gguf: in memory vs streamed")
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    fig.savefig(png, dpi=120)
+
+
+def write_report(rows: list[dict], out: Path, seconds: float) -> None:
+    """reports/scale.{md,json,png}; the torch.distributed section of scale_ranks.md stays attached to the page."""
+    params = parameter_counts()
+    add_bounds(rows, params)
+    lines = [*header_lines(seconds), *map(table_row, rows), *commit_lines(rows), *both_ways_lines(rows, params), *bound_lines(rows),
+             *memory_lines(rows)]
+    lines += [
+        "",
+        "The 0.3b.safetensors streamed row was measured with 2 GiB checkpoint shards held in memory until written (its "
+        "export stage takes it from 1.1 to 1.77 GiB); shards are 512 MiB since 01f6caa, not re-measured here.",
+    ]
+    lines += ["", "![peak RSS and wall time against parameters](scale.png)", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    attach(out.with_name("scale_ranks.md"), out.with_suffix(".md"))  # the torch.distributed section
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "windows": WINDOWS, "seq_len": SEQ_LEN, "remove": REMOVE}, indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"))
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,6 @@ NLL on it (through the block runner) say whether the self-generated text is dege
     python benchmarks/shipped.py --n 4 8                         # the default model -> reports/shipped_smollm2.md
     python benchmarks/shipped.py --model gemma3-270m --n 3       # Gemma 3 270M (assembled from PyPI chunks)
     python benchmarks/shipped.py --n 4 8 --rows default heal heal-wiki-valid-docs --out reports/heal   # healing
-    python benchmarks/shipped.py --n 4 8 --rows default heal heal-wiki-valid heal-blocks-wiki-valid --out reports/heal_texts
 """
 
 from __future__ import annotations
@@ -31,14 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from mi_prun.load import default_model_path
+from mi_prun.machine import Contention, contention_line, machine_line
+from mi_prun.manifest import HealInfo, PruningManifest
+from mi_prun.runtimes import llamacpp
 
-from exporters import llamacpp  # noqa: E402
-from machine import Contention, contention_line, machine_line  # noqa: E402
-from mi_prun.load import default_model_path  # noqa: E402
-from mi_prun.manifest import HealInfo, PruningManifest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 WIKI_VALID = WIKI_TEST.with_name("wiki.valid.tokens")

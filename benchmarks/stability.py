@@ -1,13 +1,14 @@
 """Stability of each method's choice: the removed blocks from three calibration sources and
 three seeds, their pairwise Jaccard similarity, and the spread of held-out perplexity.
 
-Every decision is `pipeline.prune` with `build`'s defaults but the calibration (what
-`mi-prun-edge prune --remove N --method M --calib SOURCE --seed S` runs): 16 x 256 tokens of
-self-generated text (seeds 0, 1, 2: each seed writes different text), of wiki.valid, and of the
-licence texts Debian ships (GPL-3, Apache-2.0, MPL-2.0, GFDL-1.3). A file's windows do not depend
-on the seed, so the file sources count once each: five calibrations per method. Each decision is
-evaluated as it ships from this process (its compensation maps folded in, torch fp32): the first
-24 x 512 tokens of WikiText-2 test (held out from every calibration source).
+Every decision is `jobs.prune` (what `mi-prun-edge prune --remove N --method M --calib SOURCE
+--seed S` runs) with `build`'s defaults but the calibration: 16 x 256 tokens of self-generated text
+(seeds 0, 1, 2: each seed writes different text), of wiki.valid, and of the licence texts Debian
+ships (GPL-3, Apache-2.0, MPL-2.0, GFDL-1.3). A file's windows do not depend on the seed, so the
+file sources count once each: five calibrations per method. Each decision is evaluated as it ships
+(the checkpoint `prune` wrote, compensation maps folded in, measured by `jobs.evaluate` in torch
+fp32, as `mi-prun-edge eval` does): the first 24 x 512 tokens of WikiText-2 test (held out from
+every calibration source).
 
     python benchmarks/stability.py --n 4     # -> reports/stability.{md,json}; about 45 minutes on 2 cores
 """
@@ -24,23 +25,43 @@ import tempfile
 import time
 from pathlib import Path
 
+from mi_prun import jobs
+from mi_prun.machine import machine_line
+from mi_prun.plan import CalibrationSpec, EvalRunPlan, Method, Plan
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from machine import machine_line  # noqa: E402
-from mi_prun.load import load_model  # noqa: E402
-from mi_prun.pipeline import prune  # noqa: E402
-from mi_prun.plan import CalibrationSpec, EvalPlan, Method, Plan  # noqa: E402
-from mi_prun.quality import measure_quality  # noqa: E402
-
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
 LICENCES = [Path("/usr/share/common-licenses") / n for n in ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3")]
 METHODS = (Method.mi_prun, Method.shortgpt, Method.angular, Method.sleb, Method.ppl)
+# Held-out perplexity: the first 24 x 512 tokens of WikiText-2 test.
+HELD_OUT = WIKI / "wiki.test.raw"
+HELD_OUT_WINDOWS, HELD_OUT_SEQ_LEN = 24, 512
 
 
 def jaccard(a: list[int], b: list[int]) -> float:
     return len(set(a) & set(b)) / len(set(a) | set(b))
+
+
+def held_out_ppl(model: str | None) -> float:
+    """Perplexity of a model (None: the dense default) on the held-out windows, as `mi-prun-edge eval` measures it."""
+    plan = EvalRunPlan(data=str(HELD_OUT), model=model, seq_len=HELD_OUT_SEQ_LEN, max_windows=HELD_OUT_WINDOWS)
+    return jobs.evaluate(plan).measured.ppl
+
+
+def decision(plan: Plan, out: Path) -> dict:
+    """The blocks `plan` removes, the held-out perplexity of the checkpoint it writes into `out`, and
+    the seconds its stages took before the checkpoint was written."""
+    manifest = jobs.prune(plan, out, force=True).manifest
+    seconds = sum(v for stage, v in manifest.timings_s.items() if stage != "repack")
+    return {"removed": manifest.removed, "ppl": held_out_ppl(str(out)), "select_s": round(seconds, 1)}
+
+
+def calibrations(tmp: Path) -> dict[str, tuple[str, int]]:
+    """Calibration name -> (source, seed); the licence texts are joined into one file under `tmp`."""
+    licences = tmp / "licences.txt"
+    licences.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in LICENCES), encoding="utf-8")
+    return {"self, seed 0": ("self", 0), "self, seed 1": ("self", 1), "self, seed 2": ("self", 2),
+            "wiki.valid": (str(WIKI / "wiki.valid.tokens"), 0), "licence texts": (str(licences), 0)}
 
 
 def main(argv=None) -> None:
@@ -51,20 +72,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     start, load_before = time.time(), list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="stability-") as tmp:
-        licences = Path(tmp) / "licences.txt"
-        licences.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in LICENCES), encoding="utf-8")
-        sources = {"self, seed 0": ("self", 0), "self, seed 1": ("self", 1), "self, seed 2": ("self", 2),
-                   "wiki.valid": (str(WIKI / "wiki.valid.tokens"), 0), "licence texts": (str(licences), 0)}
-        loaded = load_model(None)
-        evaluation = EvalPlan(data=str(WIKI / "wiki.test.raw"), windows=24)
+        sources = calibrations(Path(tmp))
+        dense_ppl = held_out_ppl(None)
         rows = []
         for method in args.methods:
             for name, (source, seed) in sources.items():
                 plan = Plan.make(remove=args.n, method=Method(method), seed=seed, calibration=CalibrationSpec(source, 16, 256, seed))
-                result = prune(loaded, plan)
-                quality = measure_quality(loaded, result.removed, result.compensation, evaluation)
-                rows.append({"method": method, "calibration": name, "removed": result.removed, "ppl": quality.pruned_ppl,
-                             "dense_ppl": quality.dense_ppl, "select_s": round(sum(result.timings.values()), 1)})
+                made = decision(plan, Path(tmp) / "pruned")  # one folder, replaced by each decision
+                rows.append({"method": method, "calibration": name, "removed": made["removed"], "ppl": made["ppl"],
+                             "dense_ppl": dense_ppl, "select_s": made["select_s"]})
                 print(json.dumps(rows[-1]), flush=True)
     payload = {
         "command": "python benchmarks/stability.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -86,10 +102,10 @@ def report(payload: dict) -> str:
         f"# Stability of the removed blocks (N = {payload['n']})", "",
         f"Command: `{payload['command']}`. {payload['machine']}. Wall time {payload['wall_s']} s; load average before "
         f"{payload['loadavg_before_after'][0]}, after {payload['loadavg_before_after'][1]}.", "",
-        "Each cell is `pipeline.prune` with `build`'s defaults but the calibration source and `--seed` (16 x 256 tokens; "
-        "compensation on, fitted on the same windows). Held-out perplexity: the decision with its maps, in torch fp32, on "
-        f"the first 24 x 512 tokens of WikiText-2 test (dense {dense:.2f}). Jaccard: |A & B| / |A | B| over the 10 pairs "
-        "of calibrations.", "",
+        "Each cell is `mi-prun-edge prune` (`jobs.prune`) with `build`'s defaults but the calibration source and `--seed` "
+        "(16 x 256 tokens; compensation on, fitted on the same windows). Held-out perplexity: the checkpoint it wrote, its maps "
+        f"folded in, measured as `mi-prun-edge eval` does (torch fp32) on the first 24 x 512 tokens of WikiText-2 test (dense "
+        f"{dense:.2f}). Jaccard: |A & B| / |A | B| over the 10 pairs of calibrations.", "",
         "| method | " + " | ".join(sources) + " | mean Jaccard | min Jaccard | held-out ppl, min-max |",
         "|---|" + "---|" * (len(sources) + 3),
     ]

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mi_prun.load import default_model_path  # noqa: E402
+from mi_prun.load import default_model_path
 
 WEIGHT_STD = 0.02
 Q4_0_BLOCK = 32  # weights per Q4_0 block: an f16 scale and 16 bytes of 4-bit codes
