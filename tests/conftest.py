@@ -140,3 +140,13 @@ def write_sentencepiece_model(path: Path) -> None:
 def export_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export_models")
     return {mt: build_export_model(mt, root / mt, smol_tokenizer) for mt in TINY_CONFIGS}
+
+
+# The architectures a per-architecture check runs on in `make test`; the others run in `make test-slow`
+# (llama: the plain layout; gemma3_text: post-norms, sliding windows, per-layer config lists).
+FAST_ARCHS = ("llama", "gemma3_text")
+
+
+def archs_fast_first(archs) -> list:
+    """Parametrize values: FAST_ARCHS as they are, the others marked slow."""
+    return [a if a in FAST_ARCHS else pytest.param(a, marks=pytest.mark.slow) for a in archs]

@@ -1,6 +1,7 @@
 """The CLI as a user drives it: good paths write complete outputs, bad input one clear line and no output."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -60,11 +61,17 @@ def test_prune_prints_the_verified_proposals(tiny_models, calib_txt, tmp_path):
     lines = result.output.splitlines()
     at = next(i for i, l in enumerate(lines) if l.startswith("MI-PRUN proposals, scored by "))
     assert "compensated calibration NLL" in lines[at] and "6 windows" in lines[at]
-    shown = lines[at + 1 : at + 4]
-    for c, line in zip(manifest.selection.candidates, shown):
-        lower = f" (lower: p = {c.lower_p:.3f})" if c.lower_p is not None else ""
-        assert line == f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}{lower}" + ("  <- kept" if c.removed == manifest.removed else "")
-    assert sum(l.endswith("<- kept") for l in shown) >= 1
+    shown = [re.fullmatch(r"  ([a-z-]+): \[([0-9, ]+)\] NLL ([0-9.]+)(?: \(lower: p = ([0-9.]+)\))?(  <- kept)?", line)
+             for line in lines[at + 1 : at + 1 + len(manifest.selection.candidates)]]
+    assert all(shown), lines[at:]
+    for c, m in zip(manifest.selection.candidates, shown):
+        assert m.group(1) == c.objective and [int(b) for b in m.group(2).split(",")] == c.removed
+        assert float(m.group(3)) == pytest.approx(c.calibration_nll, abs=1e-4)
+        assert (m.group(4) is None) == (c.lower_p is None)
+    # Exactly the proposals that remove the blocks removed are marked kept, and the kept one has the lowest NLL.
+    kept = [c for c, m in zip(manifest.selection.candidates, shown) if m.group(5)]
+    assert kept and all(c.removed == manifest.removed for c in kept)
+    assert min(c.calibration_nll for c in manifest.selection.candidates) == pytest.approx(kept[0].calibration_nll)
 
 
 def test_score_prints_table_and_writes_heatmap(tiny_models, calib_txt, tmp_path):

@@ -85,6 +85,7 @@ def test_two_ranks_decide_and_fit_as_one(tiny_models, calib_txt, tmp_path):
     assert "error" not in result.stderr
 
 
+@pytest.mark.slow  # two ranks again: make test-slow
 def test_two_ranks_write_the_self_generated_text_of_one(tiny_models, tmp_path):
     """`--calib self` split over two ranks (each writes its share of the windows, each window
     seeded by its index): the same text as one process, so the same decision."""
@@ -101,6 +102,7 @@ def test_two_ranks_write_the_self_generated_text_of_one(tiny_models, tmp_path):
         assert c_two["calibration_nll"] == pytest.approx(c_one["calibration_nll"], rel=1e-6)
 
 
+@pytest.mark.slow  # two ranks again: make test-slow
 def test_two_ranks_evaluate_as_one(tiny_models, calib_txt):
     args = ["eval", "--model", str(tiny_models["gemma3_text"]), "--data", str(calib_txt), "--seq-len", "64",
             "--max-windows", "6", "--reference", str(tiny_models["llama"]), "--json", "-", "--quiet"]
@@ -113,6 +115,7 @@ def test_two_ranks_evaluate_as_one(tiny_models, calib_txt):
     assert two["top1"] == one["top1"]
 
 
+@pytest.mark.slow  # two ranks again: make test-slow
 def test_sleb_verification_over_two_ranks(tiny_models, calib_txt, tmp_path):
     """Every candidate's NLL is a sum over both ranks' windows: SLEB's greedy choice is unchanged."""
     model = tiny_models["qwen3"]

@@ -128,6 +128,7 @@ def test_budget_input_errors_are_one_line_before_any_work(measured, tmp_path):
     assert not any((tmp_path / n).exists() for n in "abcde")
 
 
+@pytest.mark.slow  # a whole frontier run again: make test-slow
 def test_an_interrupted_frontier_resumes_from_its_complete_points(measured, calib_txt, tmp_path):
     src, out, frontier = measured
     again = tmp_path / "again"
@@ -157,6 +158,7 @@ def test_points_of_another_frontier_are_not_reused(measured, calib_txt, tmp_path
     assert PruningManifest.read(again / "remove-2").timings_s != PruningManifest.read(out / "remove-2").timings_s
 
 
+@pytest.mark.slow  # a whole ONNX frontier (about 45 s): make test-slow
 def test_onnx_frontier_exports_and_measures_every_point_in_onnxruntime(export_models, calib_txt, tmp_path):
     """--target onnx: each point exported at fp32 and int4 by the model builder, quality in
     onnxruntime, speed in onnxruntime-genai; a size budget ships the picked export folder."""

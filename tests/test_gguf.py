@@ -20,7 +20,7 @@ from mi_prun.blockset import apply_keep, keep_indices
 from mi_prun.cli import app
 from mi_prun.errors import UserError
 from mi_prun.manifest import PruningManifest
-from tests.conftest import SPM_FOR_CONVERTER, TINY_BLOCKS, WIKI_TEST, build_export_model
+from tests.conftest import SPM_FOR_CONVERTER, TINY_BLOCKS, WIKI_TEST, archs_fast_first, build_export_model
 
 REMOVED = [1, 4]  # an odd index shifts Gemma 3's sliding/full pattern
 runner = CliRunner()
@@ -47,7 +47,7 @@ def pruned_folder(model_dir, tmp_path, removed=REMOVED):
     return out, model.eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("arch", archs_fast_first(["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]))
 def test_pruned_export_f32_matches_transformers_in_llama_cpp(arch, export_models, smol_tokenizer, tmp_path):
     folder, model = pruned_folder(export_models[arch], tmp_path)
     out = tmp_path / "model.f32.gguf"
@@ -69,6 +69,7 @@ def test_pruned_export_f32_matches_transformers_in_llama_cpp(arch, export_models
     assert parity.top1 >= 0.99 and parity.mean_kl < 1e-3, parity
 
 
+@pytest.mark.slow  # export from a folder: test_build_cli_from_hf_folder_and_export (q8_0): make test-slow
 def test_f16_and_q8_0_exports(export_models, smol_tokenizer, tmp_path, record_property):
     folder, model = pruned_folder(export_models["llama"], tmp_path)
     _, tokens = wiki_tokens(smol_tokenizer)
@@ -192,6 +193,7 @@ def test_build_cli_prunes_a_gguf_in_place(export_models, calib_txt, tmp_path):
     assert e2.format_type == "f16" and e2.check["block_count"] == 5 and e2.warnings and "quantize" in e2.route
 
 
+@pytest.mark.slow  # overlaps test_build_cli_prunes_a_gguf_in_place and the 4-bit compensated-type test: make test-slow
 def test_in_place_build_writes_compensated_weights(export_models, calib_txt, smol_tokenizer, tmp_path):
     """Compensation rewrites one ffn_down per removed run: re-encoded in the file's own type, equal
     to the repacked checkpoint's weight up to that type's rounding; every other tensor keeps its bytes."""
@@ -229,6 +231,7 @@ def test_in_place_build_writes_compensated_weights(export_models, calib_txt, smo
     assert parity.top1 >= 0.9, parity
 
 
+@pytest.mark.slow  # the real Gemma 3 270M is pruned in place in test_real_gemma3 (fast: test_heal gemma3 in place): make test-slow
 def test_in_place_gemma3_writes_its_sliding_window_pattern(smol_tokenizer, tmp_path):
     """A Gemma 3 GGUF as llama.cpp's converter writes it has no per-layer pattern (llama.cpp then
     assumes every 6th layer global); pruned in place, it must carry the kept blocks' own pattern."""
@@ -274,6 +277,7 @@ def test_in_place_gemma3_writes_its_sliding_window_pattern(smol_tokenizer, tmp_p
     assert not np.allclose(np.asarray(written.data), np.asarray(original.data))
 
 
+@pytest.mark.slow  # two builds; compensated types: test_compensated_tensors_of_a_4_bit_source_are_q8_0_by_default: make test-slow
 def test_gguf_type_rounds_compensated_tensors_once_and_plans_replay_on_a_sibling(export_models, calib_txt, tmp_path):
     """--gguf-type f16 on a q4_0 source: the compensated ffn_down reaches the file through one
     rounding (to f16), so it equals the --keep-hf checkpoint's weight to f16 precision. The
@@ -320,6 +324,7 @@ def test_truncated_gguf_is_named_as_such(export_models, tmp_path):
     assert "loading" not in result.output and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # a whole build for its messages: make test-slow
 def test_quiet_silences_progress_on_a_gguf_source(export_models, calib_txt, tmp_path):
     """--quiet: no bars or messages on stderr, ours or the libraries' (a GGUF is read tensor by
     tensor by the tool itself: transformers' dequantization bar no longer appears either way)."""

@@ -4,6 +4,8 @@ from mi_prun.archs import REGISTRY, spec_for, supported_model_types
 from mi_prun.errors import UserError
 from mi_prun.load import default_model_path, pick_dtype, resolve_source
 
+from .conftest import TINY_BLOCKS
+
 
 def test_source_kinds(tmp_path):
     default = resolve_source(None)
@@ -18,10 +20,21 @@ def test_source_kinds(tmp_path):
         resolve_source("./relative/missing")
 
 
-def test_registry_is_data_for_every_supported_family():
+def test_registry_is_data_for_every_supported_family(tiny_models):
+    """Each row's paths name real modules of transformers' own model, and its GGUF arch is one llama.cpp knows."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from mi_prun.archs import blocks, get_path
+
     assert supported_model_types() == ["gemma3_text", "llama", "mistral", "qwen2", "qwen3"]
-    for spec in REGISTRY.values():
-        assert spec.blocks_path and spec.layer_index_attrs and spec.gguf_arch
+    for model_type, spec in REGISTRY.items():
+        assert spec.gguf_arch in gguf.MODEL_ARCH_NAMES.values(), model_type
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[model_type])
+        layers = blocks(model, spec)
+        assert len(layers) == TINY_BLOCKS, model_type
+        for i, layer in enumerate(layers):
+            assert all(get_path(layer, attr) == i for attr in spec.layer_index_attrs), (model_type, i)
     with pytest.raises(ValueError, match="supported: gemma3_text, llama"):
         spec_for("gpt2")
 

@@ -11,13 +11,13 @@ from mi_prun.runtimes.onnx_export import OnnxSession, check_onnx, export_onnx, g
 from mi_prun.runtimes.parity import compare_logits, transformers_logits
 from mi_prun.cli import app
 from mi_prun.manifest import PruningManifest
-from tests.conftest import TINY_BLOCKS
+from tests.conftest import TINY_BLOCKS, archs_fast_first
 from tests.test_gguf import REMOVED, pruned_folder, wiki_tokens
 
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("arch", archs_fast_first(["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]))
 def test_pruned_fp32_export_matches_transformers(arch, export_models, smol_tokenizer, tmp_path):
     folder, model = pruned_folder(export_models[arch], tmp_path)
     out = tmp_path / "onnx"

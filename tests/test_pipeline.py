@@ -126,7 +126,7 @@ def test_every_method_selects_and_records(method, tiny_models, calib_txt, tmp_pa
     costs = again.block_scores["cost"]
     assert all(r.dpi_bound == max(costs[r.start : r.end + 1]) for r in again.run_scores)
     assert set(again.timings_s) >= {"calibrate", "capture", "select", "repack"}
-    assert again.versions["torch"] == torch.__version__
+    assert again.plan == opts  # recorded verbatim: what --plan replays
     assert again.calibration.tokens_observed == 4 * 63
     # Compensation: one map per removed run (none for a run at block 0), one capture pass each.
     comp = again.compensation
@@ -212,21 +212,29 @@ def test_estimators_and_views(estimator, view, tiny_models, calib_txt):
         assert table["cost"][i] == pytest.approx(np.exp(-2 * expected / dims), rel=1e-4)
 
 
-def test_same_seed_same_selection(tiny_models, calib_txt):
-    picks = []
-    for _ in range(2):
+def test_same_seed_same_scores_another_seed_other_scores(tiny_models, calib_txt):
+    """The token subsample is seeded: the same seed gives the very same scores and choice, another
+    seed other scores (a constant or unseeded estimator fails one of the two)."""
+    def run(seed):
         loaded = load_model(str(tiny_models["mistral"]))
-        picks.append(prune(loaded, options(calib_txt, estimator=Estimator.gaussian, max_tokens=64)).removed)
-    assert picks[0] == picks[1]
+        return prune(loaded, options(calib_txt, estimator=Estimator.gaussian, max_tokens=64, seed=seed))
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.removed == b.removed and a.scores.block_table()["mi"] == b.scores.block_table()["mi"]
+    assert a.scores.block_table()["mi"] != c.scores.block_table()["mi"]
 
 
 def test_self_generated_calibration(tiny_models):
+    """`self`: the model's own sampled text, the same for a seed, other text for another seed."""
     loaded = load_model(str(tiny_models["llama"]))
     opts = Plan(remove=2, calibration=CalibrationSpec("self", n_samples=3, seq_len=16, seed=5))
     result = prune(loaded, opts)
-    assert result.calibration_ids.shape == (3, 16)
+    ids = result.calibration_ids
+    assert ids.shape == (3, 16) and not torch.equal(ids[0], ids[1]) and len(ids.unique()) > 8
     again = prune(load_model(str(tiny_models["llama"])), opts)
-    assert torch.equal(result.calibration_ids, again.calibration_ids)
+    assert torch.equal(ids, again.calibration_ids)
+    other = prune(load_model(str(tiny_models["llama"])), opts.model_copy(update={"calibration": CalibrationSpec("self", 3, 16, 6)}))
+    assert not torch.equal(ids, other.calibration_ids)
 
 
 def test_compensated_verification_uses_the_compensation_windows(tiny_models, calib_txt):

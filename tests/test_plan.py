@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from mi_prun.cli import app
 from mi_prun.manifest import PruningManifest
+from mi_prun.errors import UserError
 from mi_prun.plan import Method, Plan
 
 from .conftest import build_tiny_model
@@ -31,6 +32,19 @@ def invoke(*args):
 
 def prune_args(model, calib, out, *extra):
     return ["prune", "--model", model, "--calib", calib, "--n-samples", 4, "--seq-len", 64, "--out", out, *extra]
+
+
+def test_a_pruning_json_written_before_the_job_layer_still_replays(tiny_models, tmp_path):
+    """tests/data/pruning-before-jobs.json: written by the code before the job layer (fc32386), from
+    `prune --remove 2 --calib python-docs --n-samples 4 --seq-len 32` on the tiny llama (blocks 6, 7)."""
+    recorded = ROOT / "tests" / "data" / "pruning-before-jobs.json"
+    out = tmp_path / "replayed"
+    result = invoke("prune", "--plan", recorded, "--model", tiny_models["llama"], "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    replayed = PruningManifest.read(out)
+    assert replayed.removed == [6, 7] and replayed.kept == list(range(6))
+    assert replayed.selection.replayed_from == str(recorded.resolve())
+    assert replayed.plan.calibration.source == "python-docs" and replayed.plan.calibration.seq_len == 32
 
 
 def test_pruning_json_records_the_plan_and_replays_to_the_same_model(tiny_models, calib_txt, tmp_path):
@@ -72,9 +86,9 @@ def test_a_plan_is_refused_on_a_model_it_does_not_fit(tiny_models, calib_txt, ti
 
 
 def test_plan_validation_is_one_line():
-    with pytest.raises(Exception, match="exactly one of --remove N or --ratio R"):
+    with pytest.raises(UserError, match="^give exactly one of --remove N or --ratio R$"):
         Plan.make(remove=2, ratio=0.5)
-    with pytest.raises(Exception, match="--top-k"):
+    with pytest.raises(UserError, match="^--top-k: Input should be greater than or equal to 1$"):
         Plan.make(remove=2, top_k=0)
     assert Plan.make(ratio=0.25).n_remove(8) == 2
 
