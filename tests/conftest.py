@@ -142,6 +142,18 @@ def export_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
     return {mt: build_export_model(mt, root / mt, smol_tokenizer) for mt in TINY_CONFIGS}
 
 
+@pytest.fixture(scope="session")
+def tiny_q8_0_gguf(export_models, tmp_path_factory) -> Path:
+    """The tiny llama as a Q8_0 GGUF, converted once: a source the builds read, never write."""
+    from mi_prun.runtimes.formats import GGUFType
+    from mi_prun.runtimes.gguf_export import export_gguf
+
+    root = tmp_path_factory.mktemp("tiny_q8_0_gguf")
+    src = root / "tiny.q8_0.gguf"
+    export_gguf(export_models["llama"], src, GGUFType.q8_0, root)
+    return src
+
+
 # The architectures a per-architecture check runs on in `make test`; the others run in `make test-slow`
 # (llama: the plain layout; gemma3_text: post-norms, sliding windows, per-layer config lists).
 FAST_ARCHS = ("llama", "gemma3_text")

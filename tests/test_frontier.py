@@ -27,7 +27,7 @@ def invoke(*args):
 
 def frontier_args(src, calib_txt, out):
     # f16 is the type of the source and of its in-place builds: those points are not quantized again.
-    return ("frontier", "--model", src, "--remove", "0,2,4", "--gguf-types", "f16,q8_0,q4_0", "--eval", WIKI_TEST,
+    return ("frontier", "--model", src, "--remove", "0,2,4", "--gguf-types", "f16,q4_0", "--eval", WIKI_TEST,
             "--eval-windows", 2, "--eval-seq-len", 64, "--kl-windows", 1, "--speed-repeats", 2,
             "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet")
 
@@ -47,9 +47,9 @@ def measured(export_models, calib_txt, tmp_path_factory):
 def test_every_point_is_built_loaded_and_measured(measured):
     src, out, frontier = measured
     points = frontier["points"]
-    # 0, 2 and 4 blocks removed, each as built (f16 in place) and quantized to q8_0 and q4_0.
+    # 0, 2 and 4 blocks removed, each as built (f16 in place) and quantized to q4_0.
     assert sorted((p["removed_blocks"], p["type"].split()[0]) for p in points) == sorted(
-        (n, t) for n in (0, 2, 4) for t in ("f16", "q8_0", "q4_0"))
+        (n, t) for n in (0, 2, 4) for t in ("f16", "q4_0"))
     for p in points:
         path = out / p["file"] if not p["file"].startswith("/") else p["file"]
         assert llamacpp.load_check(path)["layers"] == TINY_BLOCKS - p["removed_blocks"]
@@ -60,7 +60,7 @@ def test_every_point_is_built_loaded_and_measured(measured):
     assert as_given["kl_to_dense"] == pytest.approx(0, abs=1e-9) and as_given["top1_agreement"] == 1.0
     # Fewer blocks and fewer bits make smaller files, and quality measured in llama.cpp moves away from the model as given.
     by = {(p["removed_blocks"], p["type"].split()[0]): p for p in points}
-    assert by[(4, "q4_0")]["bytes"] < by[(2, "q4_0")]["bytes"] < by[(0, "q4_0")]["bytes"] < by[(0, "q8_0")]["bytes"]
+    assert by[(4, "q4_0")]["bytes"] < by[(2, "q4_0")]["bytes"] < by[(0, "q4_0")]["bytes"] < by[(0, "f16")]["bytes"]
     assert by[(4, "f16")]["kl_to_dense"] > 0
     # Machine load recorded over the whole run and over the timing alone (the figures it can falsify).
     assert frontier["timing_contention"]["wall_s"] <= frontier["contention"]["wall_s"]
@@ -146,16 +146,22 @@ def test_an_interrupted_frontier_resumes_from_its_complete_points(measured, cali
     assert resumed == pytest.approx({(p["removed_blocks"], p["type"]): p["ppl_primary"] for p in frontier["points"]}, rel=1e-6)
 
 
-@pytest.mark.slow  # a whole frontier run again (about a minute): make test-slow
-def test_points_of_another_frontier_are_not_reused(measured, calib_txt, tmp_path):
-    src, out, frontier = measured
-    again = tmp_path / "other"
-    work = work_dir(again)
-    shutil.copytree(out / "remove-2", work / "remove-2")
-    (work / "plan.json").write_text(json.dumps({"model": frontier["model"], "plan": {**frontier["plan"], "windows": 99}}))
-    result = invoke(*frontier_args(src, calib_txt, again))
-    assert result.exit_code == 0, result.output
-    assert PruningManifest.read(again / "remove-2").timings_s != PruningManifest.read(out / "remove-2").timings_s
+def test_points_of_another_frontier_are_not_reused(tmp_path):
+    """The work folder of an interrupted run is kept only for the same model and plan."""
+    from mi_prun.frontier import FrontierPlan
+    from mi_prun.frontier.measure import prepare_work
+    from mi_prun.plan import Plan
+
+    plan = FrontierPlan(build=Plan(remove=1), removes=(0, 2), texts=("held-out.txt",))
+    out = tmp_path / "frontier"
+    work = prepare_work(out, plan, "model-a")
+    (work / "remove-2").mkdir()
+    assert prepare_work(out, plan, "model-a") == work and (work / "remove-2").is_dir()  # same plan: resumed
+    prepare_work(out, plan.model_copy(update={"windows": 99}), "model-a")
+    assert not (work / "remove-2").exists()  # another plan: its points are not reused
+    (work / "remove-2").mkdir()
+    prepare_work(out, plan.model_copy(update={"windows": 99}), "model-b")
+    assert not (work / "remove-2").exists() and json.loads((work / "plan.json").read_text())["model"] == "model-b"
 
 
 @pytest.mark.slow  # a whole ONNX frontier (about 45 s): make test-slow

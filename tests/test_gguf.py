@@ -169,9 +169,8 @@ def test_build_cli_from_hf_folder_and_export(export_models, calib_txt, tmp_path)
         assert result.exit_code == 2 and message in result.output
 
 
-def test_build_cli_prunes_a_gguf_in_place(export_models, calib_txt, tmp_path):
-    src = tmp_path / "tiny.q8_0.gguf"
-    export_gguf(export_models["llama"], src, GGUFType.q8_0, tmp_path)
+def test_build_cli_prunes_a_gguf_in_place(tiny_q8_0_gguf, calib_txt, tmp_path):
+    src = tiny_q8_0_gguf
     out = tmp_path / "build"
     result = invoke("build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4,
                     "--seq-len", 64, "--remove", 3, "--out", out, "--quiet")
@@ -184,7 +183,11 @@ def test_build_cli_prunes_a_gguf_in_place(export_models, calib_txt, tmp_path):
     after = {t.name: t for t in open_gguf(out / e.file).tensors}
     assert np.array_equal(before["token_embd.weight"].data, after["token_embd.weight"].data)
     assert before["token_embd.weight"].tensor_type == after["token_embd.weight"].tensor_type
-    # asking for another type re-encodes through llama.cpp, and says that it costs quality
+
+
+@pytest.mark.slow  # a second build, re-encoded by llama.cpp: make test-slow
+def test_build_cli_reencodes_a_gguf_to_another_type_and_says_it_costs_quality(tiny_q8_0_gguf, calib_txt, tmp_path):
+    src = tiny_q8_0_gguf
     out2 = tmp_path / "build-f16"
     result = invoke("build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4,
                     "--seq-len", 64, "--remove", 3, "--gguf-type", "f16", "--out", out2, "--quiet")
@@ -194,11 +197,10 @@ def test_build_cli_prunes_a_gguf_in_place(export_models, calib_txt, tmp_path):
 
 
 @pytest.mark.slow  # overlaps test_build_cli_prunes_a_gguf_in_place and the 4-bit compensated-type test: make test-slow
-def test_in_place_build_writes_compensated_weights(export_models, calib_txt, smol_tokenizer, tmp_path):
+def test_in_place_build_writes_compensated_weights(tiny_q8_0_gguf, calib_txt, smol_tokenizer, tmp_path):
     """Compensation rewrites one ffn_down per removed run: re-encoded in the file's own type, equal
     to the repacked checkpoint's weight up to that type's rounding; every other tensor keeps its bytes."""
-    src = tmp_path / "tiny.q8_0.gguf"
-    export_gguf(export_models["llama"], src, GGUFType.q8_0, tmp_path)
+    src = tiny_q8_0_gguf
     out = tmp_path / "build"
     result = invoke("build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4,
                     "--seq-len", 64, "--remove", 3, "--keep-hf", "--out", out, "--quiet")
@@ -277,11 +279,11 @@ def test_in_place_gemma3_writes_its_sliding_window_pattern(smol_tokenizer, tmp_p
     assert not np.allclose(np.asarray(written.data), np.asarray(original.data))
 
 
-@pytest.mark.slow  # two builds; compensated types: test_compensated_tensors_of_a_4_bit_source_are_q8_0_by_default: make test-slow
-def test_gguf_type_rounds_compensated_tensors_once_and_plans_replay_on_a_sibling(export_models, calib_txt, tmp_path):
+@pytest.mark.slow  # compensated types, fast: test_compensated_tensors_of_a_4_bit_source_are_q8_0_by_default: make test-slow
+def test_gguf_type_rounds_compensated_tensors_once(export_models, calib_txt, tmp_path):
     """--gguf-type f16 on a q4_0 source: the compensated ffn_down reaches the file through one
-    rounding (to f16), so it equals the --keep-hf checkpoint's weight to f16 precision. The
-    decision then replays onto another quantization of the same model."""
+    rounding (to f16), so it equals the --keep-hf checkpoint's weight to f16 precision. (A decision
+    replayed on another quantization of the model: test_real_gguf's requantized sibling.)"""
     src = tmp_path / "tiny.q4_0.gguf"
     export_gguf(export_models["llama"], src, GGUFType.q4_0, tmp_path)
     out = tmp_path / "build"
@@ -300,18 +302,6 @@ def test_gguf_type_rounds_compensated_tensors_once_and_plans_replay_on_a_sibling
         assert t.tensor_type == gguf.GGMLQuantizationType.F16
         expected = hf.model.layers[new].mlp.down_proj.weight.detach().numpy()
         np.testing.assert_allclose(t.data.astype(np.float32), expected, rtol=1e-3, atol=1e-6)
-
-    sibling = tmp_path / "tiny.q8_0.gguf"
-    llamacpp.quantize(src, sibling, "LLAMA_FTYPE_MOSTLY_Q8_0")  # requantized from the q4_0 file itself
-    replayed = tmp_path / "replayed"
-    result = invoke("build", "--plan", out / "pruning.json", "--model", sibling, "--out", replayed, "--quiet")
-    assert result.exit_code == 0, result.output
-    again = PruningManifest.read(replayed)
-    assert again.removed == manifest.removed and again.selection.replayed_from
-    [e2] = again.exports
-    assert e2.format_type == "q8_0" and e2.check["block_count"] == TINY_BLOCKS - 3
-    # the replay keeps the recorded calibration and compensation choices
-    assert again.plan.calibration == manifest.plan.calibration and again.compensation.enabled
 
 
 def test_truncated_gguf_is_named_as_such(export_models, tmp_path):

@@ -16,8 +16,6 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from mi_prun.runtimes import llamacpp
-from mi_prun.runtimes.formats import GGUFType
-from mi_prun.runtimes.gguf_export import export_gguf
 from mi_prun.runtimes.gguf_prune import open_gguf
 from mi_prun.runtimes.parity import compare_logits, transformers_logits
 from mi_prun.archs import get_path
@@ -155,9 +153,8 @@ def test_quality_puts_healed_weights_in_the_pruned_model_only(tiny_models, tmp_p
     assert healed.pruned_ppl != pytest.approx(plain.pruned_ppl, rel=1e-3)
 
 
-def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(export_models, calib_txt, smol_tokenizer, tmp_path):
-    src = tmp_path / "tiny.q8_0.gguf"
-    export_gguf(export_models["llama"], src, GGUFType.q8_0, tmp_path)
+def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(tiny_q8_0_gguf, calib_txt, smol_tokenizer, tmp_path):
+    src = tiny_q8_0_gguf
     out = tmp_path / "build"
     result = runner.invoke(app, [str(a) for a in (
         "build", "--target", "gguf", "--model", src, "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2,
