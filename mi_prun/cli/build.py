@@ -30,13 +30,11 @@ def ship_budget(o: dict) -> None:
     """build with budgets: the best point of a measured frontier that meets them, shipped as measured."""
     from .. import jobs
     from ..budget import Budget, parse_fraction, parse_size
-    from ..errors import UserError
 
     budget = Budget(max_bytes=parse_size(o["max_size"]) if o["max_size"] is not None else None, min_speedup=o["min_speedup"],
                     max_ppl_increase=parse_fraction(o["max_ppl_increase"]) if o["max_ppl_increase"] is not None else None)
-    if budget.given and o["frontier"] is not None and any(o[k] is not None for k in ("remove", "ratio", "plan_file")):
-        raise UserError("a budget decides how many blocks go: drop --remove / --ratio / --plan, or drop the budget")
-    shipped = jobs.ship_budget(o["model"], budget, o["frontier"], o["out"], o["force"])
+    decided = any(o[k] is not None for k in ("remove", "ratio", "plan_file"))
+    shipped = jobs.ship_budget(o["model"], budget, o["frontier"], o["out"], o["force"], decided=decided)
     for line in shipped.why:
         output.line(line)
     output.line(f"wrote {shipped.path} (the file the frontier measured; why: {o['out'] / 'budget.json'})")

@@ -22,12 +22,16 @@ def build(plan: Plan, out: Path, force: bool = False, reporter: Reporter = QUIET
     return Written(out, pipeline.build(loaded, plan, out, force, reporter))
 
 
-def ship_budget(model: str | None, budget: Budget, frontier: Path | None, out: Path, force: bool = False) -> Shipped:
-    """The best point of a measured frontier that meets the budget, copied into `out` as measured."""
+def ship_budget(model: str | None, budget: Budget, frontier: Path | None, out: Path, force: bool = False,
+                decided: bool = False) -> Shipped:
+    """The best point of a measured frontier that meets the budget, copied into `out` as measured.
+    `decided`: the blocks to remove were given as well (--remove / --ratio / --plan), which a budget refuses."""
     if not budget.given:
         raise UserError("--frontier picks a point by a budget: add --max-size, --min-speedup or --max-ppl-increase")
     if frontier is None:
         raise UserError("budgets pick from measured points: run `mi-prun-edge frontier --out DIR --eval TEXT` first, then pass --frontier DIR")
+    if decided:
+        raise UserError("a budget decides how many blocks go: drop --remove / --ratio / --plan, or drop the budget")
     check_output(out, force)
     measured = read_frontier(frontier)
     source = inspect(model).source.describe()
