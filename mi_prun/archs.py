@@ -82,6 +82,11 @@ class ArchSpec:
     # Config key of a sliding window that llama.cpp's architecture ignores (outputs differ beyond it).
     gguf_ignored_window_key: str | None = None
     onnx_genai_supported: bool = True
+    # Sublayer pruning: the attention's output projection (its output is what attention adds to
+    # the residual stream; zeroed, the sublayer adds nothing), and the GGUF architecture llama.cpp
+    # runs blocks without some sublayers in (None: the family cannot ship sublayer pruning).
+    attention_projection: str = "self_attn.o_proj"
+    sublayer_gguf_arch: str | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,8 +112,8 @@ _LLAMA_LIKE = dict(
 REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama", gguf_arch="llama", notes="Llama 2/3, SmolLM2", **_LLAMA_LIKE),
-        ArchSpec("mistral", gguf_arch="llama", gguf_ignored_window_key="sliding_window", **_LLAMA_LIKE),
+        ArchSpec("llama", gguf_arch="llama", sublayer_gguf_arch="deci", notes="Llama 2/3, SmolLM2", **_LLAMA_LIKE),
+        ArchSpec("mistral", gguf_arch="llama", gguf_ignored_window_key="sliding_window", sublayer_gguf_arch="deci", **_LLAMA_LIKE),
         ArchSpec("qwen2", gguf_arch="qwen2", **_LLAMA_LIKE),
         ArchSpec("qwen3", gguf_arch="qwen3", **_LLAMA_LIKE),
         ArchSpec(

@@ -29,6 +29,13 @@ class HealObjective(str, Enum):
     blocks = "blocks"  # each healed block's output state, one block at a time (streamable)
 
 
+class Granularity(str, Enum):
+    """The unit a run removes: whole blocks, or attention and feed-forward sublayers (`sublayers.py`)."""
+
+    block = "block"
+    sublayer = "sublayer"
+
+
 class Method(str, Enum):
     mi_prun = "mi-prun"
     mi_prun_exact = "mi-prun-exact"

@@ -18,6 +18,7 @@ import numpy as np
 from .runtimes import llamacpp
 from .runtimes.formats import GGUF_TYPES, GGUFType
 from .runtimes.gguf_export import check_gguf, export_gguf, layer_flag_kv, spec_of_folder
+from .runtimes.deci import write_deci
 from .runtimes.gguf_prune import KVValue, prune_gguf
 from .runtimes.formats import OnnxPrecision
 from .runtimes.onnx_export import check_onnx, check_supported, export_onnx
@@ -28,6 +29,7 @@ from .load import ModelSource
 from .manifest import MANIFEST_NAME, ExportInfo
 from .plan import CompensatedType, ExportPlan, Target
 from .progress import QUIET, Reporter
+from .sublayer_maps import gguf_weights
 from .repack import compensated_gguf_tensors, healed_gguf_tensors, save_checkpoint
 
 
@@ -139,6 +141,8 @@ def export_pruned(loaded, export: ExportPlan, result, tmp: Path, reporter: Repor
     stem = artifact_stem(loaded.source)
     in_place = export.target is Target.gguf and loaded.source.kind == "gguf"
     kept = result.kept
+    if result.sublayers is not None:
+        return deci_export(loaded, export, result, tmp, stem, reporter)
     if export.keep_hf or not in_place:
         (tmp / HF_SUBDIR).mkdir()
         save_checkpoint(loaded, kept, result.compensation, tmp / HF_SUBDIR, result.healed)
@@ -151,6 +155,42 @@ def export_pruned(loaded, export: ExportPlan, result, tmp: Path, reporter: Repor
                              export.compensated_type)
     gtype = export.gguf_type or DEFAULT_GGUF_TYPE
     return gguf_from_folder(tmp / HF_SUBDIR, gtype, tmp, f"{stem}-pruned{len(result.removed)}", len(kept), reporter)
+
+
+def deci_export(loaded, export: ExportPlan, result, tmp: Path, stem: str, reporter: Reporter = QUIET) -> ExportInfo:
+    """A sublayer decision as llama.cpp's deci GGUF: from a GGUF source directly (kept tensors keep
+    their bytes), from any other through the llama.cpp converter's GGUF of the checkpoint with
+    zeroed projections, whose zeroed tensors the rewrite then leaves out."""
+    start = time.perf_counter()
+    n_units = len(result.sublayers.removed)
+    target = tmp / f"{stem}-sublayers{n_units}.deci.gguf"
+    if export.keep_hf or loaded.source.kind != "gguf":
+        (tmp / HF_SUBDIR).mkdir()
+        save_checkpoint(loaded, result.kept, [], tmp / HF_SUBDIR, result.healed)
+    if loaded.source.kind == "gguf":
+        source, forms = Path(loaded.source.location) / loaded.source.gguf_file, result.sublayers.forms(result.n_blocks)
+        route = "deci rewrite of the source GGUF (kept tensors' bytes and quantization kept)"
+    else:
+        gtype = export.gguf_type or DEFAULT_GGUF_TYPE
+        source = tmp / f"{stem}-zeroed.{gtype.value}.gguf"
+        with reporter.task(f"converting to GGUF {gtype.value} (llama.cpp converter)", None):
+            export_gguf(tmp / HF_SUBDIR, source, gtype, workdir=tmp)
+        forms = [result.sublayers.forms(result.n_blocks)[b] for b in result.kept]
+        route = f"llama.cpp convert_hf_to_gguf ({gtype.value}), then deci rewrite without the zeroed sublayers"
+    replace = gguf_weights(loaded.spec, result.sublayers.maps) if loaded.source.kind == "gguf" else {}
+    with reporter.task("writing the deci GGUF (llama.cpp's heterogeneous-layer Llama)", None):
+        report = write_deci(source, target, forms, replace, lambda own: compensated_ggml(own, export.compensated_type, None))
+    if source.parent == tmp:
+        source.unlink()
+    with reporter.task("checking the GGUF (read back, load in llama.cpp)", None):
+        check = check_gguf(target, report.layers, uniform=False)
+    return ExportInfo(
+        target="gguf", file=target.name, format_type=file_type_name(check.file_type), bytes=target.stat().st_size, route=route,
+        check={**check.__dict__, "head_count": report.head_count, "head_count_kv": report.head_count_kv,
+               "feed_forward_length": report.feed_forward_length, "stub_ffn_layers": report.stub_ffn_layers,
+               "tensors_dropped": report.tensors_dropped, "tensors_replaced": report.replaced},
+        seconds=round(time.perf_counter() - start, 2),
+    )
 
 
 def gguf_from_folder(folder: Path, gguf_type: GGUFType, out_dir: Path, stem: str, expected_blocks: int, reporter: Reporter) -> ExportInfo:

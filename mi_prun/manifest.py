@@ -165,6 +165,20 @@ class QualityInfo(BaseModel):
     top1_agreement: float
 
 
+class SublayerInfo(BaseModel):
+    """--granularity sublayer: unit 2b is block b's attention, 2b+1 its feed-forward network."""
+
+    removed: list[str]  # "b.attention" / "b.ffn", original block indices
+    removed_units: list[int]
+    dropped_blocks: list[int]  # both sublayers removed: the block is left out
+    bytes_removed: int
+    budget_bytes: int  # --remove N / --ratio R blocks' worth of the source's bytes
+    unit_bytes: list[int]
+    unit_scores: dict[str, list[float]] = Field(default_factory=dict)  # per unit, as block_scores per block
+    shipped_as: str = ("checkpoint: the removed sublayer's output projection zeroed; GGUF: llama.cpp deci, "
+                       "its tensors left out (0 attention heads, or a zero feed-forward stub)")
+
+
 class PruningManifest(BaseModel):
     tool: str = "mi-prun-edge"
     tool_version: str = __version__
@@ -191,6 +205,7 @@ class PruningManifest(BaseModel):
     execution: str = "in-memory"  # in-memory | streamed (one block at a time), as chosen for this run
     distributed: DistributedInfo | None = None  # set when the run was split over ranks (torchrun)
     heal: HealInfo | None = None  # build --heal
+    sublayers: SublayerInfo | None = None  # --granularity sublayer
     peak_rss_mib: float | None = None  # the process's peak resident memory when the manifest was written
     peak_gpu_mib: float | None = None  # peak GPU memory PyTorch allocated (CUDA runs)
     # The process's peak resident memory so far, after each stage (it only grows: the stage where it

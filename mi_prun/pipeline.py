@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import distributed
+from . import distributed, sublayers
 from .atomic import atomic_dir
 from .blockset import keep_indices
 from .calibration import calibration_batches
@@ -25,12 +25,14 @@ from .heal import fold_healed, heal
 from .manifest import HealInfo, PruningManifest, SelectionInfo
 from .methods import select_blocks
 from .modelcard import write_model_card
-from .plan import EvalPlan, HealPlan, Method, Objective, Plan
+from .plan import EvalPlan, Granularity, HealPlan, Method, Objective, Plan
 from .progress import QUIET, Reporter
 from .quality import measure_quality
 from .record import build_manifest, peak_rss_bytes
 from .repack import rewritten_weights, save_checkpoint
-from .scoring import Scores, score_model
+from .scoring import Scores, chain_scores, score_model
+from .sublayer_maps import shipped_weights
+from .sublayers import SublayerDecision
 from .runner import Windows
 from .verify import RemovalScorer, ensure_dense
 
@@ -51,6 +53,9 @@ class PruneResult:
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far, after each stage
     healed: dict[str, torch.Tensor] = field(default_factory=dict)  # weights rewritten by healing (beside the maps)
     heal: HealInfo | None = None
+    # --granularity sublayer: the units removed (`removed` then holds the blocks both of whose
+    # sublayers went, `healed` the zeroed projections of the others).
+    sublayers: SublayerDecision | None = None
 
 
 class Stopwatch:
@@ -76,6 +81,8 @@ class Stopwatch:
 def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
     """Decide which blocks go (or replay a recorded decision) and fit their compensation maps.
     The model runs `plan.batch_size` windows a pass: it was loaded for this plan (`jobs.loading`)."""
+    if plan.granularity is Granularity.sublayer:
+        return prune_sublayers(loaded, plan, reporter)
     watch = Stopwatch(peaks={"load": round(peak_rss_bytes() / 2**20, 1)})
     runner = loaded.runner
     n = runner.n_blocks
@@ -115,6 +122,25 @@ def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneR
             runs = compensation_for(loaded, removed, ensure_dense(runner, fit))
         info.forward_passes += capture_passes(runs)
     return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, watch.timings, runs, watch.peaks)
+
+
+def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
+    """--granularity sublayer: calibrate, capture the chain of sublayers, select (`sublayers.py`)."""
+    watch = Stopwatch(peaks={"load": round(peak_rss_bytes() / 2**20, 1)})
+    cal = plan.calibration
+    with watch.stage("calibrate"):
+        reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
+        ids = calibration_batches(loaded, cal)
+        windows = Windows.share(ids)
+    with watch.stage("capture"):
+        chain = sublayers.capture_chain(loaded, windows, reporter)
+        scores = chain_scores(chain, plan)
+    with watch.stage("select"):
+        decision, info = sublayers.decide(loaded, plan, scores, windows, chain, reporter)
+    n = loaded.runner.n_blocks
+    removed = sublayers.dropped_blocks(decision.removed)
+    return PruneResult(n, removed, keep_indices(n, removed), None, info, ids, watch.timings, [], watch.peaks,
+                       healed=shipped_weights(loaded, decision.removed, decision.maps), sublayers=decision)
 
 
 def _scorer(loaded: LoadedModel, plan: Plan, calib: Windows, fit: Windows, compensate: bool) -> RemovalScorer:

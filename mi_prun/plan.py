@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .choices import (DEFAULT_OBJECTIVES, PYTHON_DOCS, SELF_TEXT, Estimator, Execution, HealObjective, HealPrecision,  # noqa: F401
-                      Method, Objective, StateView)
+from .choices import (DEFAULT_OBJECTIVES, PYTHON_DOCS, SELF_TEXT, Estimator, Execution, Granularity, HealObjective,  # noqa: F401
+                      HealPrecision, Method, Objective, StateView)
 from .errors import UserError
 from .heal_plan import SELF_HEAL_TEXT, HealPlan, default_heal_text  # noqa: F401
 from .replay import Replay, read_replay
@@ -71,6 +71,9 @@ class Plan(BaseModel):
 
     model: str | None = None  # source as given (None: the embedded default)
     method: Method = Method.mi_prun
+    # With sublayer, --remove N / --ratio R are a budget in bytes: at least N blocks' worth of
+    # attention and feed-forward sublayers go.
+    granularity: Granularity = Granularity.block
     estimator: Estimator = Estimator.token
     view: StateView = StateView.raw
     remove: int | None = None
@@ -105,6 +108,8 @@ class Plan(BaseModel):
                 raise ValueError(f"--ratio must lie strictly between 0 and 1, got {self.ratio}")
             if self.remove is not None and self.remove < 1:
                 raise ValueError(f"must remove at least one block (--remove {self.remove})")
+        if self.granularity is Granularity.sublayer:
+            _check_sublayer_plan(self)
         self.calibration.validate()
         return self
 
@@ -121,6 +126,23 @@ class Plan(BaseModel):
         if self.replay is not None:
             return len(self.replay.removed)
         return blocks_to_remove(n_blocks, self.remove, self.ratio)
+
+
+# Methods that choose sublayers (the others are defined on blocks).
+SUBLAYER_METHODS = (Method.mi_prun, Method.shortgpt, Method.angular)
+
+
+def _check_sublayer_plan(plan: "Plan") -> None:
+    if plan.method not in SUBLAYER_METHODS:
+        raise ValueError(f"--granularity sublayer chooses with {', '.join(m.value for m in SUBLAYER_METHODS)}, not --method {plan.method.value}")
+    if plan.heal is not None:
+        raise ValueError("--heal adapts kept blocks; it is not defined for --granularity sublayer yet")
+    if plan.replay is not None:
+        raise ValueError("--plan replays block decisions; a sublayer decision is not replayable yet")
+    if plan.swaps:
+        raise ValueError("--swaps swaps blocks; drop it with --granularity sublayer")
+    if Objective.compensated in plan.objectives:
+        raise ValueError("--objective compensated scores fitted block maps; sublayers are removed without maps")
 
 
 # What a replayed plan takes from the command line: where and how to run, never what to remove.

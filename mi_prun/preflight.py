@@ -15,7 +15,7 @@ from .calibration import check_text_source
 from .errors import UserError
 from .load import ModelSource, inspect_model, resolve_source
 from .heal_plan import text_sources
-from .plan import SELF_TEXT, Estimator, HealObjective, HealPlan, Objective, Plan, Target
+from .plan import SELF_TEXT, Estimator, Granularity, HealObjective, HealPlan, Objective, Plan, Target
 from .replay import check_replay
 
 
@@ -103,6 +103,8 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
     plan.n_remove(inspected.n_blocks)
     if plan.replay is not None:
         check_replay(plan.replay, inspected.spec.model_type, inspected.n_blocks, inspected.config)
+    if plan.granularity is Granularity.sublayer:
+        check_sublayers(plan, inspected)
     if plan.export is not None:
         require_export_tools(plan.export.target)
         if plan.export.target is Target.onnx:
@@ -110,6 +112,25 @@ def check_plan(plan: Plan, out: Path | None = None, force: bool = False) -> Insp
 
             check_supported(inspected.spec)
     return inspected
+
+
+def check_sublayers(plan: Plan, inspected: Inspected) -> None:
+    """--granularity sublayer ships as llama.cpp's deci GGUF: the family, target and type must allow it."""
+    spec = inspected.spec
+    if spec.sublayer_gguf_arch is None:
+        raise UserError(f"--granularity sublayer ships as llama.cpp's deci architecture, which runs Llama-family layers "
+                        f"(llama, mistral); {spec.model_type} is not one (its rotary order or norms differ): use --granularity block")
+    if distributed.active():
+        raise UserError("--granularity sublayer runs in one process; run it without torchrun")
+    export = plan.export
+    if export is None:
+        return
+    if export.target is Target.onnx:
+        raise UserError("--granularity sublayer ships to llama.cpp (deci GGUF); onnxruntime-genai's builder has no "
+                        "per-layer attention or feed-forward sizes: use --target gguf")
+    if export.gguf_type is not None and inspected.source.kind == "gguf":
+        raise UserError("--gguf-type re-encodes a GGUF source; with --granularity sublayer the deci GGUF keeps the source's "
+                        "types: drop --gguf-type (or start from a Hugging Face folder)")
 
 
 def check_heal_text(source: str) -> None:

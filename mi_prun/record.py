@@ -9,9 +9,20 @@ from . import distributed
 from .calibration import canonical_source, diversity
 from .compensate import can_compensate
 from .manifest import (CalibrationInfo, CompensationInfo, CompensationRun, DistributedInfo, ExportInfo, PruningManifest, QualityInfo,
-                       package_versions)
+                       SublayerInfo, package_versions)
 from .plan import Estimator, Plan
 from .replay import shapes_of
+from .sublayer_maps import projection
+from .sublayers import dropped_blocks, unit_name
+
+
+def sublayer_info(result) -> SublayerInfo | None:
+    decision = result.sublayers
+    if decision is None:
+        return None
+    return SublayerInfo(removed=[unit_name(u) for u in decision.removed], removed_units=decision.removed,
+                        dropped_blocks=dropped_blocks(decision.removed), bytes_removed=sum(decision.sizes[u] for u in decision.removed),
+                        budget_bytes=decision.budget_bytes, unit_bytes=decision.sizes, unit_scores=decision.scores.block_table())
 
 
 def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
@@ -21,6 +32,12 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
         return CompensationInfo(
             enabled=False, note=f"{loaded.spec.model_type}: no weight before the residual add to fold a map into"
         )
+    if result.sublayers is not None:  # runs of units: first, last and folded_into are unit indices
+        return CompensationInfo(enabled=True, samples=plan.calibration.n_samples, form=loaded.spec.compensation_fold.value, runs=[
+            CompensationRun(first=r.first, last=r.last, folded_into=r.prev, weight=projection(loaded.spec, r.prev) if r.prev is not None else None,
+                            ridge=r.ridge, heldout_error_ratio=r.heldout_ratio, fit_error_ratio=r.fit_ratio)
+            for r in result.sublayers.maps
+        ], note="--granularity sublayer: runs of units (2b: block b's attention, 2b+1: its feed-forward network), each fitted on the dense model's states")
     weight = f"{loaded.spec.residual_projection}.weight"
     runs = [
         CompensationRun(
@@ -90,6 +107,7 @@ def build_manifest(loaded, plan: Plan, result, quality: QualityInfo | None = Non
         execution=loaded.execution.value,
         distributed=distributed_info(),
         heal=result.heal,
+        sublayers=sublayer_info(result),
         peak_rss_mib=round(peak_rss_bytes() / 2**20, 1),
         peak_gpu_mib=peak_gpu_mib(loaded.device),
         peak_rss_mib_after=dict(result.peak_rss_mib),

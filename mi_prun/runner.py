@@ -204,18 +204,24 @@ class BlockRunner:
 
     @torch.no_grad()
     def run_block(self, index: int, states: torch.Tensor, projection_weight: torch.Tensor | None = None,
-                  tap: list | None = None) -> torch.Tensor:
+                  tap: list | None = None, weights: dict[str, torch.Tensor] | None = None,
+                  tap_path: str | None = None) -> torch.Tensor:
         """Block `index` (original numbering) applied to `states` (windows, seq, hidden).
 
         `projection_weight` replaces the block's residual projection weight for this call (a
-        compensated block, as it will ship); `tap`, when given, receives that projection's output
-        (what the block adds to the residual stream through it), as one (windows, seq, hidden) tensor."""
-        weights = {} if projection_weight is None else {f"{self.spec.residual_projection}.weight": projection_weight}
+        compensated block, as it will ship), `weights` any of its weights (names inside the block);
+        `tap`, when given, receives the output of the module at `tap_path` (default: that
+        projection, i.e. what the block adds to the residual stream through it), as one
+        (windows, seq, hidden) tensor."""
+        weights = dict(weights or {})
+        if projection_weight is not None:
+            weights[f"{self.spec.residual_projection}.weight"] = projection_weight
         out, taps = [], []
         with self.open_block(index, weights) as (layer, apply):
             hook = None
             if tap is not None:
-                hook = get_path(layer, self.spec.residual_projection).register_forward_hook(lambda _m, _i, o: taps.append(o))
+                module = get_path(layer, tap_path or self.spec.residual_projection)
+                hook = module.register_forward_hook(lambda _m, _i, o: taps.append(o))
             try:
                 for rows in self.batches(states.shape[0]):
                     out.append(apply(states[rows]))

@@ -190,18 +190,24 @@ def score_model(loaded, windows: Windows, plan: Plan, reporter: Reporter = QUIET
     """One dense pass over the calibration windows (their boundary states stay cached for the
     passes that follow); every score the methods need. `taps`: also keep each block's projection
     output, for the compensated run costs."""
-    capture = CapturePlan(plan.estimator, plan.view, plan.max_tokens, plan.seed)
     runner = loaded.runner
     with reporter.task("capturing block boundaries", runner.n_blocks) as advance:
         runner.dense_pass(windows, on_block=advance, taps=taps)
+    recovery = LinearRecovery(windows.dense, windows.taps, runner.spec.compensation_fold is Fold.scale) if taps else None
+    return chain_scores(windows, plan, recovery)
+
+
+def chain_scores(windows: Windows, plan: Plan, recovery: LinearRecovery | None = None) -> Scores:
+    """The scores of a chain of units from its cached states: `windows.dense[k]` enters unit k
+    (blocks, or sublayers: `sublayers.py`), the last one leaves the chain."""
+    capture = CapturePlan(plan.estimator, plan.view, plan.max_tokens, plan.seed)
     observe_cached(windows, capture.observers, plan.batch_size)
     capture.stats.over_ranks()
-    tokens = capture.stats.tokens
     return Scores(
-        n_blocks=runner.n_blocks,
+        n_blocks=len(windows.dense) - 1,
         boundary_mi=capture.boundary_mi(),
         cosine=capture.stats.mean("cosine"),
         angular=capture.stats.mean("angular"),
-        tokens=tokens,
-        recovery=LinearRecovery(windows.dense, windows.taps, runner.spec.compensation_fold is Fold.scale) if taps else None,
+        tokens=capture.stats.tokens,
+        recovery=recovery,
     )

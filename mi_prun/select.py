@@ -123,6 +123,7 @@ def fast_block_select(
     block_cost: Sequence[float],
     run_cost: RunCost,
     top_k: int | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> tuple[list[int], FastSelectTrace]:
     """Fast-Block-Select: DPI-guided candidate runs, greedy fill, then swap until stable.
 
@@ -133,8 +134,14 @@ def fast_block_select(
        that fits the remaining budget, until N blocks are removed.
     3. Iterate: drop one run of the selection and refill greedily; keep the change when the
        total cost falls. Stop when a full pass changes nothing.
+
+    With `sizes` (units of unequal size: sublayers in bytes), N is a size to reach: lengths,
+    gains and the budget are counted in size, and the last unit added may pass the budget by
+    less than the largest unit (one of each size always fits what is left).
     """
-    check_budget(n_blocks, n_remove)
+    sizes = [1] * n_blocks if sizes is None else list(sizes)
+    check_budget(sum(sizes), n_remove)
+    slack = max(sizes) - 1
     trace = FastSelectTrace()
     cache: dict[Run, float] = {}
 
@@ -147,21 +154,24 @@ def fast_block_select(
     def cost(removed: set[int]) -> float:
         return selection_cost(sorted(removed), measured)
 
-    runs = [(a, b) for a in range(n_blocks) for b in range(a + 1, min(n_blocks, a + n_remove))]
-    runs.sort(key=lambda r: dpi_bound(block_cost, *r) / (r[1] - r[0] + 1))
-    top_k = 3 * n_remove if top_k is None else top_k
+    def size(units) -> int:
+        return sum(sizes[i] for i in units)
+
+    runs = [(a, b) for a in range(n_blocks) for b in range(a + 1, n_blocks) if size(range(a, b + 1)) <= n_remove + slack]
+    runs.sort(key=lambda r: dpi_bound(block_cost, *r) / size(range(r[0], r[1] + 1)))
+    top_k = 3 * math.ceil(n_remove * n_blocks / sum(sizes)) if top_k is None else top_k
     trace.candidates = [(i, i) for i in range(n_blocks)] + runs[:top_k]
 
     def fill(removed: set[int]) -> set[int]:
         removed = set(removed)
-        while len(removed) < n_remove:
+        while size(removed) < n_remove:
             base = cost(removed)
             best, best_gain = None, math.inf
             for a, b in trace.candidates:
                 block_set = set(range(a, b + 1))
-                if block_set & removed or len(removed) + len(block_set) > n_remove:
+                if block_set & removed or size(removed) + size(block_set) > n_remove + slack:
                     continue
-                gain = (cost(removed | block_set) - base) / len(block_set)
+                gain = (cost(removed | block_set) - base) / size(block_set)
                 if gain < best_gain:
                     best, best_gain = block_set, gain
             removed |= best  # singles always fit, so best is never None
@@ -198,6 +208,34 @@ def lowest_scores(scores: Sequence[float], n_remove: int) -> list[int]:
     check_budget(len(scores), n_remove)
     order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
     return sorted(order[:n_remove])
+
+
+def lowest_until(scores: Sequence[float], sizes: Sequence[int], budget: int) -> list[int]:
+    """ShortGPT at a size budget: units in order of their damage score until `budget` is reached."""
+    check_budget(sum(sizes), budget)
+    chosen, total = [], 0
+    for i in sorted(range(len(scores)), key=lambda i: (scores[i], i)):
+        if total >= budget:
+            break
+        chosen.append(i)
+        total += sizes[i]
+    return sorted(chosen)
+
+
+def contiguous_until(sizes: Sequence[int], budget: int, run_distance: RunCost) -> list[int]:
+    """The angular baseline at a size budget: of the shortest runs from each start that reach
+    `budget`, the one whose endpoints are closest."""
+    check_budget(sum(sizes), budget)
+    runs = []
+    for a in range(len(sizes)):
+        total = 0
+        for b in range(a, len(sizes)):
+            total += sizes[b]
+            if total >= budget:
+                runs.append((a, b))
+                break
+    a, b = min(runs, key=lambda r: run_distance(*r))
+    return list(range(a, b + 1))
 
 
 def best_contiguous_run(n_blocks: int, n_remove: int, run_distance: RunCost) -> list[int]:

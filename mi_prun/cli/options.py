@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from ..plan import (DEFAULT_BUILD_RATIO, CalibrationSpec, CompensatedType, Estimator, EvalPlan, ExportPlan, GGUFType, HealObjective,
+from ..plan import (DEFAULT_BUILD_RATIO, CalibrationSpec, CompensatedType, Estimator, EvalPlan, ExportPlan, GGUFType, Granularity, HealObjective,
                     HealPlan, HealPrecision, Method, Objective, OnnxPrecision, Plan, StateView, Target)
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
@@ -29,6 +29,11 @@ Remove = Annotated[Optional[int], typer.Option("--remove", "-n", help="Number of
 Ratio = Annotated[Optional[float], typer.Option("--ratio", help="Fraction of blocks to remove (instead of --remove).")]
 BuildRatio = Annotated[Optional[float], typer.Option("--ratio", help=f"Fraction of blocks to remove (default {DEFAULT_BUILD_RATIO} when neither is given).")]
 MethodOpt = Annotated[Method, typer.Option("--method", help="How blocks are chosen.")]
+GranularityOpt = Annotated[Granularity, typer.Option(
+    "--granularity",
+    help="Unit removed: whole blocks, or attention and feed-forward sublayers (Llama family, GGUF only; "
+    "--remove N / --ratio R then remove at least that many blocks' worth of bytes).",
+)]
 EstimatorOpt = Annotated[Estimator, typer.Option("--estimator", help="MI estimator.")]
 ViewOpt = Annotated[StateView, typer.Option("--view", help="State view given to the estimators.")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Fast-Block-Select candidate runs (default 3N).")]
@@ -110,7 +115,8 @@ OPTIONS: dict[str, Option] = {
     "model": Option(Model, None), "device": Option(Device, PLAN.device), "dtype": Option(Dtype, PLAN.dtype),
     "streamed": Option(Streamed, None), "plan_file": Option(PlanFile, None),
     "remove": Option(Remove, None), "ratio": Option(Ratio, None),
-    "method": Option(MethodOpt, PLAN.method), "estimator": Option(EstimatorOpt, PLAN.estimator), "view": Option(ViewOpt, PLAN.view),
+    "method": Option(MethodOpt, PLAN.method), "granularity": Option(GranularityOpt, PLAN.granularity),
+    "estimator": Option(EstimatorOpt, PLAN.estimator), "view": Option(ViewOpt, PLAN.view),
     "calib": Option(Calib, CALIB.source), "n_samples": Option(NSamples, CALIB.n_samples), "seq_len": Option(SeqLen, CALIB.seq_len),
     "seed": Option(Seed, PLAN.seed), "top_k": Option(TopK, PLAN.top_k), "verify": Option(Verify, PLAN.verify),
     "objective": Option(Objectives, None), "swaps": Option(Swaps, PLAN.swaps),

@@ -60,15 +60,24 @@ def compensation(manifest) -> None:
     if c is None or not c.enabled:
         line(f"compensation: off{f' ({c.note})' if c is not None and c.note else ''}")
         return
-    parts = [
-        f"blocks {r.first}-{r.last} -> block {r.folded_into} (held-out error x{r.heldout_error_ratio:.2f} of plain removal)"
-        if r.folded_into is not None else f"blocks {r.first}-{r.last}: none (nothing before block 0)"
-        for r in c.runs
-    ]
+    if manifest.sublayers is not None:  # runs numbered by unit (2b: block b's attention, 2b+1: its feed-forward network)
+        def unit(u: int) -> str:
+            return f"{u // 2}.{('attention', 'ffn')[u % 2]}"
+        parts = [f"{unit(r.first)}..{unit(r.last)} -> {unit(r.folded_into)} (held-out error x{r.heldout_error_ratio:.2f} of plain removal)"
+                 if r.folded_into is not None else f"{unit(r.first)}..{unit(r.last)}: none (nothing before it)" for r in c.runs]
+    else:
+        parts = [
+            f"blocks {r.first}-{r.last} -> block {r.folded_into} (held-out error x{r.heldout_error_ratio:.2f} of plain removal)"
+            if r.folded_into is not None else f"blocks {r.first}-{r.last}: none (nothing before block 0)"
+            for r in c.runs
+        ]
     line("compensation: " + "; ".join(parts))
 
 
 def decision(manifest) -> None:
+    sub = manifest.sublayers
+    if sub is not None:
+        line(f"removed sublayers {', '.join(sub.removed)} ({sub.bytes_removed / 2**20:.1f} MiB; budget {sub.budget_bytes / 2**20:.1f} MiB)")
     line(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
     proposals(manifest)
     compensation(manifest)

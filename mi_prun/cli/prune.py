@@ -9,7 +9,7 @@ from .plans import pruning_plan, require_one_of
 
 
 @app.command()
-@takes("out", "model", "remove", "ratio", *PRUNING, "compensate", "compensation_samples", "seed", "plan_file", "device", "dtype",
+@takes("out", "model", "remove", "ratio", "granularity", *PRUNING, "compensate", "compensation_samples", "seed", "plan_file", "device", "dtype",
        "streamed", "force", "quiet")
 def prune(**options):
     """Score blocks, choose the ones to remove, and write a pruned checkpoint + pruning.json."""

@@ -1,0 +1,76 @@
+"""Linear compensation of removed runs of sublayers, folded into the kept sublayer before each run.
+
+The block rule (`compensate.py`) one level down: a run of units first..last removed makes the
+unit after it read s_first instead of s_{last+1}. The kept unit before the run (an attention or a
+feed-forward sublayer) ends by adding its projection's output M to the stream, s_first = Y + M; a
+ridge-fitted T with Y + M T ~ s_{last+1} folds into that projection (W <- T^T W: o_proj or
+down_proj). For the Llama family M is the unit's whole update, s_first - s_{first-1}, so every
+fit reads the captured chain states alone: no pass is run for it. Each run is fitted on the dense
+model's states (not on states with the earlier runs already removed, as blocks are): the verifier
+then scores the whole pruned model, every map in place.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .compensate import RunCompensation, fit_run, run_moments
+from .runner import Windows
+from .select import runs_of
+
+
+def projection(spec, unit: int) -> str:
+    """The weight (inside the block) a unit adds to the stream through: a removed unit's zeros,
+    or a kept unit's fitted map, go into it."""
+    return f"{spec.attention_projection if unit % 2 == 0 else spec.residual_projection}.weight"
+
+
+def gguf_projection(spec, unit: int) -> str:
+    return f"blk.{unit // 2}.{'attn_output' if unit % 2 == 0 else spec.gguf_residual_projection}.weight"
+
+
+def fit_unit_maps(loaded, chain: Windows, removed: Sequence[int]) -> list[RunCompensation]:
+    """One map per maximal run of `removed` units (none for a run starting at unit 0), fitted on
+    the chain states of `chain`'s windows. `first`, `last` and `prev` are unit indices."""
+    spec, store = loaded.spec, loaded.runner.store
+    out = []
+    for first, last in runs_of(removed):
+        record = RunCompensation(first, last, first - 1 if first > 0 else None)
+        if record.prev is not None:
+            h = chain.dense[first]
+            folds = run_moments(h - chain.dense[first - 1], h, chain.dense[last + 1], chain.index)
+            fit_run(record, folds, store.tensor(record.prev // 2, projection(spec, record.prev)), spec)
+        out.append(record)
+    return out
+
+
+def block_overrides(loaded, removed: Sequence[int], maps: Sequence[RunCompensation]) -> dict[int, dict[str, torch.Tensor]]:
+    """The weights each block runs with in the pruned model, by block and name inside it: zeros
+    for removed units, fitted projections for the kept units before a run."""
+    from .archs import blocks, get_path
+
+    spec, layers = loaded.spec, blocks(loaded.model, loaded.spec)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for u in removed:
+        name = projection(spec, u)
+        out.setdefault(u // 2, {})[name] = torch.zeros(get_path(layers[u // 2], name).shape, dtype=loaded.dtype)
+    for r in maps:
+        if r.weight is not None:
+            out.setdefault(r.prev // 2, {})[projection(spec, r.prev)] = r.weight
+    return out
+
+
+def shipped_weights(loaded, removed: Sequence[int], maps: Sequence[RunCompensation]) -> dict[str, torch.Tensor]:
+    """The same, by parameter name in the unpruned model, for blocks that stay (a block with both
+    units removed is dropped, its zeros not needed)."""
+    units = set(removed)
+    return {loaded.spec.block_param(b, name): value for b, weights in block_overrides(loaded, removed, maps).items()
+            if not {2 * b, 2 * b + 1} <= units for name, value in weights.items()}
+
+
+def gguf_weights(spec, maps: Sequence[RunCompensation]) -> dict[str, np.ndarray]:
+    """The fitted projections by GGUF tensor name in the source (zeroed ones are left out of a deci GGUF instead)."""
+    return {gguf_projection(spec, r.prev): r.weight.float().numpy() for r in maps if r.weight is not None}

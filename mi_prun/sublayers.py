@@ -1,0 +1,237 @@
+"""Sublayer pruning (--granularity sublayer): attention and feed-forward sublayers as the units removed.
+
+A Llama-family block is two residual updates, h -> m = h + Attn(norm h) -> h' = m + FFN(norm m),
+so L blocks are a chain of 2L units and 2L+1 residual states: unit 2b is block b's attention,
+unit 2b+1 its feed-forward network. MI-PRUN scores that chain as it scores blocks (the same
+estimator over the interleaved states, the same DPI bound), Fast-Block-Select picks runs of units
+under a budget in bytes (a SmolLM2 attention sublayer is a third of its feed-forward one), and the
+proposals are verified by calibration NLL in the form that ships.
+
+The shipped form: a removed sublayer adds nothing to the stream. In the Hugging Face checkpoint
+its output projection (o_proj or down_proj) is zero, so plain transformers loads it (and still
+computes that sublayer); a block with both sublayers removed is dropped. The GGUF is llama.cpp's
+`deci` (`runtimes/deci.py`): the removed sublayers' tensors are gone, and a layer without attention
+has no KV cache. Each removed run gets a linear map folded into the kept sublayer before it
+(`sublayer_maps.py`), as runs of blocks do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import select
+from .archs import blocks
+from .compensate import RunCompensation, can_compensate
+from .manifest import Candidate, SelectionInfo
+from .methods import LOWER_P, objective_cost, objectives
+from .plan import Method, Plan
+from .progress import QUIET, Reporter
+from .runner import Windows
+from .runtimes.deci import Attention, LayerForm
+from .scoring import Scores
+from .sublayer_maps import block_overrides, fit_unit_maps
+from .verify import lower_p
+
+KINDS = ("attention", "ffn")
+# GGUF tensor name prefixes of each kind's weights (its norm included).
+GGUF_PREFIX = {"attention": "attn_", "ffn": "ffn_"}
+
+
+def unit_name(unit: int) -> str:
+    return f"{unit // 2}.{KINDS[unit % 2]}"
+
+
+def dropped_blocks(removed: Sequence[int]) -> list[int]:
+    """Blocks both of whose sublayers go: dropped from the checkpoint."""
+    units = set(removed)
+    return sorted({u // 2 for u in units if u ^ 1 in units})
+
+
+def layer_forms(n_blocks: int, removed: Sequence[int]) -> list[LayerForm]:
+    units = set(removed)
+    return [LayerForm(Attention.removed if 2 * b in units else Attention.kept, 2 * b + 1 not in units) for b in range(n_blocks)]
+
+
+def unit_sizes(loaded) -> list[int]:
+    """Bytes of every unit as the source stores it: its GGUF tensors (the file's own
+    quantization) or its parameters in the compute dtype."""
+    n = loaded.runner.n_blocks
+    if loaded.source.kind == "gguf":
+        from pathlib import Path
+
+        from .runtimes.gguf_prune import BLOCK_TENSOR, open_gguf
+
+        sizes = [0] * (2 * n)
+        for t in open_gguf(Path(loaded.source.location) / loaded.source.gguf_file).tensors:
+            match = BLOCK_TENSOR.match(t.name)
+            if match:
+                kind = next((k for k, p in GGUF_PREFIX.items() if match.group(2).startswith(p)), None)
+                if kind is not None:
+                    sizes[2 * int(match.group(1)) + KINDS.index(kind)] += int(t.n_bytes)
+        return sizes
+    spec = loaded.spec
+    layer = blocks(loaded.model, spec)[0]
+    attention = {spec.attention_projection.rpartition(".")[0], spec.block_input_norm}
+    per_kind = [0, 0]
+    for name, p in layer.named_parameters():
+        per_kind[0 if name.split(".")[0] in attention else 1] += p.numel() * p.element_size()
+    return per_kind * n
+
+
+# --- the chain's states and scores -------------------------------------------------------------
+
+
+def capture_chain(loaded, windows: Windows, reporter: Reporter = QUIET) -> Windows:
+    """One dense pass over `windows` keeping every block boundary (in `windows.dense`, for the
+    verifier) and returning the chain of 2L+1 unit boundaries: the state after each attention is
+    the block's input plus what its output projection adds."""
+    runner = loaded.runner
+    h = runner.embed(windows.ids)
+    chain = Windows(windows.ids, index=windows.index)
+    with reporter.task("capturing sublayer boundaries", runner.n_blocks) as advance:
+        for b in range(runner.n_blocks):
+            windows.dense[b] = chain.dense[2 * b] = h
+            tap: list = []
+            out = runner.run_block(b, h, tap=tap, tap_path=loaded.spec.attention_projection)
+            chain.dense[2 * b + 1] = h + tap[0].to(h.dtype)
+            h = out
+            advance()
+    windows.dense[runner.n_blocks] = chain.dense[2 * runner.n_blocks] = h
+    return chain
+
+
+class UnitRemovalScorer:
+    """Mean calibration NLL with `removed` units taken out as shipped (zero projections, both-gone
+    blocks skipped, and with `compensate` the fitted maps in place), from the cached dense state
+    entering the first block it changes.
+
+    Compensated, it is cross-fitted like the block verifier: maps fitted on the even windows are
+    scored on the odd ones and vice versa (scored on their own windows, removals with more runs,
+    hence more fitted maps, would look better than they are)."""
+
+    def __init__(self, loaded, windows: Windows, chain: Windows, compensate: bool) -> None:
+        self.loaded, self.windows, self.chain = loaded, windows, chain
+        self.compensate = compensate and len(windows) >= 2
+        self.passes = 0
+        self.window_nll: dict[tuple[int, ...], np.ndarray] = {}
+        self.nll: dict[tuple[int, ...], float] = {}
+
+    def describe(self) -> str:
+        shape = f"{len(self.windows)} windows x {self.windows.ids.shape[1]} tokens"
+        if self.compensate:
+            return f"compensated calibration NLL, sublayers removed as shipped, maps fitted on one half of {shape} and scored on the other"
+        return f"calibration NLL on {shape}, sublayers removed as shipped"
+
+    def __call__(self, removed: Sequence[int]) -> float:
+        key = tuple(sorted(removed))
+        if key not in self.nll:
+            if self.compensate:
+                parts = []
+                for parity in (0, 1):
+                    fit_chain, scored = self.chain.half(1 - parity), self.windows.half(parity)
+                    totals, counts = self._nll(scored, key, fit_unit_maps(self.loaded, fit_chain, key))
+                    parts.append((scored.index * 2 + parity, totals, counts))
+            else:
+                parts = [(self.windows.index, *self._nll(self.windows, key, []))]
+            rows = np.concatenate([np.stack([np.asarray(i, dtype=np.float64), t, c], 1) for i, t, c in parts])
+            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+            self.window_nll[key] = rows[:, 1] / rows[:, 2]
+            self.nll[key] = float(rows[:, 1].sum() / rows[:, 2].sum())
+        return self.nll[key]
+
+    def _nll(self, windows: Windows, removed: Sequence[int], maps) -> tuple[np.ndarray, np.ndarray]:
+        runner = self.loaded.runner
+        overrides = block_overrides(self.loaded, removed, maps)
+        first = min(overrides)
+        h = windows.dense[first]
+        for b in range(first, runner.n_blocks):
+            if {2 * b, 2 * b + 1} <= set(removed):
+                continue
+            h = runner.run_block(b, h, weights=overrides.get(b))
+        self.passes += 1
+        return runner.window_nll(h, windows.ids)
+
+
+# --- selection ---------------------------------------------------------------------------------
+
+
+def propose(scores: Scores, plan: Plan, sizes: Sequence[int], budget: int) -> list[Candidate]:
+    """Fast-Block-Select's choice over the unit chain for each objective form of the plan."""
+    out = []
+    for objective in objectives(scores, plan):
+        cost = objective_cost(objective, scores)
+        unit_cost = [scores.boundary_mi.run_cost(i, i) for i in range(scores.n_blocks)]
+        removed, _ = select.fast_block_select(scores.n_blocks, budget, unit_cost, cost, plan.top_k, sizes)
+        out.append(Candidate(objective=objective.value, removed=removed, objective_cost=select.selection_cost(removed, cost)))
+    return out
+
+
+def choose(candidates: list[Candidate], scorer: UnitRemovalScorer, reporter: Reporter) -> Candidate:
+    """The first proposal, unless another scores a lower calibration NLL beyond the windows' noise
+    (the block rule: a paired one-sided t-test at LOWER_P)."""
+    best = candidates[0]
+    distinct = {tuple(c.removed) for c in candidates}
+    for c in candidates:
+        if len(distinct) > 1:
+            c.calibration_nll = scorer(c.removed)
+            c.window_nll = scorer.window_nll[tuple(c.removed)].tolist()
+    for c in candidates[1:]:
+        if c.calibration_nll is None or c.removed == best.removed:
+            continue
+        c.lower_p = lower_p(np.array(c.window_nll), np.array(best.window_nll))
+        if c.calibration_nll < best.calibration_nll and c.lower_p < LOWER_P:
+            best = c
+    reporter.say(f"sublayers chosen by the {best.objective} proposal: {', '.join(unit_name(u) for u in best.removed)}")
+    return best
+
+
+def select_units(scores: Scores, plan: Plan, sizes: Sequence[int], budget: int, scorer: UnitRemovalScorer,
+                 reporter: Reporter = QUIET) -> tuple[list[int], SelectionInfo]:
+    info = SelectionInfo(forward_passes=1)
+    if plan.method is Method.shortgpt:
+        removed = select.lowest_until([1.0 - scores.cosine[u, u + 1] for u in range(scores.n_blocks)], sizes, budget)
+    elif plan.method is Method.angular:
+        removed = select.contiguous_until(sizes, budget, lambda a, b: float(scores.angular[a, b + 1]))
+    else:
+        candidates = propose(scores, plan, sizes, budget)
+        best = choose(candidates, scorer, reporter) if plan.verify else candidates[0]
+        removed = best.removed
+        info.candidates, info.objective_cost = candidates, best.objective_cost
+        info.verification = scorer.describe() if plan.verify else None
+        info.verified = scorer.passes
+    info.forward_passes += scorer.passes
+    return removed, info
+
+
+@dataclass(frozen=True)
+class SublayerDecision:
+    """What a sublayer run removed: units (2b attention, 2b+1 feed-forward of block b), their
+    sizes, and the maps fitted for the runs (unit indices; empty without compensation)."""
+
+    removed: list[int]
+    sizes: list[int]
+    budget_bytes: int
+    scores: Scores
+    maps: list[RunCompensation] = field(default_factory=list)
+
+    def forms(self, n_blocks: int) -> list[LayerForm]:
+        return layer_forms(n_blocks, self.removed)
+
+
+def decide(loaded, plan: Plan, scores: Scores, windows: Windows, chain: Windows,
+           reporter: Reporter = QUIET) -> tuple[SublayerDecision, SelectionInfo]:
+    """The units a plan removes, at a budget of `plan.n_remove` blocks' worth of bytes, and (with
+    compensation) their runs' maps fitted on every calibration window."""
+    sizes = unit_sizes(loaded)
+    n = loaded.runner.n_blocks
+    budget = plan.n_remove(n) * sum(sizes) // n
+    reporter.say(f"budget: {budget / 2**20:.1f} MiB of sublayers ({plan.n_remove(n)} blocks' worth)")
+    compensate = plan.compensate and can_compensate(loaded.spec)
+    scorer = UnitRemovalScorer(loaded, windows, chain, compensate)
+    removed, info = select_units(scores, plan, sizes, budget, scorer, reporter)
+    maps = fit_unit_maps(loaded, chain, removed) if compensate else []
+    return SublayerDecision(removed, sizes, budget, scores, maps), info

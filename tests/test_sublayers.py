@@ -1,0 +1,146 @@
+"""Sublayer pruning: the chain of attention and feed-forward units, its selection at a byte budget,
+its compensation, and the deci GGUF it ships as, checked in llama.cpp and against transformers."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from mi_prun import select, sublayers
+from mi_prun.cli import app
+from mi_prun.compensate import fit_compensation
+from mi_prun.errors import UserError
+from mi_prun.load import load_model
+from mi_prun.manifest import PruningManifest
+from mi_prun.plan import Granularity, Method, Plan
+from mi_prun.runner import Windows
+from mi_prun.runtimes import llamacpp
+from mi_prun.runtimes.deci import Attention, LayerForm, write_deci
+from mi_prun.runtimes.gguf_prune import open_gguf, rewrite_gguf
+from mi_prun.runtimes.parity import compare_logits, transformers_logits
+from mi_prun.sublayer_maps import fit_unit_maps
+from mi_prun.verify import RemovalScorer
+
+from .conftest import TINY_BLOCKS, WIKI_TEST
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def wiki_ids(path, n):
+    return llamacpp.tokenize(path, WIKI_TEST.read_text(encoding="utf-8")[:20000])[:n]
+
+
+def test_deci_rewrite_computes_the_llama_model_with_those_sublayers_zeroed(tiny_q8_0_gguf, tmp_path):
+    """A deci layer without attention, one with a zero feed-forward stub (attention kept) and a
+    dropped layer compute in llama.cpp what the llama GGUF computes with those projections zeroed."""
+    forms = [LayerForm() for _ in range(TINY_BLOCKS)]
+    forms[1] = LayerForm(Attention.removed, True)
+    forms[2] = LayerForm(Attention.kept, False)
+    forms[4] = LayerForm(Attention.removed, False)
+    forms[6] = LayerForm(Attention.removed, True)
+    forms[7] = LayerForm(Attention.kept, False)
+    deci = tmp_path / "deci.gguf"
+    report = write_deci(tiny_q8_0_gguf, deci, forms)
+    heads = int(open_gguf(tiny_q8_0_gguf).get_field("llama.attention.head_count").contents())
+    assert report.layers == TINY_BLOCKS - 1 and report.stub_ffn_layers == [2, 6]
+    assert report.head_count == [heads, 0, heads, heads, heads, 0, heads]
+
+    reader = open_gguf(deci)
+    assert reader.get_field("general.architecture").contents() == "deci"
+    assert reader.get_field("deci.feed_forward_length").contents()[2] == 1
+    names = {t.name for t in reader.tensors}
+    assert "blk.1.attn_q.weight" not in names and "blk.1.ffn_up.weight" in names and "blk.4.attn_q.weight" in names
+    kept_bytes = {t.name: bytes(t.data) for t in reader.tensors}
+    assert kept_bytes["blk.3.ffn_up.weight"] == bytes(next(t.data for t in open_gguf(tiny_q8_0_gguf).tensors
+                                                           if t.name == "blk.3.ffn_up.weight"))
+
+    shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in open_gguf(tiny_q8_0_gguf).tensors}
+    zeroed = ["blk.1.attn_output.weight", "blk.6.attn_output.weight", "blk.2.ffn_down.weight", "blk.7.ffn_down.weight"]
+    reference = tmp_path / "zeroed.gguf"
+    rewrite_gguf(tiny_q8_0_gguf, reference, removed=[4], replace={n: np.zeros(shapes[n], np.float32) for n in zeroed},
+                 replace_type=lambda _: gguf.GGMLQuantizationType.F32)
+    tokens = wiki_ids(deci, 256)
+    parity = compare_logits(llamacpp.logits(reference, tokens), llamacpp.logits(deci, tokens))
+    assert parity.top1 == 1.0 and parity.mean_kl < 1e-6, parity
+
+
+def test_sized_fast_block_select_reaches_the_budget_by_less_than_one_unit():
+    rng = np.random.default_rng(0)
+    cost = list(rng.uniform(0.01, 0.5, 12))
+    run_cost = select.additive_over_blocks(cost)
+    assert select.fast_block_select(12, 4, cost, run_cost, sizes=[1] * 12) == select.fast_block_select(12, 4, cost, run_cost)
+    sizes = [1, 3] * 6
+    removed, _ = select.fast_block_select(12, 10, cost, run_cost, sizes=sizes)
+    assert 10 <= sum(sizes[u] for u in removed) < 10 + max(sizes)
+    assert select.lowest_until([0.3, 0.1, 0.2, 0.4], [1, 3, 1, 3], 4) == [1, 2]
+    assert select.contiguous_until([1, 3, 1, 3], 4, lambda a, b: {(0, 1): 0.5, (1, 2): 0.2, (2, 3): 0.4, (3, 3): 0.9}[(a, b)]) == [1, 2]
+
+
+def test_a_whole_block_of_units_scores_and_compensates_as_the_block(tiny_models):
+    """Two paths agree: the units of blocks 2-3 removed score the calibration NLL of blocks 2-3
+    removed, and their map (fitted from the chain's states alone) equals the block map fitted
+    through the runner."""
+    loaded = load_model(str(tiny_models["llama"]))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 384, (8, 48))
+    windows = Windows(ids)
+    chain = sublayers.capture_chain(loaded, windows)
+    assert len(chain.dense) == 2 * TINY_BLOCKS + 1 and torch.equal(chain.dense[2 * TINY_BLOCKS], windows.dense[TINY_BLOCKS])
+    with torch.no_grad():
+        hidden = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.allclose(chain.dense[6], hidden[3], atol=1e-5)  # entering block 3's attention
+    units = [4, 5, 6, 7]
+    plain = sublayers.UnitRemovalScorer(loaded, windows, chain, compensate=False)(units)
+    assert plain == pytest.approx(RemovalScorer(loaded, windows)([2, 3]), rel=1e-6)
+    [unit_map] = fit_unit_maps(loaded, chain, units)
+    [block_map], _ = fit_compensation(loaded.runner, loaded.spec, [2, 3], windows)
+    assert unit_map.prev == 3 and block_map.prev == 1 and unit_map.ridge == block_map.ridge
+    assert torch.allclose(unit_map.weight, block_map.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_sublayer_build_from_a_folder_ships_deci_matching_transformers(export_models, calib_txt, tmp_path):
+    out = tmp_path / "build"
+    result = invoke("build", "--granularity", "sublayer", "--method", "shortgpt", "--model", export_models["llama"],
+                    "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--remove", 2, "--gguf-type", "f16",
+                    "--keep-hf", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    sub = manifest.sublayers
+    assert sub.bytes_removed >= sub.budget_bytes == 2 * sum(sub.unit_bytes) // TINY_BLOCKS
+    partial = {u // 2 for u in sub.removed_units} - set(sub.dropped_blocks)
+    assert partial, sub.removed  # some block keeps one of its sublayers
+    [e] = manifest.exports
+    reader = open_gguf(out / e.file)
+    assert reader.get_field("general.architecture").contents() == "deci"
+    assert e.check["block_count"] == TINY_BLOCKS - len(sub.dropped_blocks) == manifest.blocks_after
+    # Plain transformers loads the checkpoint (removed sublayers as zero projections) ...
+    model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    kept = manifest.kept
+    for u in sub.removed_units:
+        if u // 2 in kept:
+            layer = model.model.layers[kept.index(u // 2)]
+            weight = layer.self_attn.o_proj.weight if u % 2 == 0 else layer.mlp.down_proj.weight
+            assert not weight.any()
+    # ... and llama.cpp computes the same model from the deci GGUF.
+    tokens = wiki_ids(out / e.file, 512)
+    parity = compare_logits(transformers_logits(model, tokens), llamacpp.logits(out / e.file, tokens))
+    assert parity.top1 >= 0.99 and parity.mean_kl < 1e-3, parity
+
+
+def test_sublayer_plans_refuse_what_they_cannot_ship(tiny_models, export_models, tmp_path):
+    with pytest.raises(UserError, match="--granularity sublayer chooses with"):
+        Plan.make(granularity=Granularity.sublayer, method=Method.sleb, remove=1)
+    gemma = invoke("build", "--granularity", "sublayer", "--model", tiny_models["gemma3_text"], "--remove", 1, "--out", tmp_path / "g")
+    assert gemma.exit_code != 0 and "deci" in gemma.output and "gemma3_text is not one" in gemma.output
+    onnx = invoke("build", "--granularity", "sublayer", "--target", "onnx", "--model", export_models["llama"], "--remove", 1,
+                  "--out", tmp_path / "o")
+    assert onnx.exit_code != 0 and "use --target gguf" in onnx.output
+    assert not (tmp_path / "g").exists() and not (tmp_path / "o").exists()
