@@ -117,6 +117,13 @@ class FastSelectTrace:
     history: list[list[int]] = field(default_factory=list)
 
 
+def ranked_runs(block_cost: Sequence[float], sizes: Sequence[int], longest: int) -> list[Run]:
+    """Runs of two or more units of total size at most `longest`, by DPI lower bound per unit of size."""
+    n = len(sizes)
+    runs = [(a, b) for a in range(n) for b in range(a + 1, n) if sum(sizes[a : b + 1]) <= longest]
+    return sorted(runs, key=lambda r: dpi_bound(block_cost, *r) / sum(sizes[r[0] : r[1] + 1]))
+
+
 def fast_block_select(
     n_blocks: int,
     n_remove: int,
@@ -157,8 +164,7 @@ def fast_block_select(
     def size(units) -> int:
         return sum(sizes[i] for i in units)
 
-    runs = [(a, b) for a in range(n_blocks) for b in range(a + 1, n_blocks) if size(range(a, b + 1)) <= n_remove + slack]
-    runs.sort(key=lambda r: dpi_bound(block_cost, *r) / size(range(r[0], r[1] + 1)))
+    runs = ranked_runs(block_cost, sizes, n_remove + slack)
     top_k = 3 * math.ceil(n_remove * n_blocks / sum(sizes)) if top_k is None else top_k
     trace.candidates = [(i, i) for i in range(n_blocks)] + runs[:top_k]
 
@@ -259,6 +265,19 @@ def greedy_eval_order(n_blocks: int, n_remove: int, evaluate: Evaluator) -> list
         rest = [i for i in range(n_blocks) if i not in removed]
         removed.append(min(rest, key=lambda i: evaluate(sorted(removed + [i]))))
     return removed
+
+
+def greedy_eval_until(sizes: Sequence[int], budget: int, evaluate: Evaluator, on_step: Callable[[], None] | None = None) -> list[int]:
+    """SLEB at a size budget (BlockPruner's search over sublayers): repeatedly remove the unit
+    whose removal, given those already removed, hurts least, until `budget` is reached."""
+    check_budget(sum(sizes), budget)
+    removed: list[int] = []
+    while sum(sizes[u] for u in removed) < budget:
+        rest = [u for u in range(len(sizes)) if u not in removed]
+        removed.append(min(rest, key=lambda u: evaluate(sorted(removed + [u]))))
+        if on_step is not None:
+            on_step()
+    return sorted(removed)
 
 
 def greedy_eval_select(n_blocks: int, n_remove: int, evaluate: Evaluator) -> list[int]:

@@ -25,7 +25,8 @@ import numpy as np
 
 from mi_prun.errors import UserError
 
-from .gguf_prune import BLOCK_TENSOR, WRITER_OWNED_PREFIX, ReplaceType, encode_like, field_value, model_info, open_gguf, read_tensor
+from .gguf_prune import (BLOCK_TENSOR, WRITER_OWNED_PREFIX, ReplaceType, declare_tensors, field_value, model_info, open_gguf, write_file,
+                         writer_like)
 
 DECI_ARCH = "deci"
 # GGUF architectures whose tensors (names, layout, rotary order) deci reads as they are.
@@ -130,50 +131,36 @@ def write_deci(source: Path, output: Path, forms: Sequence[LayerForm], replace: 
     report = DeciReport(Path(source), Path(output), len(written_index), heads, kv, ffn)
     hidden = _scalar(reader, f"{info.arch}.embedding_length")
 
-    writer = gguf.GGUFWriter(str(output), DECI_ARCH, endianess=reader.endianess)
-    alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
-    if alignment is not None:
-        writer.data_alignment = int(alignment)
+    writer = writer_like(reader, output, DECI_ARCH)
     _copy_metadata(reader, writer, info.arch, forms, report)
+    items = _declare_tensors(reader, writer, forms, written_index, replace, replace_type, hidden, report)
+    write_file(writer, reader, Path(source), items)
+    report.tensors_written = len(items)
+    return report
 
-    items: list[gguf.ReaderTensor | np.ndarray] = []
 
-    def declare(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType, item) -> None:
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
-        items.append(item)
+def _declare_tensors(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, forms: Sequence[LayerForm], written_index: dict[int, int],
+                     replace: dict[str, np.ndarray], replace_type: ReplaceType | None, hidden: int,
+                     report: DeciReport) -> list[gguf.ReaderTensor | np.ndarray]:
+    """The kept tensors (renumbered, replaced ones encoded) and the feed-forward stubs, declared to
+    the writer; returns what to write for each: a tensor to copy as is, or new data."""
+    def rename(name: str) -> str | None:
+        match = BLOCK_TENSOR.match(name)
+        if not match:
+            return name
+        layer, suffix = int(match.group(1)), match.group(2)
+        return None if forms[layer].empty or _dropped(suffix, forms[layer]) else f"blk.{written_index[layer]}.{suffix}"
 
-    for t in reader.tensors:
-        match = BLOCK_TENSOR.match(t.name)
-        name = t.name
-        if match:
-            layer, suffix = int(match.group(1)), match.group(2)
-            if forms[layer].empty or _dropped(suffix, forms[layer]):
-                report.tensors_dropped += 1
-                continue
-            name = f"blk.{written_index[layer]}.{suffix}"
-        if t.name in replace:
-            data, qtype = encode_like(replace.pop(t.name), t, replace_type(t.tensor_type) if replace_type else None)
-            report.replaced[t.name] = qtype.name
-            declare(name, data, qtype, data)
-        else:
-            declare(name, t.data, t.tensor_type, t)
+    items, report.tensors_dropped = declare_tensors(reader, writer, rename, replace, replace_type, report.replaced)
     if replace:
-        raise ValueError(f"tensors to replace are not kept in {source}: {sorted(replace)}")
+        raise ValueError(f"tensors to replace are not kept in the source: {sorted(replace)}")
     for old, new in written_index.items():
         if not forms[old].ffn and forms[old].attention is not Attention.removed:
             report.stub_ffn_layers.append(new)
             for name, data in _stub_tensors(new, hidden):
-                declare(name, data, gguf.GGMLQuantizationType.F32, data)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for item in items:
-        data = read_tensor(Path(source), item) if isinstance(item, gguf.ReaderTensor) else item
-        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
-    writer.close()
-    report.tensors_written = len(items)
-    return report
+                writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, gguf.GGMLQuantizationType.F32)
+                items.append(data)
+    return items
 
 
 def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, arch: str, forms: Sequence[LayerForm], report: DeciReport) -> None:

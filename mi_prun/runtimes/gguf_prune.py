@@ -182,30 +182,41 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, info: GGUFM
         report.set_keys.append(key)
 
 
-def _tensor_infos(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, new_index: dict[int, int], replace: dict[str, np.ndarray],
-                  replace_type: ReplaceType | None, report: GGUFPruneReport) -> list[gguf.ReaderTensor | np.ndarray]:
-    """The kept tensors, renumbered, declared to the writer; returns what to write for each: a
-    tensor to copy as is, or the new data of a replaced one (taken out of `replace`)."""
+def declare_tensors(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, rename: Callable[[str], str | None],
+                    replace: dict[str, np.ndarray], replace_type: ReplaceType | None, replaced: dict[str, str]
+                    ) -> tuple[list[gguf.ReaderTensor | np.ndarray], int]:
+    """The tensors `rename` keeps (it gives a source name its new one, None to drop it), declared
+    to the writer; returns what to write for each (a tensor to copy as is, or the new data of a
+    replaced one, taken out of `replace` and noted in `replaced` with its type), and how many
+    were dropped."""
     written: list[gguf.ReaderTensor | np.ndarray] = []
+    dropped = 0
     for t in reader.tensors:
-        match = BLOCK_TENSOR.match(t.name)
-        name = t.name
-        if match:
-            block = int(match.group(1))
-            if block not in new_index:
-                report.tensors_dropped += 1
-                continue
-            name = f"blk.{new_index[block]}.{match.group(2)}"
+        name = rename(t.name)
+        if name is None:
+            dropped += 1
+            continue
         if t.name in replace:
             data, qtype = encode_like(replace.pop(t.name), t, replace_type(t.tensor_type) if replace_type else None)
-            report.replaced[t.name] = qtype.name
+            replaced[t.name] = qtype.name
             written.append(data)
         else:
             # Raw bytes and the original type: no dequantize/requantize round trip.
             data, qtype = t.data, t.tensor_type
             written.append(t)
         writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
-    return written
+    return written, dropped
+
+
+def renumbered(new_index: dict[int, int]) -> Callable[[str], str | None]:
+    """Block tensors renamed to their block's new index; those of blocks not in `new_index` dropped."""
+    def rename(name: str) -> str | None:
+        match = BLOCK_TENSOR.match(name)
+        if not match:
+            return name
+        block = int(match.group(1))
+        return f"blk.{new_index[block]}.{match.group(2)}" if block in new_index else None
+    return rename
 
 
 def rewrite_gguf(
@@ -235,21 +246,35 @@ def rewrite_gguf(
     new_index = {old: new for new, old in enumerate(kept)}
     report = GGUFPruneReport(Path(source), Path(output), sorted(removed_set), kept)
 
-    writer = gguf.GGUFWriter(str(output), info.arch, endianess=reader.endianess)
+    writer = writer_like(reader, output, info.arch)
+    _copy_metadata(reader, writer, info, kept, set_kv, report)
+    written, report.tensors_dropped = declare_tensors(reader, writer, renumbered(new_index), replace, replace_type, report.replaced)
+    if replace:
+        raise ValueError(f"tensors to replace are not in {source} (or belong to removed blocks): {sorted(replace)}")
+    report.bytes_written = write_file(writer, reader, Path(source), written)
+    report.tensors_written = len(written)
+    return report
+
+
+def writer_like(reader: gguf.GGUFReader, output: Path, arch: str) -> gguf.GGUFWriter:
+    """A writer of `arch` with the source's byte order and alignment."""
+    writer = gguf.GGUFWriter(str(output), arch, endianess=reader.endianess)
     alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
     if alignment is not None:
         writer.data_alignment = int(alignment)  # tensor offsets must follow the copied key
-    _copy_metadata(reader, writer, info, kept, set_kv, report)
-    written = _tensor_infos(reader, writer, new_index, replace, replace_type, report)
-    if replace:
-        raise ValueError(f"tensors to replace are not in {source} (or belong to removed blocks): {sorted(replace)}")
+    return writer
+
+
+def write_file(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, source: Path, items: list) -> int:
+    """Header, metadata, tensor infos, then each tensor's data (a source tensor's bytes read as
+    they are, or new data); returns the tensor bytes written."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for item in written:
-        data = read_tensor(Path(source), item) if isinstance(item, gguf.ReaderTensor) else item
+    total = 0
+    for item in items:
+        data = read_tensor(source, item) if isinstance(item, gguf.ReaderTensor) else item
         writer.write_tensor_data(data, tensor_endianess=reader.endianess)
-        report.bytes_written += data.nbytes
+        total += data.nbytes
     writer.close()
-    report.tensors_written = len(written)
-    return report
+    return total
