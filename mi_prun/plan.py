@@ -128,8 +128,8 @@ class Plan(BaseModel):
         return blocks_to_remove(n_blocks, self.remove, self.ratio)
 
 
-# Methods that choose sublayers (the others are defined on blocks).
-SUBLAYER_METHODS = (Method.mi_prun, Method.shortgpt, Method.angular)
+# Methods that choose sublayers (the others are defined on blocks); sleb there is BlockPruner's greedy search.
+SUBLAYER_METHODS = (Method.mi_prun, Method.shortgpt, Method.angular, Method.sleb)
 
 
 def _check_sublayer_plan(plan: "Plan") -> None:

@@ -18,10 +18,10 @@ has no KV cache. Each removed run gets a linear map folded into the kept sublaye
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from . import select
 from .archs import blocks
@@ -32,6 +32,7 @@ from .plan import Method, Plan
 from .progress import QUIET, Reporter
 from .runner import Windows
 from .runtimes.deci import Attention, LayerForm
+from .runtimes.gguf_prune import BLOCK_TENSOR, open_gguf
 from .scoring import Scores
 from .sublayer_maps import block_overrides, fit_unit_maps
 from .verify import lower_p
@@ -61,10 +62,6 @@ def unit_sizes(loaded) -> list[int]:
     quantization) or its parameters in the compute dtype."""
     n = loaded.runner.n_blocks
     if loaded.source.kind == "gguf":
-        from pathlib import Path
-
-        from .runtimes.gguf_prune import BLOCK_TENSOR, open_gguf
-
         sizes = [0] * (2 * n)
         for t in open_gguf(Path(loaded.source.location) / loaded.source.gguf_file).tensors:
             match = BLOCK_TENSOR.match(t.name)
@@ -196,6 +193,10 @@ def select_units(scores: Scores, plan: Plan, sizes: Sequence[int], budget: int, 
         removed = select.lowest_until([1.0 - scores.cosine[u, u + 1] for u in range(scores.n_blocks)], sizes, budget)
     elif plan.method is Method.angular:
         removed = select.contiguous_until(sizes, budget, lambda a, b: float(scores.angular[a, b + 1]))
+    elif plan.method is Method.sleb:
+        with reporter.task("sleb (BlockPruner's greedy search): removing the sublayer that hurts least, until the budget", None) as step:
+            removed = select.greedy_eval_until(sizes, budget, scorer, step)
+        info.verified = scorer.passes
     else:
         candidates = propose(scores, plan, sizes, budget)
         best = choose(candidates, scorer, reporter) if plan.verify else candidates[0]

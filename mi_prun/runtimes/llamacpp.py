@@ -167,6 +167,24 @@ def compare(path: Path, windows: np.ndarray, reference: Path | None = None, kl_w
     return score.result()
 
 
+def kv_cache_bytes(path: Path, context: int = 2048) -> int:
+    """Bytes llama.cpp keeps for `context` tokens of one sequence: the size of its saved state
+    after `context` tokens less after one (the rest of the state, the last logits, is the same).
+    A layer without attention keeps nothing."""
+    llama_cpp = llama_cpp_module()
+    llm = load(path, n_ctx=context)
+    try:
+        sizes = []
+        for n in (1, context):
+            llm.reset()
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+            llm.eval(timing_prompt(n, llm.n_vocab()))
+            sizes.append(int(llama_cpp.llama_state_get_size(llm.ctx)))
+        return round((sizes[1] - sizes[0]) * context / (context - 1))
+    finally:
+        llm.close()
+
+
 def timing_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
     """`n` token ids for timing a runtime (benchmarks/latency_worker.py uses them too).
     Timing does not depend on which ids; ids from a fixed text would need each model's tokenizer."""
