@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-stability bench-ranks bench-scale bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-sublayers bench-stability bench-ranks bench-scale bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ bench:
 bench-quality:
 	$(PY) benchmarks/shipped.py --n 4 6 8 --rows default no-compensate shortgpt angular sleb ppl wiki-valid swaps \
 		--skip no-compensate@6 wiki-valid@6 --out reports/quality
+
+# Block against sublayer builds at 4 blocks' worth of bytes, with the whole model in q4_0: quality,
+# KV cache and decode at 128 and 2048 tokens of context, all in llama.cpp (about 25 minutes; `--methods
+# ... sleb` adds BlockPruner's greedy search, hours on 2 cores at the default calibration).
+bench-sublayers:
+	$(PY) benchmarks/sublayers.py --remove 4 --methods mi-prun shortgpt angular
 
 # Each method's removed blocks from three calibration sources and three seeds (about 45 minutes).
 bench-stability:
