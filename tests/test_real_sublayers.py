@@ -44,6 +44,8 @@ def test_default_model_as_deci_matches_transformers_and_keeps_less_kv_cache(tmp_
     parity = compare_logits(transformers_logits(model, tokens), llamacpp.logits(deci, tokens))
     assert parity.top1 >= 0.99, parity
 
-    # llama.cpp keeps no KV cache for a layer without attention: 24 of 30 attention layers stay.
-    dense_kv, deci_kv = llamacpp.kv_cache_bytes(zeroed), llamacpp.kv_cache_bytes(deci)
-    assert deci_kv / dense_kv == pytest.approx(24 / 30, abs=2e-3)
+    # llama.cpp keeps no KV cache for a layer without attention: of the 28 layers of the checkpoint
+    # (two blocks dropped), the llama GGUF with zeroed projections caches all, the deci one the 24
+    # that keep their attention.
+    zeroed_kv, deci_kv = llamacpp.kv_cache_bytes(zeroed), llamacpp.kv_cache_bytes(deci)
+    assert deci_kv / zeroed_kv == pytest.approx(24 / 28, abs=1e-3)

@@ -106,6 +106,7 @@ def test_a_whole_block_of_units_scores_and_compensates_as_the_block(tiny_models)
     assert torch.allclose(unit_map.weight, block_map.weight, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # the converter route; the deci rewrite is checked fast above, the default model as deci in test_real_sublayers
 def test_sublayer_build_from_a_folder_ships_deci_matching_transformers(export_models, calib_txt, tmp_path):
     out = tmp_path / "build"
     result = invoke("build", "--granularity", "sublayer", "--method", "shortgpt", "--model", export_models["llama"],
@@ -137,7 +138,7 @@ def test_sublayer_build_from_a_folder_ships_deci_matching_transformers(export_mo
 
 def test_sublayer_plans_refuse_what_they_cannot_ship(tiny_models, export_models, tmp_path):
     with pytest.raises(UserError, match="--granularity sublayer chooses with"):
-        Plan.make(granularity=Granularity.sublayer, method=Method.sleb, remove=1)
+        Plan.make(granularity=Granularity.sublayer, method=Method.ppl, remove=1)
     gemma = invoke("build", "--granularity", "sublayer", "--model", tiny_models["gemma3_text"], "--remove", 1, "--out", tmp_path / "g")
     assert gemma.exit_code != 0 and "deci" in gemma.output and "gemma3_text is not one" in gemma.output
     onnx = invoke("build", "--granularity", "sublayer", "--target", "onnx", "--model", export_models["llama"], "--remove", 1,
