@@ -165,6 +165,11 @@ class QualityInfo(BaseModel):
     top1_agreement: float
 
 
+def unit_name(unit: int) -> str:
+    """A sublayer as the manifest names it: unit 2b is "b.attention", 2b+1 "b.ffn"."""
+    return f"{unit // 2}.{('attention', 'ffn')[unit % 2]}"
+
+
 class SublayerInfo(BaseModel):
     """--granularity sublayer: unit 2b is block b's attention, 2b+1 its feed-forward network."""
 

@@ -31,7 +31,7 @@ from .quality import measure_quality
 from .record import build_manifest, peak_rss_bytes
 from .repack import rewritten_weights, save_checkpoint
 from .scoring import Scores, chain_scores, score_model
-from .sublayer_maps import shipped_weights
+from .sublayer_maps import dropped_blocks, shipped_weights
 from .sublayers import SublayerDecision
 from .runner import Windows
 from .verify import RemovalScorer, ensure_dense
@@ -138,7 +138,7 @@ def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET)
     with watch.stage("select"):
         decision, info = sublayers.decide(loaded, plan, scores, windows, chain, reporter)
     n = loaded.runner.n_blocks
-    removed = sublayers.dropped_blocks(decision.removed)
+    removed = dropped_blocks(decision.removed)
     return PruneResult(n, removed, keep_indices(n, removed), None, info, ids, watch.timings, [], watch.peaks,
                        healed=shipped_weights(loaded, decision.removed, decision.maps), sublayers=decision)
 

@@ -9,11 +9,10 @@ from . import distributed
 from .calibration import canonical_source, diversity
 from .compensate import can_compensate
 from .manifest import (CalibrationInfo, CompensationInfo, CompensationRun, DistributedInfo, ExportInfo, PruningManifest, QualityInfo,
-                       SublayerInfo, package_versions)
+                       SublayerInfo, package_versions, unit_name)
 from .plan import Estimator, Plan
 from .replay import shapes_of
-from .sublayer_maps import projection
-from .sublayers import dropped_blocks, unit_name
+from .sublayer_maps import dropped_blocks, projection
 
 
 def sublayer_info(result) -> SublayerInfo | None:

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .archs import blocks, get_path
 from .compensate import RunCompensation, fit_run, run_moments
 from .runner import Windows
 from .select import runs_of
@@ -47,11 +48,15 @@ def fit_unit_maps(loaded, chain: Windows, removed: Sequence[int]) -> list[RunCom
     return out
 
 
+def dropped_blocks(removed: Sequence[int]) -> list[int]:
+    """Blocks both of whose units go: dropped from the checkpoint, skipped when run."""
+    units = set(removed)
+    return sorted({u // 2 for u in units if u ^ 1 in units})
+
+
 def block_overrides(loaded, removed: Sequence[int], maps: Sequence[RunCompensation]) -> dict[int, dict[str, torch.Tensor]]:
     """The weights each block runs with in the pruned model, by block and name inside it: zeros
     for removed units, fitted projections for the kept units before a run."""
-    from .archs import blocks, get_path
-
     spec, layers = loaded.spec, blocks(loaded.model, loaded.spec)
     out: dict[int, dict[str, torch.Tensor]] = {}
     for u in removed:
@@ -66,9 +71,9 @@ def block_overrides(loaded, removed: Sequence[int], maps: Sequence[RunCompensati
 def shipped_weights(loaded, removed: Sequence[int], maps: Sequence[RunCompensation]) -> dict[str, torch.Tensor]:
     """The same, by parameter name in the unpruned model, for blocks that stay (a block with both
     units removed is dropped, its zeros not needed)."""
-    units = set(removed)
+    dropped = set(dropped_blocks(removed))
     return {loaded.spec.block_param(b, name): value for b, weights in block_overrides(loaded, removed, maps).items()
-            if not {2 * b, 2 * b + 1} <= units for name, value in weights.items()}
+            if b not in dropped for name, value in weights.items()}
 
 
 def gguf_weights(spec, maps: Sequence[RunCompensation]) -> dict[str, np.ndarray]:

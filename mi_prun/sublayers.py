@@ -26,7 +26,7 @@ import numpy as np
 from . import select
 from .archs import blocks
 from .compensate import RunCompensation, can_compensate
-from .manifest import Candidate, SelectionInfo
+from .manifest import Candidate, SelectionInfo, unit_name
 from .methods import LOWER_P, objective_cost, objectives
 from .plan import Method, Plan
 from .progress import QUIET, Reporter
@@ -34,22 +34,12 @@ from .runner import Windows
 from .runtimes.deci import Attention, LayerForm
 from .runtimes.gguf_prune import BLOCK_TENSOR, open_gguf
 from .scoring import Scores
-from .sublayer_maps import block_overrides, fit_unit_maps
-from .verify import lower_p
+from .sublayer_maps import block_overrides, dropped_blocks, fit_unit_maps
+from .verify import lower_p, window_means
 
 KINDS = ("attention", "ffn")
 # GGUF tensor name prefixes of each kind's weights (its norm included).
 GGUF_PREFIX = {"attention": "attn_", "ffn": "ffn_"}
-
-
-def unit_name(unit: int) -> str:
-    return f"{unit // 2}.{KINDS[unit % 2]}"
-
-
-def dropped_blocks(removed: Sequence[int]) -> list[int]:
-    """Blocks both of whose sublayers go: dropped from the checkpoint."""
-    units = set(removed)
-    return sorted({u // 2 for u in units if u ^ 1 in units})
 
 
 def layer_forms(n_blocks: int, removed: Sequence[int]) -> list[LayerForm]:
@@ -134,19 +124,17 @@ class UnitRemovalScorer:
                     parts.append((scored.index * 2 + parity, totals, counts))
             else:
                 parts = [(self.windows.index, *self._nll(self.windows, key, []))]
-            rows = np.concatenate([np.stack([np.asarray(i, dtype=np.float64), t, c], 1) for i, t, c in parts])
-            rows = rows[np.argsort(rows[:, 0], kind="stable")]
-            self.window_nll[key] = rows[:, 1] / rows[:, 2]
-            self.nll[key] = float(rows[:, 1].sum() / rows[:, 2].sum())
+            self.window_nll[key], self.nll[key] = window_means(parts)
         return self.nll[key]
 
     def _nll(self, windows: Windows, removed: Sequence[int], maps) -> tuple[np.ndarray, np.ndarray]:
         runner = self.loaded.runner
         overrides = block_overrides(self.loaded, removed, maps)
         first = min(overrides)
+        dropped = set(dropped_blocks(removed))
         h = windows.dense[first]
         for b in range(first, runner.n_blocks):
-            if {2 * b, 2 * b + 1} <= set(removed):
+            if b in dropped:
                 continue
             h = runner.run_block(b, h, weights=overrides.get(b))
         self.passes += 1

@@ -93,12 +93,17 @@ class RemovalScorer:
         return self._record(removed, parts)
 
     def _record(self, removed: Sequence[int], parts) -> float:
-        """Keep the per-window NLLs of every rank's windows, in window order; the mean NLL per token."""
-        rows = np.concatenate([np.stack([np.asarray(index, dtype=np.float64), totals, counts], 1) for index, totals, counts in parts])
-        rows = distributed.gather_rows(rows)
-        rows = rows[np.argsort(rows[:, 0], kind="stable")]
-        self.window_nll[tuple(sorted(removed))] = rows[:, 1] / rows[:, 2]
-        return float(rows[:, 1].sum() / rows[:, 2].sum())
+        self.window_nll[tuple(sorted(removed))], nll = window_means(parts)
+        return nll
+
+
+def window_means(parts) -> tuple[np.ndarray, float]:
+    """From (window positions, summed NLLs, token counts) parts of every rank's windows: the mean
+    NLL per window, in window order, and the mean NLL per token."""
+    rows = np.concatenate([np.stack([np.asarray(index, dtype=np.float64), totals, counts], 1) for index, totals, counts in parts])
+    rows = distributed.gather_rows(rows)
+    rows = rows[np.argsort(rows[:, 0], kind="stable")]
+    return rows[:, 1] / rows[:, 2], float(rows[:, 1].sum() / rows[:, 2].sum())
 
 
 def lower_p(challenger: np.ndarray, incumbent: np.ndarray) -> float:

@@ -12,8 +12,8 @@ from mi_prun.runtimes.formats import GGUFType
 from mi_prun.runtimes.gguf_export import check_gguf, export_gguf
 from mi_prun.runtimes.deci import write_deci
 from mi_prun.runtimes.parity import compare_logits, transformers_logits
-from mi_prun.sublayer_maps import shipped_weights
-from mi_prun.sublayers import dropped_blocks, layer_forms
+from mi_prun.sublayer_maps import dropped_blocks, shipped_weights
+from mi_prun.sublayers import layer_forms
 from mi_prun.repack import save_checkpoint
 
 from .conftest import WIKI_TEST

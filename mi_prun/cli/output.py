@@ -7,6 +7,8 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from ..manifest import unit_name
+
 console = Console()
 
 
@@ -61,10 +63,9 @@ def compensation(manifest) -> None:
         line(f"compensation: off{f' ({c.note})' if c is not None and c.note else ''}")
         return
     if manifest.sublayers is not None:  # runs numbered by unit (2b: block b's attention, 2b+1: its feed-forward network)
-        def unit(u: int) -> str:
-            return f"{u // 2}.{('attention', 'ffn')[u % 2]}"
-        parts = [f"{unit(r.first)}..{unit(r.last)} -> {unit(r.folded_into)} (held-out error x{r.heldout_error_ratio:.2f} of plain removal)"
-                 if r.folded_into is not None else f"{unit(r.first)}..{unit(r.last)}: none (nothing before it)" for r in c.runs]
+        parts = [f"{unit_name(r.first)}..{unit_name(r.last)} -> {unit_name(r.folded_into)} (held-out error x{r.heldout_error_ratio:.2f} "
+                 "of plain removal)" if r.folded_into is not None else f"{unit_name(r.first)}..{unit_name(r.last)}: none (nothing before it)"
+                 for r in c.runs]
     else:
         parts = [
             f"blocks {r.first}-{r.last} -> block {r.folded_into} (held-out error x{r.heldout_error_ratio:.2f} of plain removal)"
