@@ -26,6 +26,7 @@ import torch
 from . import distributed
 from .archs import ArchSpec, Fold
 from .ridge import FOLDS, RIDGE_GRID, RunMoments, fit_map, heldout_ratios, pick_ridge, residual
+from .profile import PROFILE, Part
 from .select import runs_of
 
 
@@ -70,14 +71,15 @@ def run_moments(m: torch.Tensor, h: torch.Tensor, t: torch.Tensor, index: torch.
     each window's first token goes to the sink rows. `index`: the windows' positions in the whole
     set (`Windows.index`), which pick their folds; in a distributed run the moments are summed
     over the ranks, so every rank holds the moments of all the windows."""
-    m, h, t = (x.double().cpu().numpy() for x in (m, h, t))
-    r = t - h + m  # R = h_last - Y with Y = h_prev - M
-    positions = range(m.shape[0]) if index is None else index.tolist()
-    folds = [RunMoments.zeros(m.shape[-1]) for _ in range(FOLDS)]
-    for window, position in enumerate(positions):
-        fold = folds[position % FOLDS]
-        fold.add(m[window, 1:], r[window, 1:])
-        fold.add_sink(m[window, :1], r[window, :1])
+    with PROFILE.part(Part.moments):
+        m, h, t = (x.double().cpu().numpy() for x in (m, h, t))
+        r = t - h + m  # R = h_last - Y with Y = h_prev - M
+        positions = range(m.shape[0]) if index is None else index.tolist()
+        folds = [RunMoments.zeros(m.shape[-1]) for _ in range(FOLDS)]
+        for window, position in enumerate(positions):
+            fold = folds[position % FOLDS]
+            fold.add(m[window, 1:], r[window, 1:])
+            fold.add_sink(m[window, :1], r[window, :1])
     return [_over_ranks(f) for f in folds] if distributed.active() else folds
 
 
@@ -116,6 +118,11 @@ def fold_scale(t: np.ndarray, weight: torch.Tensor, offset: float) -> torch.Tens
 def fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor, spec: ArchSpec) -> None:
     """Choose the ridge, fit the map and fold it into `weight`, the block's residual projection
     (a linear weight, or a norm's weight for a per-channel fold); the result is stored on `record`."""
+    with PROFILE.part(Part.ridge):
+        _fit_run(record, folds, weight, spec)
+
+
+def _fit_run(record: RunCompensation, folds: list[RunMoments], weight: torch.Tensor, spec: ArchSpec) -> None:
     diagonal = spec.compensation_fold is Fold.scale
     # Every rank holds the same (all-reduced) moments: each measures its share of the ridge grid
     # and the held-out ratios are summed (each computed by one rank, zeros elsewhere: exact).

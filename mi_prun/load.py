@@ -182,7 +182,7 @@ def load_inspected(source: ModelSource, spec: ArchSpec, device: str = "auto", dt
             # A GGUF is always read tensor by tensor (its config and tokenizer already parsed: a
             # whole-model load would parse the file again and map names per submodule).
             hf_model = skeleton.eval()
-            tensors = tensor_source(source.kind, _local(source), source.gguf_file, skeleton, spec)
+            tensors = tensor_source(source.kind, _local(source), source.gguf_file, skeleton, spec, dev)
             load_outside_blocks(skeleton, spec, tensors, dev, torch_dtype, gather_embedding=chosen is Execution.streamed)
             if chosen is Execution.in_memory:
                 load_blocks(skeleton, spec, tensors, dev, torch_dtype)

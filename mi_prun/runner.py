@@ -29,6 +29,7 @@ from torch import nn
 from . import distributed
 from .archs import ArchSpec, blocks, get_path, set_path
 from .capture import block_output
+from .profile import PROFILE, Part
 from .weights import BlockStore, available_memory
 
 # Rows of logits computed at once: memory is rows x vocabulary (262k for Gemma 3).
@@ -194,7 +195,11 @@ class BlockRunner:
             def apply(states: torch.Tensor) -> torch.Tensor:
                 kwargs = self._block_kwargs(states.shape[0], states.shape[1])[index]
                 self.block_runs += 1
-                return block_output(layer(states.to(self.device), **kwargs))
+                PROFILE.block_forwards += states.shape[0]
+                with PROFILE.part(Part.copy, self.device):
+                    states = states.to(self.device)
+                with PROFILE.part(Part.forward, self.device):
+                    return block_output(layer(states, **kwargs))
 
             try:
                 yield layer, apply
@@ -307,6 +312,12 @@ class BlockRunner:
         final boundary states."""
         totals, counts = np.zeros(ids.shape[0]), np.zeros(ids.shape[0], dtype=np.int64)
         seq = ids.shape[1]
+        with PROFILE.part(Part.head, self.device):
+            self._window_nll(final, ids, totals, counts)
+        return totals, counts
+
+    def _window_nll(self, final: torch.Tensor, ids: torch.Tensor, totals: np.ndarray, counts: np.ndarray) -> None:
+        seq = ids.shape[1]
         for w in range(ids.shape[0]):
             for start in range(0, seq - 1, LOGIT_ROWS):
                 stop = min(start + LOGIT_ROWS, seq - 1)
@@ -315,7 +326,6 @@ class BlockRunner:
                 # NLL = logsumexp - target logit: no log-probability table is materialized.
                 totals[w] += float((torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum())
                 counts[w] += stop - start
-        return totals, counts
 
     def nll_sum(self, final: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token NLL (nats) and the number of predicted tokens, from final boundary

@@ -21,7 +21,9 @@ import psutil
 import torch
 from torch import nn
 
+from . import dequant
 from .archs import ArchSpec, blocks, get_path
+from .profile import PROFILE, Part
 from .plan import Execution
 
 
@@ -44,13 +46,14 @@ DEQUANTIZE_CHUNK = 16 * 2**20
 class GGUFTensors:
     """Tensors of a GGUF file under their Hugging Face names, read one at a time.
 
-    The reader's memory map is used for metadata only (tensor bytes: `read_tensor`)."""
+    The reader's memory map is used for metadata only (tensor bytes: `read_bytes`). Tensors are
+    dequantized on `device` (`dequant.py`), where the blocks run."""
 
-    def __init__(self, path: Path, skeleton: nn.Module, n_blocks: int) -> None:
+    def __init__(self, path: Path, skeleton: nn.Module, n_blocks: int, device: torch.device = torch.device("cpu")) -> None:
         import gguf
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
-        self.path = Path(path)
+        self.path, self.device = Path(path), device  # where tensors are dequantized and returned
         self.reader = gguf.GGUFReader(self.path)
         arch = read_field(self.reader, "general.architecture")[0]
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.to_dict())
@@ -71,27 +74,43 @@ class GGUFTensors:
         return self.tensors[name].name
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self.tensors[name]
+        if dequant.supported(t.tensor_type):
+            with PROFILE.part(Part.read):
+                raw = read_bytes(self.path, t.data_offset, t.n_bytes)
+            values = self._dequantize(raw, t, values_shape(t))
+        else:
+            values = self._dequantize_numpy(t)
+        weights = self.processor.process(weights=values, name=t.name).weights
+        with PROFILE.part(Part.copy):
+            return weights.to(dtype=dtype, device=self.device)
+
+    def _dequantize(self, raw: torch.Tensor, t, shape: tuple[int, ...]) -> torch.Tensor:
+        """Bytes to float32 where the weights will be used (`dequant.py`: gguf-py's arithmetic)."""
+        with PROFILE.part(Part.copy):
+            raw = raw.to(self.device)
+        with PROFILE.part(Part.dequantize, self.device):
+            return dequant.dequantize(raw, t.tensor_type, shape)
+
+    def _dequantize_numpy(self, t) -> torch.Tensor:
+        """A type `dequant.py` does not know, by gguf-py on the CPU."""
         from gguf import dequantize
 
         from .runtimes.gguf_prune import read_tensor
 
-        t = self.tensors[name]
-        raw = read_tensor(self.path, t)
-        if raw.ndim == 2 and t.n_elements > DEQUANTIZE_CHUNK:
-            # Row by row chunks into one output: gguf-py's dequantization makes several temporaries
-            # the size of its output, which for a 7B model's embedding would be gigabytes.
-            first = dequantize(raw[:1], t.tensor_type)
-            out = np.empty((raw.shape[0], first.shape[1]), dtype=first.dtype)
-            step = max(1, DEQUANTIZE_CHUNK // first.shape[1])
-            for start in range(0, raw.shape[0], step):
-                out[start : start + step] = dequantize(raw[start : start + step], t.tensor_type)
-            dequantized = out
-        else:
-            dequantized = dequantize(raw, t.tensor_type)
-        weights = self.processor.process(weights=dequantized, name=t.name).weights
-        if not weights.flags.writeable:  # an unquantized tensor comes back as a view of the read buffer
-            weights = weights.copy()
-        return torch.from_numpy(weights).to(dtype)
+        with PROFILE.part(Part.read):
+            raw = read_tensor(self.path, t)
+        with PROFILE.part(Part.dequantize):
+            if raw.ndim == 2 and t.n_elements > DEQUANTIZE_CHUNK:
+                # Row by row chunks into one output: gguf-py's dequantization makes several temporaries
+                # the size of its output, which for a 7B model's embedding would be gigabytes.
+                first = dequantize(raw[:1], t.tensor_type)
+                out = np.empty((raw.shape[0], first.shape[1]), dtype=first.dtype)
+                step = max(1, DEQUANTIZE_CHUNK // first.shape[1])
+                for start in range(0, raw.shape[0], step):
+                    out[start : start + step] = dequantize(raw[start : start + step], t.tensor_type)
+                return torch.from_numpy(out)
+            return torch.from_numpy(np.array(dequantize(raw, t.tensor_type)))
 
     def rows(self, name: str, indices: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Rows `indices` of a 2-D tensor (an embedding table), reading and dequantizing only those."""
@@ -99,11 +118,36 @@ class GGUFTensors:
 
         t = self.tensors[name]
         row_bytes = t.n_bytes // t.data.shape[0]
-        with open(self.path, "rb") as f:
+        with PROFILE.part(Part.read), open(self.path, "rb") as f:
             raw = b"".join(os.pread(f.fileno(), row_bytes, t.data_offset + i * row_bytes) for i in indices)
-        picked = np.frombuffer(raw, dtype=t.data.dtype).reshape(len(indices), *t.data.shape[1:])
-        weights = self.processor.process(weights=dequantize(picked, t.tensor_type), name=t.name).weights
-        return torch.from_numpy(np.array(weights)).to(dtype)
+        shape = (len(indices), *values_shape(t)[1:])
+        if dequant.supported(t.tensor_type):
+            values = self._dequantize(torch.frombuffer(bytearray(raw), dtype=torch.uint8), t, shape)
+        else:
+            picked = np.frombuffer(raw, dtype=t.data.dtype).reshape(len(indices), *t.data.shape[1:])
+            values = torch.from_numpy(np.array(dequantize(picked, t.tensor_type)))
+        weights = self.processor.process(weights=values, name=t.name).weights
+        return weights.to(dtype=dtype, device=self.device)
+
+
+def values_shape(t) -> tuple[int, ...]:
+    """A GGUF tensor's shape in values, numpy order (GGUF lists its dimensions innermost first)."""
+    return tuple(int(n) for n in reversed(t.shape))
+
+
+def read_bytes(path: Path, offset: int, size: int) -> torch.Tensor:
+    """`size` bytes of a file at `offset`, with pread into a fresh writable buffer (a uint8 tensor
+    over it, no copy): the reader's memory map is left untouched, so the pages of a
+    multi-gigabyte file do not pile up in this process's resident memory."""
+    buffer = bytearray(size)
+    with open(path, "rb") as f:
+        view, done = memoryview(buffer), 0
+        while done < size:
+            got = os.preadv(f.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"{path}: the file ends before its tensor data ({done} of {size} bytes at {offset})")
+            done += got
+    return torch.frombuffer(buffer, dtype=torch.uint8)
 
 
 class GatheredEmbedding(nn.Module):
@@ -149,7 +193,7 @@ class SafetensorsTensors:
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(self.folder / self.shard_of[name], framework="pt") as f:
+        with PROFILE.part(Part.read), safe_open(self.folder / self.shard_of[name], framework="pt") as f:
             return f.get_tensor(name).to(dtype)
 
 
@@ -192,7 +236,9 @@ class StreamedBlocks:
     @contextmanager
     def block(self, index: int) -> Iterator[nn.Module]:
         layer = self.layers[index]
-        state = {k: self.tensors.get(self._name(index, k), self.dtype).to(self.device) for k in layer.state_dict()}
+        state = {k: self.tensors.get(self._name(index, k), self.dtype) for k in layer.state_dict()}
+        with PROFILE.part(Part.copy, self.device):
+            state = {k: v.to(self.device) for k, v in state.items()}
         layer.load_state_dict(state, assign=True, strict=True)
         self.loads += 1
         try:
@@ -228,9 +274,10 @@ def _libc():
 _LIBC = _libc()
 
 
-def tensor_source(kind: str, location: str, gguf_file: str | None, skeleton: nn.Module, spec: ArchSpec) -> TensorSource:
+def tensor_source(kind: str, location: str, gguf_file: str | None, skeleton: nn.Module, spec: ArchSpec,
+                  device: torch.device = torch.device("cpu")) -> TensorSource:
     if kind == "gguf":
-        return GGUFTensors(Path(location) / gguf_file, skeleton, len(blocks(skeleton, spec)))
+        return GGUFTensors(Path(location) / gguf_file, skeleton, len(blocks(skeleton, spec)), device)
     return SafetensorsTensors(Path(location))
 
 

@@ -95,15 +95,15 @@ GGUF_LOADABLE = [
 
 @pytest.mark.parametrize("model_type", GGUF_LOADABLE)
 def test_gguf_tensors_equal_transformers_gguf_load(model_type, export_models, tmp_path, monkeypatch, request):
-    """Read tensor by tensor (pread + gguf-py + transformers' processors, one name table), a
-    q8_0 GGUF gives exactly the weights of transformers' own whole-model GGUF load, in memory
-    and streamed; every parameter is found. (Large tensors are dequantized in row chunks: made
-    tiny here so that the tiny model's tensors take that path too.)"""
+    """Read tensor by tensor (pread + torch dequantization + transformers' processors, one name
+    table), a q8_0 GGUF gives exactly the weights of transformers' own whole-model GGUF load (gguf-py's
+    numpy), in memory and streamed; every parameter is found. (Large tensors are dequantized in
+    chunks: made tiny here so that the tiny model's tensors take that path too.)"""
     from transformers import AutoModelForCausalLM
 
-    import mi_prun.weights as weights_module
+    import mi_prun.dequant as dequant_module
 
-    monkeypatch.setattr(weights_module, "DEQUANTIZE_CHUNK", 1000)
+    monkeypatch.setattr(dequant_module, "CHUNK_VALUES", 1000)
 
     from mi_prun.runtimes.formats import GGUFType
     from mi_prun.runtimes.gguf_export import export_gguf
