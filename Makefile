@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-sublayers bench-stability bench-ranks bench-scale bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-sublayers bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -109,8 +109,13 @@ bench-frontier-onnx:
 		--out out/frontier-onnx-smollm2 --force
 	for f in md json png; do cp out/frontier-onnx-smollm2/frontier.$$f reports/frontier_onnx.$$f; done
 
-bench-scale:
+# Peak memory and time against model size (reports/scale.md; short calibration, 4 x 64 tokens), then
+# the 1B and 7B shapes at the build's default calibration size, 16 x 256 (its own section there).
+bench-scale: bench-scale-calibration
 	$(PY) benchmarks/scale.py
+
+bench-scale-calibration:
+	$(PY) benchmarks/scale_calibration.py
 
 # Healing against the training-free build at N = 4 and 8, measured on what ships (reports/heal.md).
 bench-heal:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import synthetic
 from mi_prun.machine import machine_line
-from scale_sections import attach
+from scale_sections import CALIBRATION_SECTION, attach
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
@@ -68,10 +68,10 @@ def model_path(name: str, work: Path) -> Path | None:
     return path
 
 
-def memory_bound_bytes(shape: synthetic.Shape) -> int:
+def memory_bound_bytes(shape: synthetic.Shape, windows: int = WINDOWS, seq_len: int = SEQ_LEN) -> int:
     """Largest block (fp32) + embedding and head (fp32) + boundary states kept in RAM (fp32)."""
     per_block = (shape.parameters() - 2 * shape.vocab * shape.hidden - shape.hidden) // shape.blocks
-    states = (shape.blocks + 1) * WINDOWS * SEQ_LEN * shape.hidden
+    states = (shape.blocks + 1) * windows * seq_len * shape.hidden
     return 4 * (per_block + 2 * shape.vocab * shape.hidden + states)
 
 
@@ -79,11 +79,11 @@ def load_now() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def run_point(name: str, execution: str, work: Path) -> dict:
+def run_point(name: str, execution: str, work: Path, windows: int = WINDOWS, seq_len: int = SEQ_LEN, runs: Path | None = None) -> dict:
     model = model_path(name, work)
-    out = work / "runs" / f"{name}.{execution}"
-    cmd = [*CLI, "build", "--target", "gguf", "--calib", str(WIKI_VALID), "--n-samples", str(WINDOWS),
-           "--seq-len", str(SEQ_LEN), "--remove", str(REMOVE), *FLAGS[execution], "--out", str(out), "--force", "--quiet"]
+    out = (runs or work / "runs") / f"{name}.{execution}"
+    cmd = [*CLI, "build", "--target", "gguf", "--calib", str(WIKI_VALID), "--n-samples", str(windows),
+           "--seq-len", str(seq_len), "--remove", str(REMOVE), *FLAGS[execution], "--out", str(out), "--force", "--quiet"]
     if model is not None:
         cmd[4:4] = ["--model", str(model)]
     before = load_now()
@@ -113,6 +113,8 @@ def run_point(name: str, execution: str, work: Path) -> dict:
         llama_cpp_check_peak_gib=round((export["check"].get("llama_cpp_peak_rss_mib") or 0) / 1024, 2),
         llama_cpp_check=export["check"],
         heal=manifest.get("heal"),
+        profile_s=manifest.get("profile_s", {}), block_forwards=manifest.get("block_forwards", {}),
+        block_forwards_minimum=manifest["selection"].get("block_forwards_minimum"),
     )
     return row
 
@@ -271,6 +273,7 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
     lines += ["", "![peak RSS and wall time against parameters](scale.png)", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     attach(out.with_name("scale_ranks.md"), out.with_suffix(".md"))  # the torch.distributed section
+    attach(out.with_name("scale_calibration.md"), out.with_suffix(".md"), CALIBRATION_SECTION, "python benchmarks/scale_calibration.py")
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "windows": WINDOWS, "seq_len": SEQ_LEN, "remove": REMOVE}, indent=2) + "\n")
     plot(rows, out.with_suffix(".png"))
 

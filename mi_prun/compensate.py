@@ -25,7 +25,7 @@ import torch
 
 from . import distributed
 from .archs import ArchSpec, Fold
-from .ridge import FOLDS, RIDGE_GRID, RunMoments, fit_map, heldout_ratios, pick_ridge, residual
+from .ridge import FOLDS, RIDGE_GRID, RunMoments, fit_map, heldout_ratios, pick_ridge, residual, rows_up_to
 from .profile import PROFILE, Part
 from .select import runs_of
 
@@ -84,9 +84,16 @@ def run_moments(m: torch.Tensor, h: torch.Tensor, t: torch.Tensor, index: torch.
 
 
 def _over_ranks(f: RunMoments) -> RunMoments:
-    """One fold's moments summed over the ranks; sink rows gathered in window order."""
-    return RunMoments(distributed.all_sum(f.mm), distributed.all_sum(f.mr), distributed.all_sum(f.rr), distributed.all_sum(f.ee),
-                      distributed.all_sum(f.tokens), distributed.gather_rows(f.sink_m), distributed.gather_rows(f.sink_r))
+    """One fold's moments summed over the ranks; sink rows (and rows kept in place of moments)
+    gathered in window order. The form follows the fold's tokens over all ranks, so every rank
+    takes the same one."""
+    tokens = int(distributed.all_sum(f.tokens))
+    rr, ee = distributed.all_sum(f.rr), distributed.all_sum(f.ee)
+    sink_m, sink_r = distributed.gather_rows(f.sink_m), distributed.gather_rows(f.sink_r)
+    if tokens <= rows_up_to(f.dim):
+        return RunMoments(f.dim, rr, ee, tokens, sink_m, sink_r, distributed.gather_rows(f.rows_m), distributed.gather_rows(f.rows_r))
+    f.to_moments()
+    return RunMoments.of_moments(distributed.all_sum(f.mm), distributed.all_sum(f.mr), rr, ee, tokens, sink_m, sink_r)
 
 
 FOLD_COLUMNS = 1024  # columns of the projection folded at a time (float64 temporaries stay small)

@@ -52,6 +52,8 @@ class LoadedModel:
     # Calibration windows made for this model, by spec: runs that build several points from one
     # load (frontier) generate the seeded self-calibration text once.
     calibration_cache: dict = field(default_factory=dict, repr=False)
+    # Loading's wall time and its split by kind of work (`profile.py`), set by the job that loaded it.
+    load_profile: dict[str, float] = field(default_factory=dict)
 
     @property
     def in_memory(self) -> bool:

@@ -115,6 +115,10 @@ class SelectionInfo(BaseModel):
     verification: str | None = None
     verified: int = 0  # distinct removals scored (proposals and swaps)
     verification_s: float | None = None  # wall time of that scoring
+    # The least block-forwards (one block over one window) capture and verification need: every
+    # block once over the capture windows, and each verified proposal from the first block it
+    # changes (`profile.minimum_block_forwards`); against `PruningManifest.block_forwards`.
+    block_forwards_minimum: int | None = None
     # Set when the decision was replayed from an earlier pruning.json (--plan) instead of scored.
     replayed_from: str | None = None
 
@@ -217,6 +221,10 @@ class PruningManifest(BaseModel):
     # grows is the one that needed the memory).
     peak_rss_mib_after: dict[str, float] = {}
     timings_s: dict[str, float]
+    # Each stage's wall time split by the kind of work (`profile.Part`; "other": MI estimation,
+    # selection and bookkeeping), and the block-forwards it ran.
+    profile_s: dict[str, dict[str, float]] = {}
+    block_forwards: dict[str, int] = {}
     versions: dict[str, str] = Field(default_factory=dict)
     exports: list[ExportInfo] = Field(default_factory=list)
     quality: QualityInfo | None = None

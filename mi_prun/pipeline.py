@@ -26,6 +26,7 @@ from .manifest import HealInfo, PruningManifest, SelectionInfo
 from .methods import select_blocks
 from .modelcard import write_model_card
 from .plan import EvalPlan, Granularity, HealPlan, Method, Objective, Plan
+from .profile import PROFILE, minimum_block_forwards, stage_profile
 from .progress import QUIET, Reporter
 from .quality import measure_quality
 from .record import build_manifest, peak_rss_bytes
@@ -52,6 +53,8 @@ class PruneResult:
     compensation: list[RunCompensation] = field(default_factory=list)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far, after each stage
     healed: dict[str, torch.Tensor] = field(default_factory=dict)  # weights rewritten by healing (beside the maps)
+    profile: dict[str, dict[str, float]] = field(default_factory=dict)  # per stage: seconds per part of the work
+    block_forwards: dict[str, int] = field(default_factory=dict)  # per stage: blocks x windows run
     heal: HealInfo | None = None
     # --granularity sublayer: the units removed (`removed` then holds the blocks both of whose
     # sublayers went, `healed` the zeroed projections of the others).
@@ -59,23 +62,54 @@ class PruneResult:
 
 
 class Stopwatch:
-    """Wall time and the process's peak memory after each stage, kept apart from the results until
-    a stage's result is made (results are not changed once made)."""
+    """Wall time, its split by kind of work (`profile.py`), the block-forwards run and the
+    process's peak memory after each stage, kept apart from the results until a stage's result is
+    made (results are not changed once made)."""
 
-    def __init__(self, timings: dict[str, float] | None = None, peaks: dict[str, float] | None = None):
+    def __init__(self, timings: dict[str, float] | None = None, peaks: dict[str, float] | None = None,
+                 parts: dict[str, dict[str, float]] | None = None, forwards: dict[str, int] | None = None):
         self.timings, self.peaks = dict(timings or {}), dict(peaks or {})
+        self.parts = {k: dict(v) for k, v in (parts or {}).items()}  # per stage, before "other" is added
+        self.forwards = dict(forwards or {})
+        self.loading: dict[str, dict[str, float]] = {}  # {"load": the model's load profile}, when a job loaded it
 
     @classmethod
     def of(cls, result: PruneResult) -> "Stopwatch":
-        return cls(result.timings, result.peak_rss_mib)
+        timed = {stage: split for stage, split in result.profile.items() if stage in result.timings}
+        parts = {stage: {k: v for k, v in split.items() if k != "other"} for stage, split in timed.items()}
+        watch = cls(result.timings, result.peak_rss_mib, parts, result.block_forwards)
+        watch.loading = {stage: split for stage, split in result.profile.items() if stage not in result.timings}
+        return watch
 
     @contextmanager
     def stage(self, name: str, peak: bool = True):
-        start = time.perf_counter()
+        start, before = time.perf_counter(), PROFILE.snapshot()
         yield
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        parts, forwards = PROFILE.since(before)
+        mine = self.parts.setdefault(name, {})
+        for part, seconds in parts.items():
+            mine[part] = mine.get(part, 0.0) + seconds
+        self.forwards[name] = self.forwards.get(name, 0) + forwards
         if peak:
             self.peaks[name] = round(peak_rss_bytes() / 2**20, 1)
+
+    @property
+    def profile(self) -> dict[str, dict[str, float]]:
+        out = {stage: stage_profile(parts, self.timings[stage]) for stage, parts in self.parts.items() if stage in self.timings}
+        return {**self.loading, **out}
+
+    def results(self) -> dict:
+        """The fields of a PruneResult this stopwatch measured."""
+        return {"timings": self.timings, "peak_rss_mib": self.peaks, "profile": self.profile, "block_forwards": self.forwards}
+
+
+def started(loaded: LoadedModel) -> Stopwatch:
+    """A pruning run's stopwatch: the peak memory after loading, and loading's profile."""
+    watch = Stopwatch(peaks={"load": round(peak_rss_bytes() / 2**20, 1)})
+    if loaded.load_profile:
+        watch.loading = {"load": dict(loaded.load_profile)}
+    return watch
 
 
 def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
@@ -83,7 +117,7 @@ def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneR
     The model runs `plan.batch_size` windows a pass: it was loaded for this plan (`jobs.loading`)."""
     if plan.granularity is Granularity.sublayer:
         return prune_sublayers(loaded, plan, reporter)
-    watch = Stopwatch(peaks={"load": round(peak_rss_bytes() / 2**20, 1)})
+    watch = started(loaded)
     runner = loaded.runner
     n = runner.n_blocks
     n_remove = plan.n_remove(n)
@@ -121,12 +155,23 @@ def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneR
         with watch.stage("compensate"), reporter.task("fitting linear compensation for the removed runs", None):
             runs = compensation_for(loaded, removed, ensure_dense(runner, fit))
         info.forward_passes += capture_passes(runs)
-    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, watch.timings, runs, watch.peaks)
+    if scores is not None and plan.method in (Method.mi_prun, Method.mi_prun_exact):
+        info.block_forwards_minimum = least_block_forwards(n, info, len(calib), len(fit), compensate)
+    return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, compensation=runs, **watch.results())
+
+
+def least_block_forwards(n: int, info: SelectionInfo, capture_windows: int, verify_windows: int, compensate: bool) -> int:
+    """`profile.minimum_block_forwards` for this selection: its verified candidates (those with a
+    calibration NLL), each from its first removed block, or the block before it where a map is
+    folded in (compensated verification runs that block with its new weight)."""
+    verified = list(dict.fromkeys(tuple(sorted(c.removed)) for c in info.candidates if c.calibration_nll is not None))
+    starts = [max(0, p[0] - 1) if compensate and p[0] > 0 else p[0] for p in verified]
+    return minimum_block_forwards(n, capture_windows, verified, verify_windows, starts)
 
 
 def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneResult:
     """--granularity sublayer: calibrate, capture the chain of sublayers, select (`sublayers.py`)."""
-    watch = Stopwatch(peaks={"load": round(peak_rss_bytes() / 2**20, 1)})
+    watch = started(loaded)
     cal = plan.calibration
     with watch.stage("calibrate"):
         reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
@@ -139,7 +184,7 @@ def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET)
         decision, info = sublayers.decide(loaded, plan, scores, windows, chain, reporter)
     n = loaded.runner.n_blocks
     removed = dropped_blocks(decision.removed)
-    return PruneResult(n, removed, keep_indices(n, removed), None, info, ids, watch.timings, [], watch.peaks,
+    return PruneResult(n, removed, keep_indices(n, removed), None, info, ids, **watch.results(),
                        healed=shipped_weights(loaded, decision.removed, decision.maps), sublayers=decision)
 
 
@@ -161,7 +206,7 @@ def heal_result(loaded: LoadedModel, plan: Plan, result: PruneResult, reporter: 
     with watch.stage("heal"):
         healed = heal(loaded, result.kept, result.removed, result.compensation, plan.heal, plan.seed, reporter)
     return replace(result, healed=fold_healed(result.compensation, healed.weights, loaded.spec),
-                   heal=healed.info.model_copy(update={"heldout_before": before}), timings=watch.timings, peak_rss_mib=watch.peaks)
+                   heal=healed.info.model_copy(update={"heldout_before": before}), **watch.results())
 
 
 def heal_checkpoint(loaded: LoadedModel, manifest: PruningManifest, folder: Path, heal_plan: HealPlan, evaluation: EvalPlan | None,
@@ -199,7 +244,7 @@ def save_pruned(loaded: LoadedModel, plan: Plan, result: PruneResult, out: Path,
     with atomic_dir(out, force) as tmp:
         with watch.stage("repack"):
             save_checkpoint(loaded, result.kept, result.compensation, tmp, result.healed)
-        manifest = build_manifest(loaded, plan, replace(result, timings=watch.timings, peak_rss_mib=watch.peaks))
+        manifest = build_manifest(loaded, plan, replace(result, **watch.results()))
         manifest.write(tmp)
     return manifest
 
@@ -220,7 +265,7 @@ def build(loaded: LoadedModel, plan: Plan, out: Path, force: bool = False, repor
     with atomic_dir(out, force) as tmp:
         with watch.stage("export"):
             export = export_pruned(loaded, plan.export, result, tmp, reporter)
-        manifest = build_manifest(loaded, plan, replace(result, timings=watch.timings, peak_rss_mib=watch.peaks),
+        manifest = build_manifest(loaded, plan, replace(result, **watch.results()),
                                   quality=quality, exports=[export])
         if plan.export.keep_hf:
             manifest.write(tmp / HF_SUBDIR)

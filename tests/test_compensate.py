@@ -10,7 +10,7 @@ from mi_prun.archs import blocks, get_path
 from mi_prun.blockset import blocks_kept, keep_indices
 from mi_prun.compensate import applied, final_states, fit_compensation, run_moments
 from mi_prun.select import runs_of
-from mi_prun.ridge import RIDGE_GRID, RunMoments, choose_ridge, fit_map, residual
+from mi_prun.ridge import RIDGE_GRID, RunMoments, _sink_pinv, choose_ridge, fit_map, heldout_ratios, residual, rows_up_to
 from mi_prun.load import load_model
 from mi_prun.runner import Windows
 
@@ -172,3 +172,66 @@ def test_too_few_windows_fall_back_to_plain_removal():
     np.testing.assert_array_equal(fit_map(empty, 0.1), np.eye(8))
     choice = choose_ridge([moments_of(m, m + 1.0), empty])
     assert choice.ridge == max(choice.heldout_ratio)
+
+
+def test_rows_and_moments_give_the_same_fits_and_held_out_errors():
+    """At most half as many tokens as channels: a fold keeps its rows and fits through their
+    factorization; the same fold
+    as moments (the d x d solve) gives the same maps, with the sink constraint too, and the same
+    held-out ratios at every ridge strength."""
+    rng = np.random.default_rng(5)
+    dim = 128
+    m = rng.normal(size=(60, dim))
+    r = m @ (np.eye(dim) + 0.2 * rng.normal(size=(dim, dim))) + 0.1 * rng.normal(size=(60, dim))
+    sink = np.zeros((2, dim))
+    sink[:, 3] = 400.0
+    folds = []
+    for part in (slice(0, 30), slice(30, 60)):
+        mo = RunMoments.zeros(dim)
+        for start in range(part.start, part.stop, 10):  # windows of 10 tokens
+            mo.add(m[start : start + 10], r[start : start + 10])
+        mo.add_sink(sink + rng.normal(size=(2, dim)), sink + 30.0 * rng.normal(size=(2, dim)))
+        folds.append(mo)
+    assert all(f.in_rows for f in folds)
+    as_moments = [f.copy() for f in folds]
+    for f in as_moments:
+        f.to_moments()
+    assert not as_moments[0].in_rows
+    np.testing.assert_allclose(as_moments[0].mm, m[:30].T @ m[:30], rtol=1e-12)
+    rows_ratios, moment_ratios = heldout_ratios(folds, RIDGE_GRID), heldout_ratios(as_moments, RIDGE_GRID)
+    for ridge in RIDGE_GRID:
+        assert rows_ratios[ridge] == pytest.approx(moment_ratios[ridge], rel=1e-8), ridge
+    whole_rows, whole_moments = folds[0] + folds[1], as_moments[0] + as_moments[1]
+    assert whole_rows.in_rows and whole_rows.tokens == 60
+    for ridge in (1e-3, 0.1):
+        t_rows, t_moments = fit_map(whole_rows, ridge), fit_map(whole_moments, ridge)
+        np.testing.assert_allclose(t_rows, t_moments, rtol=1e-7, atol=1e-9)
+        assert residual(whole_rows, t_rows) == pytest.approx(residual(whole_moments, t_moments), rel=1e-8)
+    assert _sink_pinv(whole_rows) is not None  # the sink constraint was part of both fits
+    # Past `dim` tokens the rows give way to the moments, with the same sums.
+    assert rows_up_to(dim) == 64
+    whole_rows.add(m[:10], r[:10])
+    assert not whole_rows.in_rows and whole_rows.tokens == 70
+    np.testing.assert_allclose(whole_rows.mm, m.T @ m + m[:10].T @ m[:10], rtol=1e-12)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_fits_from_rows_equal_fits_from_moments_in_a_model(model_type, tiny_models, monkeypatch):
+    """Short windows keep every fold in rows (hidden 64: up to 32 tokens); the maps folded into
+    the model, their ridges and error ratios equal those of the moment form within 1e-6."""
+    import mi_prun.ridge as ridge_module
+
+    loaded = load_model(str(tiny_models[model_type]))
+    ids = torch.randint(0, 384, (4, 9), generator=torch.Generator().manual_seed(7))
+    windows = dense_windows(loaded, ids)
+    seen = []
+    monkeypatch.setattr(ridge_module.RunMoments, "to_moments", lambda self: seen.append(self.dim))
+    rows, _ = fit_compensation(loaded.runner, loaded.spec, [2, 3, 5], windows)
+    assert not seen  # no fold gave up its rows
+    monkeypatch.undo()
+    monkeypatch.setattr(ridge_module, "rows_up_to", lambda dim: 0)
+    moments, _ = fit_compensation(loaded.runner, loaded.spec, [2, 3, 5], windows)
+    for a, b in zip(rows, moments):
+        assert (a.ridge, a.prev) == (b.ridge, b.prev)
+        assert a.heldout_ratio == pytest.approx(b.heldout_ratio, rel=1e-6) and a.fit_ratio == pytest.approx(b.fit_ratio, rel=1e-6)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-6)

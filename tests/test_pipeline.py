@@ -278,3 +278,33 @@ def test_compensated_objective_and_swaps(model_type, tiny_models, calib_txt):
     # without the compensated objective or swaps, the capture keeps no taps
     plain = prune(loaded, options(calib_txt, remove=2))
     assert plain.scores.recovery is None and "compensated" not in [c.objective for c in plain.selection.candidates]
+
+
+def test_profile_splits_each_stage_and_counts_block_forwards(tiny_models, calib_txt, tmp_path):
+    """pruning.json's profile: each stage's parts sum to its wall time with "other"; the capture is
+    exactly one pass of every block over the calibration windows; verification runs no fewer
+    block-forwards than the least its proposals need, and compensated verification no more than
+    twice that (it runs, per half, the kept block of each run and the blocks after it)."""
+    from mi_prun.profile import PROFILE, Part
+
+    loaded = load_model(str(tiny_models["llama"]))
+    opts = options(calib_txt, remove=2)
+    result = prune(loaded, opts)
+    manifest = save_pruned(loaded, opts, result, tmp_path / "out")
+    profile = PruningManifest.read(tmp_path / "out").profile_s
+    for stage in ("calibrate", "capture", "select", "compensate", "repack"):
+        assert sum(profile[stage].values()) == pytest.approx(manifest.timings_s[stage], abs=5e-3), stage
+    assert profile["capture"][Part.forward.value] > 0 and profile["compensate"][Part.ridge.value] > 0
+    assert manifest.block_forwards["capture"] == TINY_BLOCKS * 4
+    least = manifest.selection.block_forwards_minimum
+    verified = [c for c in manifest.selection.candidates if c.calibration_nll is not None]
+    assert len(verified) >= 2 and least > TINY_BLOCKS * 4
+    done = manifest.block_forwards["capture"] + manifest.block_forwards["select"]
+    assert least <= done <= 2 * least
+    # Nested parts count in the innermost only.
+    before = PROFILE.snapshot()
+    with PROFILE.part("outer"):
+        with PROFILE.part("inner"):
+            sum(range(200000))
+    parts, _ = PROFILE.since(before)
+    assert parts["inner"] > 0 and parts["outer"] < parts["inner"]

@@ -86,6 +86,11 @@ def decision(manifest) -> None:
 
 def timings(manifest) -> None:
     line(f"timings (s): {json.dumps(manifest.timings_s)}")
+    least = manifest.selection.block_forwards_minimum
+    if least:
+        done = sum(manifest.block_forwards.get(stage, 0) for stage in ("capture", "select"))
+        line(f"block-forwards (capture + select): {done} ({done / least:.2f}x the least these proposals need, {least}); "
+             "the seconds of each stage by kind of work are in pruning.json's profile_s")
 
 
 def metric_table(title: str, rows: list[tuple[str, str]]) -> None:

@@ -29,13 +29,19 @@ def quiet_libraries() -> None:
 
 def load(inspected: Inspected, device: str, dtype: str, reporter: Reporter, execution: Execution = Execution.auto,
          batch_size: int = 4, needs_in_memory: str | None = None) -> LoadedModel:
+    import time
+
     from ..load import load_inspected
+    from ..profile import PROFILE, stage_profile
 
     if reporter.quiet:
         quiet_libraries()
     reporter.say(f"loading {inspected.source.describe()}")
+    start, before = time.perf_counter(), PROFILE.snapshot()
     loaded = load_inspected(inspected.source, inspected.spec, device, dtype, execution, inspected.hf_config, batch_size,
                             needs_in_memory)
+    wall = time.perf_counter() - start
+    loaded.load_profile = {"wall": round(wall, 3), **stage_profile(PROFILE.since(before)[0], wall)}
     reporter.say(f"{loaded.execution.value}: {loaded.weight_bytes / 2**30:.2f} GiB of weights as "
                  f"{str(loaded.dtype).removeprefix('torch.')}" + (", blocks loaded one at a time" if not loaded.in_memory else ""))
     return loaded
