@@ -166,7 +166,7 @@ def load_inspected(source: ModelSource, spec: ArchSpec, device: str = "auto", dt
             config = AutoConfig.from_pretrained(source.location, **kwargs)
         skeleton = empty_model(config, torch_dtype)
         weight_bytes = parameter_bytes(skeleton, torch_dtype)
-        chosen = choose_execution(execution, weight_bytes, available_memory(dev))
+        chosen = choose_execution(execution, weight_bytes, available_memory(dev), tensor_by_tensor=source.kind == "gguf")
         if chosen is Execution.streamed and needs_in_memory:
             raise UserError(
                 f"{needs_in_memory} needs the whole model in memory, and this one is streamed "

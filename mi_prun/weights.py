@@ -27,8 +27,12 @@ from .profile import PROFILE, Part
 from .plan import Execution
 
 
-# Whole-model loading holds the dequantized tensors and the model at once, plus activations.
+# Whole-model loading by transformers (a Hugging Face folder) holds the checkpoint's tensors and
+# the model at once, plus activations; a GGUF's blocks are read and dequantized one tensor at a
+# time into their modules (`load_blocks`), so they stay resident with a margin for activations,
+# boundary states and one tensor's temporaries.
 IN_MEMORY_FACTOR = 3.0
+RESIDENT_FACTOR = 1.5
 
 
 class TensorSource(Protocol):
@@ -341,8 +345,11 @@ def available_memory(device: torch.device | None = None) -> int:
     return psutil.virtual_memory().available
 
 
-def choose_execution(asked: Execution, model_bytes: int, free_bytes: int) -> Execution:
-    """In memory when the model loaded whole fits comfortably, else streamed; `asked` wins."""
+def choose_execution(asked: Execution, model_bytes: int, free_bytes: int, tensor_by_tensor: bool = False) -> Execution:
+    """In memory (every block resident, dequantized once) when the model fits comfortably, else
+    streamed; `asked` wins. `tensor_by_tensor`: loaded from a GGUF one tensor at a time, which
+    needs little beyond the weights themselves."""
     if asked is not Execution.auto:
         return asked
-    return Execution.in_memory if model_bytes * IN_MEMORY_FACTOR < free_bytes else Execution.streamed
+    factor = RESIDENT_FACTOR if tensor_by_tensor else IN_MEMORY_FACTOR
+    return Execution.in_memory if model_bytes * factor < free_bytes else Execution.streamed

@@ -174,3 +174,15 @@ def test_streamed_checkpoint_equals_in_memory_checkpoint(model_type, tiny_models
         assert ca.get(key) == cb.get(key), key
     assert cb["num_hidden_layers"] == TINY_BLOCKS - 3
     AutoModelForCausalLM.from_pretrained(outs["--streamed"])
+
+
+def test_a_gguf_stays_resident_where_a_whole_model_load_would_not_fit():
+    from mi_prun.weights import choose_execution
+
+    gib = 2**30
+    # 10 GiB of weights, 20 GiB free: read tensor by tensor (a GGUF) the blocks stay resident,
+    # dequantized once; transformers' whole-model load would need three times the weights.
+    assert choose_execution(Execution.auto, 10 * gib, 20 * gib, tensor_by_tensor=True) is Execution.in_memory
+    assert choose_execution(Execution.auto, 10 * gib, 20 * gib) is Execution.streamed
+    assert choose_execution(Execution.auto, 10 * gib, 14 * gib, tensor_by_tensor=True) is Execution.streamed
+    assert choose_execution(Execution.streamed, 1 * gib, 20 * gib, tensor_by_tensor=True) is Execution.streamed
