@@ -80,12 +80,15 @@ def verdict_lines(rows: list[dict]) -> list[str]:
         if "bound_gib" in r:
             lines.append(f"  Peak RSS {r['peak_rss_gib']} GiB = {r['peak_rss_gib'] / r['bound_gib']:.2f} x the streamed bound "
                          f"({r['bound_gib']} GiB); {'within' if r['peak_rss_gib'] <= 2 * r['bound_gib'] else 'NOT within'} 2x.")
-    same = {}
+    runs: dict[str, list] = {}
     for r in rows:
         if not r.get("exit"):
-            same.setdefault(r["model"], set()).add(json.dumps(r["removed"]))
-    for model, removed in same.items():
-        lines.append(f"- {model}: " + ("every execution removed the same blocks." if len(removed) == 1 else f"DIFFERENT blocks: {', '.join(removed)}."))
+            runs.setdefault(r["model"], []).append(r["removed"])
+    for model, removed in runs.items():
+        if len(removed) > 1:
+            same = len({json.dumps(x) for x in removed}) == 1
+            lines.append(f"- {model}: {' and '.join(r['execution'] for r in rows if r['model'] == model and not r.get('exit'))} "
+                         + ("removed the same blocks." if same else f"removed DIFFERENT blocks: {removed}."))
     return lines
 
 
@@ -98,13 +101,15 @@ def write_report(rows: list[dict], out: Path, seconds: float) -> None:
         f"# Scale at the default calibration size: `build --target gguf`, {WINDOWS} x {SEQ_LEN} tokens",
         "",
         f"Command: `make bench-scale-calibration` (`python benchmarks/scale_calibration.py`); {machine_line('torch on 2 threads')}; "
-        f"one run per point, one after another, {seconds / 60:.0f} min in all. Load average before each point is in the table.",
+        f"one run per point, one after another, {seconds / 60:.0f} min in all (writing the synthetic models included). Load average "
+        "before each point is in the table (an otherwise idle machine reads below 1).",
         "",
         f"Each point: `mi-prun-edge build --target gguf --model M --calib wiki.valid.tokens --n-samples {WINDOWS} --seq-len {SEQ_LEN} "
         f"--remove {scale.REMOVE} --streamed|--in-memory` (method mi-prun, proposals verified, compensation on). Models: seeded "
         "random-weight Llama shapes (`benchmarks/synthetic.py`, Q4_0 GGUF): time and memory mean something on them, quality does not. "
         "One forward pass: the capture stage's pass over the same windows (its forward, read, dequantize and copy parts in "
-        "pruning.json's profile_s, not the MI estimation after it). Block-forwards: one block over one window; the least is one "
+        "pruning.json's profile_s, not the MI estimation after it; in memory, the blocks were dequantized once at load, which "
+        "the whole build's wall time counts and the pass does not). Wall time: the build process, start to exit. Block-forwards: one block over one window; the least is one "
         "capture pass plus, for each verified proposal, the blocks from the first it changes.",
         "",
         *table(rows), *where_lines(rows), *verdict_lines(rows), "",

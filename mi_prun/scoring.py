@@ -23,6 +23,8 @@ from .recovery import LinearRecovery
 from .runner import Windows
 
 RMS_EPS = 1e-6
+# Values (boundaries x tokens x hidden) of one step of the pairwise statistics: 256 MB per float64 temporary.
+STATS_VALUES = 2**25
 
 
 def _view(states: torch.Tensor, view: StateView) -> torch.Tensor:
@@ -44,6 +46,14 @@ class PairwiseTokenStats:
         self.tokens = 0
 
     def observe(self, states: Sequence[torch.Tensor]) -> None:
+        # A few tokens at a time: the float64 stack of every boundary and its normalized copies
+        # are 4 x boundaries x tokens x d x 8 bytes (4.4 GB for a 7B shape's 1,020 tokens).
+        step = max(1, STATS_VALUES // (len(states) * states[0].shape[-1]))
+        for start in range(0, states[0].shape[0], step):
+            self._observe([s[start : start + step] for s in states])
+        self.tokens += states[0].shape[0]
+
+    def _observe(self, states: Sequence[torch.Tensor]) -> None:
         x = torch.stack([s.double() for s in states])  # (B, T, d)
         unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
         centered = x - x.mean(dim=-1, keepdim=True)
@@ -57,7 +67,6 @@ class PairwiseTokenStats:
         }
         for key, value in batch.items():
             self.sums[key] = self.sums.get(key, 0) + value.cpu()
-        self.tokens += x.shape[1]
 
     def over_ranks(self) -> None:
         """Sums and token count of every rank's share (one process: unchanged)."""

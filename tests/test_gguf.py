@@ -233,7 +233,7 @@ def test_in_place_build_writes_compensated_weights(tiny_q8_0_gguf, calib_txt, sm
     assert parity.top1 >= 0.9, parity
 
 
-@pytest.mark.slow  # the real Gemma 3 270M is pruned in place in test_real_gemma3 (fast: test_heal gemma3 in place): make test-slow
+@pytest.mark.slow  # the real Gemma 3 270M is pruned in place in test_real_gemma3 (and healed in place in test_heal): make test-slow
 def test_in_place_gemma3_writes_its_sliding_window_pattern(smol_tokenizer, tmp_path):
     """A Gemma 3 GGUF as llama.cpp's converter writes it has no per-layer pattern (llama.cpp then
     assumes every 6th layer global); pruned in place, it must carry the kept blocks' own pattern."""

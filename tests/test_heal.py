@@ -192,6 +192,7 @@ def test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them(tiny_
     assert parity.top1 >= 0.9, parity
 
 
+@pytest.mark.slow  # 46 s; the fast run heals llama in place (test_build_heal_writes_healed_weights_in_place_and_llama_cpp_runs_them): make test-slow
 def test_build_heal_gemma3_in_place_writes_its_norms_as_llama_cpp_reads_them(smol_tokenizer, calib_txt, tmp_path):
     """Gemma 3 scales by (1 + w): healed norm weights go into a GGUF pruned in place as the scale
     itself, as the converter writes them, and llama.cpp runs the file as transformers runs the checkpoint."""

@@ -113,11 +113,17 @@ def test_bad_shapes_are_rejected():
         mi.renyi_entropy(np.eye(3), alpha=1.0)
 
 
-def test_streamed_pair_statistics_are_the_mi_module_functions():
-    """What ships (all boundary pairs at once, in torch) equals mi.py's per-pair functions."""
+@pytest.mark.parametrize("step_values", [None, 4 * 24 * 7], ids=["whole", "7-token-steps"])
+def test_streamed_pair_statistics_are_the_mi_module_functions(step_values, monkeypatch):
+    """What ships (all boundary pairs at once, in torch, a few tokens at a time when the states are
+    large) equals mi.py's per-pair functions."""
     import torch
 
+    import mi_prun.scoring as scoring
     from mi_prun.scoring import PairwiseTokenStats
+
+    if step_values is not None:
+        monkeypatch.setattr(scoring, "STATS_VALUES", step_values)
 
     rng = np.random.default_rng(3)
     base = rng.normal(size=(50, 24))

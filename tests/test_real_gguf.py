@@ -128,36 +128,27 @@ def test_pruned_checkpoint_exports_f16_and_q8_0(headline_build, dense_default, t
     assert record["q8_0"]["top1"] >= 0.9 and record["q8_0"]["mean_kl"] < 0.02
 
 
-def test_headline_plan_replays_on_a_requantized_sibling(headline_build, tmp_path):
-    """Choose on the shipped Q4_1 file, apply to another quantization of the same model."""
+def test_headline_plan_replays_on_a_requantized_sibling_at_f16(headline_build, tmp_path, record_property):
+    """Choose on the shipped Q4_1 file, apply to another quantization of the same model (Q8_0), with
+    --gguf-type f16: the same runs are fitted again on the sibling, the compensated tensors are
+    rounded once (to f16), so llama.cpp runs the file as transformers runs the checkpoint the same
+    build keeps. (One replay for both checks: each replay generates the calibration text again.)"""
     out, manifest = headline_build
     sibling = tmp_path / "SmolLM2-135M-Instruct.Q8_0.gguf"
     llamacpp.quantize(default_model_path(), sibling, "LLAMA_FTYPE_MOSTLY_Q8_0")
     replayed = tmp_path / "replayed"
-    result = runner.invoke(app, ["build", "--plan", str(out / "pruning.json"), "--model", str(sibling),
-                                 "--out", str(replayed), "--quiet"])
+    result = runner.invoke(app, ["build", "--plan", str(out / "pruning.json"), "--model", str(sibling), "--gguf-type", "f16",
+                                 "--keep-hf", "--out", str(replayed), "--quiet"])
     assert result.exit_code == 0, result.output
     again = PruningManifest.read(replayed)
     [e] = again.exports
     assert again.removed == manifest.removed and again.selection.replayed_from
-    assert e.format_type == "q8_0" and e.check["llama_cpp_layers"] == 26
+    assert e.format_type == "f16" and e.check["llama_cpp_layers"] == 26
     assert [(r.first, r.last, r.folded_into) for r in again.compensation.runs] == \
         [(r.first, r.last, r.folded_into) for r in manifest.compensation.runs]
-
-
-def test_f16_build_of_the_default_matches_its_checkpoint(headline_build, tmp_path, record_property):
-    """--gguf-type f16 on the Q4_1 source: the compensated tensors are rounded once (to f16), so
-    llama.cpp runs the file as transformers runs the checkpoint the same build keeps."""
-    out, _ = headline_build
-    f16 = tmp_path / "f16"
-    result = runner.invoke(app, ["build", "--plan", str(out / "pruning.json"), "--gguf-type", "f16", "--keep-hf",
-                                 "--out", str(f16), "--quiet"])
-    assert result.exit_code == 0, result.output
-    [e] = PruningManifest.read(f16).exports
-    assert e.format_type == "f16"
-    hf = repacked(f16)
-    tokens = wiki_tokens(AutoTokenizer.from_pretrained(f16 / "hf"), 512)
-    parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(f16 / e.file, tokens))
+    hf = repacked(replayed)
+    tokens = wiki_tokens(AutoTokenizer.from_pretrained(replayed / "hf"), 512)
+    parity = compare_logits(transformers_logits(hf, tokens), llamacpp.logits(replayed / e.file, tokens))
     record_property("parity", parity)
     assert parity.top1 >= 0.99, parity
 
@@ -173,7 +164,7 @@ def test_streamed_default_model_equals_in_memory(tmp_path):
 
     from .conftest import WIKI_VALID
 
-    plan = Plan(remove=4, calibration=CalibrationSpec(str(WIKI_VALID), n_samples=8, seq_len=128))
+    plan = Plan(remove=4, calibration=CalibrationSpec(str(WIKI_VALID), n_samples=4, seq_len=128))
     results, ppl = {}, {}
     for execution in (Execution.in_memory, Execution.streamed):
         loaded = load_model(execution=execution)
@@ -189,7 +180,7 @@ def test_streamed_default_model_equals_in_memory(tmp_path):
     assert ppl[Execution.streamed] == pytest.approx(ppl[Execution.in_memory], rel=1e-3)
 
     out = tmp_path / "streamed"
-    result = runner.invoke(app, ["build", "--target", "gguf", "--streamed", "--calib", str(WIKI_VALID), "--n-samples", "8",
+    result = runner.invoke(app, ["build", "--target", "gguf", "--streamed", "--calib", str(WIKI_VALID), "--n-samples", "4",
                                  "--seq-len", "128", "--remove", "4", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     manifest = PruningManifest.read(out)
