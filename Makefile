@@ -90,7 +90,7 @@ WIKI_TEST := ../shared/data/wikitext2/wiki.test.raw
 bench-frontier:
 	mkdir -p out reports
 	cat $(LICENCE_TEXTS) > out/licence-texts.txt
-	$(PY) -m mi_prun frontier --eval $(WIKI_TEST) --eval out/licence-texts.txt --remove 0,2,4,6,8 --heal-at 4,8 \
+	$(PY) -m mi_prun frontier --eval $(WIKI_TEST) --eval out/licence-texts.txt --remove 0,2,4,6,8 --heal-at 4,8 --sublayer-at 4,8 \
 		--eval-windows 16 --kl-windows 4 \
 		--out out/frontier-smollm2 --force
 	for f in md json png; do cp out/frontier-smollm2/frontier.$$f reports/frontier.$$f; done

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mi_prun.runtimes import llamacpp
+from mi_prun.runtimes.gguf_prune import field_value, open_gguf
 from mi_prun.runtimes.formats import GGUFType
 from mi_prun.runtimes.gguf_export import export_gguf
 from mi_prun.budget import Budget, parse_fraction, parse_size, pick
@@ -27,7 +28,9 @@ def invoke(*args):
 
 def frontier_args(src, calib_txt, out):
     # f16 is the type of the source and of its in-place builds: those points are not quantized again.
-    return ("frontier", "--model", src, "--remove", "0,2,4", "--gguf-types", "f16,q4_0", "--eval", WIKI_TEST,
+    # --sublayer-at 2: the 2-block point is built with --granularity sublayer too (a deci GGUF).
+    return ("frontier", "--model", src, "--remove", "0,2,4", "--sublayer-at", 2, "--long-context", 256,
+            "--gguf-types", "f16,q4_0", "--eval", WIKI_TEST,
             "--eval-windows", 2, "--eval-seq-len", 64, "--kl-windows", 1, "--speed-repeats", 2,
             "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet")
 
@@ -47,24 +50,37 @@ def measured(export_models, calib_txt, tmp_path_factory):
 def test_every_point_is_built_loaded_and_measured(measured):
     src, out, frontier = measured
     points = frontier["points"]
-    # 0, 2 and 4 blocks removed, each as built (f16 in place) and quantized to q4_0.
-    assert sorted((p["removed_blocks"], p["type"].split()[0]) for p in points) == sorted(
-        (n, t) for n in (0, 2, 4) for t in ("f16", "q4_0"))
+    # 0, 2 and 4 blocks removed, and 2 blocks' worth of sublayers, each as built (f16 in place) and quantized to q4_0.
+    assert sorted((p["removed_blocks"], p["granularity"], p["type"].split()[0]) for p in points) == sorted(
+        [(n, "block", t) for n in (0, 2, 4) for t in ("f16", "q4_0")] + [(2, "sublayer", t) for t in ("f16", "q4_0")])
+    # llama.cpp's f16 KV cache: a key and a value row of every KV head per token, in each layer that keeps attention.
+    reader = open_gguf(src)
+    heads, kv_heads, width = (int(field_value(reader, f"llama.{k}")) for k in ("attention.head_count", "attention.head_count_kv", "embedding_length"))
+    per_layer = 256 * 2 * kv_heads * (width // heads) * 2
+    dense_kv = points[0]["kv_cache_bytes"]
     for p in points:
         path = out / p["file"] if not p["file"].startswith("/") else p["file"]
-        assert llamacpp.load_check(path)["layers"] == TINY_BLOCKS - p["removed_blocks"]
+        assert llamacpp.load_check(path)["layers"] == TINY_BLOCKS - len(p["removed"])
         assert p["bytes"] > 0 and p["decode_tok_s"]["median"] > 0 and len(p["decode_tok_s"]["runs"]) == 2
+        assert p["decode_tok_s_long"]["median"] > 0 and len(p["decode_tok_s_long"]["runs"]) == 2
+        # Each layer whose attention is gone keeps none of it (the rest of the state per token is the same).
+        units = p["removed_sublayers"] or [f"{b}.attention" for b in p["removed"]]
+        assert dense_kv - p["kv_cache_bytes"] == per_layer * sum(u.endswith(".attention") for u in units)
+    sub = next(p for p in points if p["granularity"] == "sublayer")
+    assert sub["removed_sublayers"] and PruningManifest.read(out / "remove-2-sublayer").sublayers.removed == sub["removed_sublayers"]
     as_given = points[0]
     assert as_given["removed_blocks"] == 0 and as_given["file"] == str(src)
     # The model as given against itself: no divergence, every top-1 the same.
     assert as_given["kl_to_dense"] == pytest.approx(0, abs=1e-9) and as_given["top1_agreement"] == 1.0
     # Fewer blocks and fewer bits make smaller files, and quality measured in llama.cpp moves away from the model as given.
-    by = {(p["removed_blocks"], p["type"].split()[0]): p for p in points}
+    by = {(p["removed_blocks"], p["type"].split()[0]): p for p in points if p["granularity"] == "block"}
     assert by[(4, "q4_0")]["bytes"] < by[(2, "q4_0")]["bytes"] < by[(0, "q4_0")]["bytes"] < by[(0, "f16")]["bytes"]
     assert by[(4, "f16")]["kl_to_dense"] > 0
     # Machine load recorded over the whole run and over the timing alone (the figures it can falsify).
     assert frontier["timing_contention"]["wall_s"] <= frontier["contention"]["wall_s"]
-    assert (out / "frontier.md").read_text().count("\n|") == len(points) + 2 and (out / "frontier.png").stat().st_size > 0
+    report = (out / "frontier.md").read_text()
+    assert report.count("\n|") == len(points) + 2 and (out / "frontier.png").stat().st_size > 0
+    assert "KV cache @256 MiB" in report and "2 blocks' worth, as built: sublayers" in report
 
 
 def test_fronts_hold_the_points_no_other_beats(measured):
@@ -93,9 +109,9 @@ def test_build_with_a_size_budget_ships_the_best_point_that_fits(measured, tmp_p
     expected = min(fits, key=lambda p: (p["ppl_primary"], p["bytes"]))
     [shipped] = (tmp_path / "ship").glob("*.gguf")
     assert shipped.stat().st_size <= limit
-    assert llamacpp.load_check(shipped)["layers"] == TINY_BLOCKS - expected["removed_blocks"]
+    assert llamacpp.load_check(shipped)["layers"] == TINY_BLOCKS - len(expected["removed"])
     picked = json.loads((tmp_path / "ship" / "budget.json").read_text())["picked"]
-    assert (picked["removed_blocks"], picked["type"]) == (expected["removed_blocks"], expected["type"])
+    assert [picked[k] for k in ("removed_blocks", "granularity", "type")] == [expected[k] for k in ("removed_blocks", "granularity", "type")]
     assert (tmp_path / "ship" / "pruning.json").is_file() == (expected["removed_blocks"] > 0)
 
 
@@ -125,7 +141,12 @@ def test_budget_input_errors_are_one_line_before_any_work(measured, tmp_path):
     assert other.exit_code == 2 and "--gguf-types applies to --target gguf" in other.output
     other = invoke("frontier", "--onnx-types", "int4", "--model", src, "--eval", WIKI_TEST, "--out", tmp_path / "e")
     assert other.exit_code == 2 and "--onnx-types applies to --target onnx" in other.output
-    assert not any((tmp_path / n).exists() for n in "abcde")
+    # Sublayer points: only at points that are built, and only as deci GGUFs.
+    unbuilt = invoke("frontier", "--model", src, "--remove", "0,2", "--sublayer-at", 3, "--eval", WIKI_TEST, "--out", tmp_path / "f")
+    assert unbuilt.exit_code == 2 and "--sublayer-at [3]: give only points that are built" in unbuilt.output
+    onnx = invoke("frontier", "--target", "onnx", "--model", src, "--sublayer-at", 2, "--eval", WIKI_TEST, "--out", tmp_path / "g")
+    assert onnx.exit_code == 2 and "--sublayer-at builds llama.cpp's deci GGUFs" in onnx.output
+    assert not any((tmp_path / n).exists() for n in "abcdefg")
 
 
 @pytest.mark.slow  # a whole frontier run again: make test-slow
@@ -142,8 +163,11 @@ def test_an_interrupted_frontier_resumes_from_its_complete_points(measured, cali
     assert PruningManifest.read(again / "remove-2").timings_s == PruningManifest.read(out / "remove-2").timings_s
     assert PruningManifest.read(again / "remove-4").timings_s != PruningManifest.read(out / "remove-4").timings_s
     assert not work.exists() and not list(again.glob("*/*.quality.json"))
-    resumed = {(p["removed_blocks"], p["type"]): p["ppl_primary"] for p in json.loads((again / "frontier.json").read_text())["points"]}
-    assert resumed == pytest.approx({(p["removed_blocks"], p["type"]): p["ppl_primary"] for p in frontier["points"]}, rel=1e-6)
+    def key(p):
+        return p["removed_blocks"], p["granularity"], p["type"]
+
+    resumed = {key(p): p["ppl_primary"] for p in json.loads((again / "frontier.json").read_text())["points"]}
+    assert resumed == pytest.approx({key(p): p["ppl_primary"] for p in frontier["points"]}, rel=1e-6)
 
 
 def test_points_of_another_frontier_are_not_reused(tmp_path):

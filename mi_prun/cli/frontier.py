@@ -26,6 +26,12 @@ FRONTIER_OPTIONS = (
                           ",".join(ONNX_TYPES))),
     ("heal_at", Option(Annotated[Optional[str], typer.Option(
         "--heal-at", help="Blocks-removed values also built with --heal (e.g. 4,8; healing takes up to --heal-minutes each).")], None)),
+    ("sublayer_at", Option(Annotated[Optional[str], typer.Option(
+        "--sublayer-at", help="Blocks-removed values also built with --granularity sublayer: that many blocks' worth of "
+                              "attention and feed-forward sublayers, shipped as llama.cpp's deci GGUF (Llama family).")], None)),
+    ("long_context", Option(Annotated[int, typer.Option(
+        "--long-context", min=256, help="Context at which the KV cache and a second decode speed are measured (llama.cpp).")],
+                            FIELDS["long_context"].default)),
     "heal_minutes", "heal_steps",
     ("windows", Option(Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of --eval-seq-len tokens per held-out text.")],
                        FIELDS["windows"].default)),

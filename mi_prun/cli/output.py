@@ -137,7 +137,9 @@ def healed_checkpoint(result) -> None:
 
 def frontier_points(frontier, out) -> None:
     for p in frontier.points:
-        marks = [m for m, on in (("size", p.on_size_front), ("speed", p.on_speed_front)) if on]
-        line(f"{p.label}: {p.bytes / 2**20:.1f} MiB, ppl {p.ppl_primary:.2f}, {p.decode_tok_s.median:.1f} tok/s"
+        marks = [m for m, on in (("size", p.on_size_front), ("speed", p.on_speed_front), ("long-context speed", p.on_long_speed_front)) if on]
+        long = f", {p.decode_tok_s_long.median:.1f} tok/s at long context, KV cache {p.kv_cache_bytes / 2**20:.1f} MiB" \
+            if p.decode_tok_s_long is not None and p.kv_cache_bytes is not None else ""
+        line(f"{p.label}: {p.bytes / 2**20:.1f} MiB, ppl {p.ppl_primary:.2f}, {p.decode_tok_s.median:.1f} tok/s{long}"
              + (f"  [front: {', '.join(marks)}]" if marks else ""))
     line(f"wrote {out / 'frontier.md'}")

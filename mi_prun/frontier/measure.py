@@ -11,10 +11,10 @@ from pathlib import Path
 from ..calibration import check_text_source
 from ..errors import UserError
 from ..manifest import MANIFEST_NAME, PruningManifest
-from ..plan import OnnxPrecision, Plan, Target
+from ..plan import Granularity, OnnxPrecision, Plan, Target
 from ..preflight import Inspected
 from ..progress import QUIET, Reporter
-from .points import RUNTIME, SPEED_RUNTIME, FrontierPlan, FrontierPoint, Stats, point_name
+from .points import RUNTIME, SPEED_RUNTIME, Build, FrontierPlan, FrontierPoint, Stats, point_name
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Candidate:
     build: dict[str, float] | None
     hf: Path | None = None
     blocks: int = 0
+    granularity: Granularity = Granularity.block
+    removed_sublayers: list[str] | None = None
 
 
 def check(plan: FrontierPlan, out: Path, force: bool) -> tuple[Inspected, list[int]]:
@@ -53,7 +55,12 @@ def check(plan: FrontierPlan, out: Path, force: bool) -> tuple[Inspected, list[i
         from ..runtimes.onnx_export import check_supported
 
         check_supported(inspected.spec)
-    return inspected, plan.counts(inspected.n_blocks)
+    counts = plan.counts(inspected.n_blocks)
+    if plan.sublayer_at:
+        from ..preflight import check_sublayers
+
+        check_sublayers(plan.point_plan(Build(plan.sublayer_at[0], sublayer=True)), inspected)
+    return inspected, counts
 
 
 def source_file_type(path: Path) -> str:
@@ -132,7 +139,7 @@ def quantized_candidates(bases: list[Candidate], plan: FrontierPlan, work: Path,
     todo = [(b, [t for t in plan.gguf_types if t != b.type.split()[0]]) for b in bases]
     with reporter.task("quantizing with llama.cpp", sum(len(types) for _, types in todo)) as advance:
         for base, types in todo:
-            folder = base.file.parent if base.build is not None else work / point_name(0, False)
+            folder = base.file.parent if base.build is not None else work / point_name(Build(0))
             folder.mkdir(exist_ok=True)
             out.append(base)
             for name in types:
@@ -211,6 +218,17 @@ def speeds(files: list[Path], plan: FrontierPlan, on_round) -> list[dict]:
     return llamacpp.speeds(files, plan.speed_repeats, plan.prompt_tokens, plan.decode_tokens, n_threads=plan.threads, on_round=on_round)
 
 
+def long_context(files: list[Path], plan: FrontierPlan, on_round) -> tuple[list[int], list[dict]]:
+    """llama.cpp: the KV cache each model keeps at the long context, and decode after a prompt that
+    fills it, side by side."""
+    from ..runtimes import llamacpp
+
+    kv = [llamacpp.kv_cache_bytes(f, plan.long_context) for f in files]
+    runs = llamacpp.speeds(files, plan.speed_repeats, plan.long_context - plan.decode_tokens, plan.decode_tokens,
+                           n_threads=plan.threads, on_round=on_round)
+    return kv, runs
+
+
 def measured_points(candidates: list[Candidate], windows: dict, reference: Path, plan: FrontierPlan, work: Path,
                     reporter: Reporter) -> tuple[list[FrontierPoint], dict]:
     """Every candidate measured: quality one by one, speed side by side (fronts not yet marked);
@@ -228,10 +246,17 @@ def measured_points(candidates: list[Candidate], windows: dict, reference: Path,
     with reporter.task(f"timing {len(candidates)} models side by side in {SPEED_RUNTIME[plan.target]}",
                        plan.speed_repeats) as advance:
         runs = speeds([c.file for c in candidates], plan, advance)
+    long_runs: list = [None] * len(candidates)
+    kv: list = [None] * len(candidates)
+    if plan.target is Target.gguf:
+        with reporter.task(f"KV cache and decode at {plan.long_context} tokens of context, side by side", plan.speed_repeats) as advance:
+            kv, long_runs = long_context([c.file for c in candidates], plan, advance)
     points = [FrontierPoint(
         removed_blocks=c.removed_blocks, removed=c.removed, healed=c.healed, type=c.type, build=c.build,
         file=str(c.file.relative_to(work)) if c.file.is_relative_to(work) else str(c.file),
         ppl=q["ppl"], kl_to_dense=q["kl_to_dense"], top1_agreement=q["top1_agreement"], ppl_primary=q["ppl"][plan.texts[0]],
         bytes=file_bytes(c.file), prefill_ms=Stats.of(r["prefill_ms"]), decode_tok_s=Stats.of(r["decode_tok_s"]),
-    ) for c, q, r in zip(candidates, qualities, runs)]
+        granularity=c.granularity, removed_sublayers=c.removed_sublayers, kv_cache_bytes=k,
+        decode_tok_s_long=Stats.of(long["decode_tok_s"]) if long is not None else None,
+    ) for c, q, r, k, long in zip(candidates, qualities, runs, kv, long_runs)]
     return points, timing.summary()

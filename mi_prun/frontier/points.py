@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import statistics
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import UserError
-from ..plan import ExportPlan, HealPlan, OnnxPrecision, Plan, Target
+from ..plan import ExportPlan, Granularity, HealPlan, OnnxPrecision, Plan, Target
 
 FRONTIER_JSON = "frontier.json"
 DEFAULT_RATIOS = (0.0, 0.0625, 0.125, 0.1875, 0.25)
@@ -17,6 +18,14 @@ DEFAULT_TYPES = ("f16", "q8_0", "q4_k_m", "q4_0")
 ONNX_TYPES = ("fp32", "int4")
 RUNTIME = {Target.gguf: "llama.cpp", Target.onnx: "onnxruntime"}
 SPEED_RUNTIME = {Target.gguf: "llama.cpp", Target.onnx: "onnxruntime-genai"}
+
+
+class Build(NamedTuple):
+    """A pruned point that is built: blocks removed (blocks' worth of bytes for sublayers), how."""
+
+    n: int
+    healed: bool = False
+    sublayer: bool = False
 
 
 class FrontierPlan(BaseModel):
@@ -31,6 +40,7 @@ class FrontierPlan(BaseModel):
     gguf_types: tuple[str, ...] = DEFAULT_TYPES  # llama.cpp types every point is quantized to (--target gguf)
     onnx_types: tuple[str, ...] = ONNX_TYPES  # model builder precisions every point is exported at (--target onnx)
     heal_at: tuple[int, ...] = ()  # blocks-removed values also built healed (build.heal's budget)
+    sublayer_at: tuple[int, ...] = ()  # blocks-removed values also built with --granularity sublayer (that many blocks' bytes)
     texts: tuple[str, ...]  # held-out texts; the first decides the fronts and carries the KL
     windows: int = Field(24, ge=1)
     seq_len: int = Field(512, ge=16)
@@ -38,6 +48,9 @@ class FrontierPlan(BaseModel):
     speed_repeats: int = Field(3, ge=1)
     prompt_tokens: int = Field(128, ge=1)
     decode_tokens: int = Field(64, ge=2)
+    # The long context: the KV cache llama.cpp keeps for it, and decode after a prompt that fills it
+    # (attention's cost grows with the context; a layer without attention keeps no cache).
+    long_context: int = Field(2048, ge=256)
     # Runtime threads for decode and prompt (llama-cpp-python's own default decodes on half the cores).
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
@@ -49,6 +62,10 @@ class FrontierPlan(BaseModel):
             raise ValueError("blocks removed must be >= 0 and ratios in [0, 1)")
         if not self.texts:
             raise ValueError("give at least one held-out text (--eval)")
+        if self.decode_tokens >= self.long_context:
+            raise ValueError("the long context must hold more than the decoded tokens")
+        if self.sublayer_at and self.target is not Target.gguf:
+            raise ValueError("--sublayer-at builds llama.cpp's deci GGUFs: it needs --target gguf")
         return self
 
     def counts(self, n_blocks: int) -> list[int]:
@@ -56,31 +73,33 @@ class FrontierPlan(BaseModel):
         counts = sorted({*(self.removes or ()), *(round(r * n_blocks) for r in self.ratios or ())} | {0})
         if counts[-1] >= n_blocks:
             raise UserError(f"cannot remove {counts[-1]} of {n_blocks} blocks: at least one must stay")
-        missing = [n for n in self.heal_at if n not in counts or n == 0]
-        if missing:
-            raise UserError(f"--heal-at {missing}: heal only points that are built (removing {counts[1:]} blocks)")
+        for flag, values in (("--heal-at", self.heal_at), ("--sublayer-at", self.sublayer_at)):
+            missing = [n for n in values if n not in counts or n == 0]
+            if missing:
+                raise UserError(f"{flag} {missing}: give only points that are built (removing {counts[1:]} blocks)")
         return counts
 
     @property
     def types(self) -> tuple[str, ...]:
         return self.gguf_types if self.target is Target.gguf else self.onnx_types
 
-    def builds(self, counts: list[int]) -> list[tuple[int, bool]]:
-        """The (blocks removed, healed) points that are built (0 removed is the model as given)."""
-        return [(n, False) for n in counts if n > 0] + [(n, True) for n in counts if n in self.heal_at]
+    def builds(self, counts: list[int]) -> list[Build]:
+        """The pruned points that are built (0 removed is the model as given)."""
+        return ([Build(n) for n in counts if n > 0] + [Build(n, healed=True) for n in counts if n in self.heal_at]
+                + [Build(n, sublayer=True) for n in counts if n in self.sublayer_at])
 
-    def point_plan(self, n: int, healed: bool) -> Plan:
+    def point_plan(self, build: Build) -> Plan:
         # An ONNX point is built at fp32 with its checkpoint kept: the other precisions are exported from it.
         export = ExportPlan(target=Target.gguf) if self.target is Target.gguf else \
             ExportPlan(target=Target.onnx, onnx_precision=OnnxPrecision.fp32, keep_hf=True)
         return self.build.model_copy(update={
-            "remove": n, "ratio": None, "heal": (self.build.heal or HealPlan()) if healed else None,
-            "export": export, "evaluation": None})
+            "remove": build.n, "ratio": None, "heal": (self.build.heal or HealPlan()) if build.healed else None,
+            "granularity": Granularity.sublayer if build.sublayer else Granularity.block, "export": export, "evaluation": None})
 
 
-def point_name(n: int, healed: bool) -> str:
+def point_name(build: Build) -> str:
     """The folder of a built point."""
-    return f"remove-{n}" + ("-healed" if healed else "")
+    return f"remove-{build.n}" + ("-healed" if build.healed else "") + ("-sublayer" if build.sublayer else "")
 
 
 class Stats(BaseModel):
@@ -103,8 +122,8 @@ class FrontierPoint(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    removed_blocks: int
-    removed: list[int]
+    removed_blocks: int  # blocks removed, or for a sublayer point that many blocks' worth of bytes
+    removed: list[int]  # the blocks gone entirely
     healed: bool
     file: str  # relative to the frontier folder, or the model as given
     type: str
@@ -116,14 +135,20 @@ class FrontierPoint(BaseModel):
     bytes: int
     prefill_ms: Stats
     decode_tok_s: Stats
+    granularity: Granularity = Granularity.block
+    removed_sublayers: list[str] | None = None  # a sublayer point's removed units (12.attention, 12.ffn, ...)
+    kv_cache_bytes: int | None = None  # llama.cpp's KV cache at the plan's long context (None: not measured)
+    decode_tok_s_long: Stats | None = None  # decode after a prompt filling the long context
     speedup: float = 1.0  # decode speed over the model as given
     ppl_increase: float = 0.0  # perplexity on the first text over the model as given, minus 1
     on_size_front: bool = False
     on_speed_front: bool = False
+    on_long_speed_front: bool = False  # the front of quality against decode speed at the long context
 
     @property
     def label(self) -> str:
-        return f"{self.removed_blocks} removed{' healed' if self.healed else ''}, {self.type}"
+        unit = "blocks' worth of sublayers" if self.granularity is Granularity.sublayer else "removed"
+        return f"{self.removed_blocks} {unit}{' healed' if self.healed else ''}, {self.type}"
 
 
 class Frontier(BaseModel):
@@ -145,6 +170,7 @@ class Frontier(BaseModel):
     eval: dict[str, str]
     kl: str
     speed: str
+    long_speed: str | None = None  # how decode at the long context and the KV cache were measured (llama.cpp)
     machine: str
     points: list[FrontierPoint]
     contention: dict
@@ -167,4 +193,8 @@ def with_fronts(points: list[FrontierPoint]) -> list[FrontierPoint]:
                                    "ppl_increase": p.ppl_primary / as_given.ppl_primary - 1}) for p in points]
     size = pareto(points, lambda a, b: a.bytes <= b.bytes)
     speed = pareto(points, lambda a, b: a.decode_tok_s.median >= b.decode_tok_s.median)
-    return [p.model_copy(update={"on_size_front": s, "on_speed_front": f}) for p, s, f in zip(points, size, speed)]
+    long = [False] * len(points)
+    if all(p.decode_tok_s_long is not None for p in points):
+        long = pareto(points, lambda a, b: a.decode_tok_s_long.median >= b.decode_tok_s_long.median)
+    return [p.model_copy(update={"on_size_front": s, "on_speed_front": f, "on_long_speed_front": g})
+            for p, s, f, g in zip(points, size, speed, long)]

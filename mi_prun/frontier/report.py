@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..machine import contention_line
-from ..plan import Target
+from ..plan import Granularity, Target
 from .points import FRONTIER_JSON, Frontier, FrontierPoint
+
+
+def long_context(frontier: Frontier) -> int | None:
+    """The context the long columns were measured at (None: a frontier without them)."""
+    return frontier.plan.get("long_context") if frontier.long_speed and all(p.decode_tok_s_long for p in frontier.points) else None
 
 
 def report(frontier: Frontier) -> str:
     points, primary = frontier.points, frontier.primary_text
+    long = long_context(frontier)
     others = [t for t in points[0].ppl if t != primary]
     lines = [
         f"# Prune x quantize frontier: {Path(frontier.model).name}",
@@ -24,29 +30,44 @@ def report(frontier: Frontier) -> str:
         f"Speed: {frontier.speed}; median (min-max). Machine: {frontier.machine}.",
         "Whole run: " + contention_line(frontier.contention),
         "While timing: " + contention_line(frontier.timing_contention),
+        *([f"At {long} tokens: {frontier.long_speed}. A sublayer point (\"N sublayer\") removes at least N blocks' worth of "
+           "bytes in attention and feed-forward sublayers (`--granularity sublayer`, llama.cpp's deci GGUF); its `removed` "
+           "lists the units."] if long else []),
         "",
         "| blocks removed | removed | type | size MiB | ppl " + Path(primary).name + " | " + " | ".join(f"ppl {Path(t).name}" for t in others)
-        + (" | " if others else "") + "KL | top-1 | prefill ms | decode tok/s | speedup | front: size | front: speed |",
-        "|---" * (12 + len(others)) + "|",
+        + (" | " if others else "") + "KL | top-1 | prefill ms | decode tok/s | speedup | "
+        + (f"KV cache @{long} MiB | decode tok/s @{long} | " if long else "") + "front: size | front: speed |"
+        + (f" front: speed @{long} |" if long else ""),
+        "|---" * (12 + len(others) + (3 if long else 0)) + "|",
     ]
-    lines += [_row(p, others) for p in points]
+    lines += [_row(p, others, bool(long)) for p in points]
     lines += ["", *answer(frontier), ""]
     return "\n".join(lines) + "\n"
 
 
-def _row(p: FrontierPoint, others: list[str]) -> str:
-    d, f = p.decode_tok_s, p.prefill_ms
-    return (f"| {p.removed_blocks}{' healed' if p.healed else ''} | {p.removed} | {p.type} | {p.bytes / 2**20:.1f} | "
-            f"{p.ppl_primary:.2f} | " + "".join(f"{p.ppl[t]:.2f} | " for t in others)
-            + f"{p.kl_to_dense:.4f} | {p.top1_agreement:.1%} | {f.median:.1f} ({f.min:.1f}-{f.max:.1f}) | "
-            f"{d.median:.1f} ({d.min:.1f}-{d.max:.1f}) | {p.speedup:.2f}x | "
-            f"{'yes' if p.on_size_front else ''} | {'yes' if p.on_speed_front else ''} |")
+def _stats(s) -> str:
+    return f"{s.median:.1f} ({s.min:.1f}-{s.max:.1f})"
+
+
+def _row(p: FrontierPoint, others: list[str], long: bool) -> str:
+    sublayer = p.granularity is Granularity.sublayer
+    removed = ", ".join(p.removed_sublayers or []) if sublayer else str(p.removed)
+    return (f"| {p.removed_blocks}{' healed' if p.healed else ''}{' sublayer' if sublayer else ''} | {removed} | {p.type} | "
+            f"{p.bytes / 2**20:.1f} | {p.ppl_primary:.2f} | " + "".join(f"{p.ppl[t]:.2f} | " for t in others)
+            + f"{p.kl_to_dense:.4f} | {p.top1_agreement:.1%} | {_stats(p.prefill_ms)} | {_stats(p.decode_tok_s)} | {p.speedup:.2f}x | "
+            + (f"{p.kv_cache_bytes / 2**20:.1f} | {_stats(p.decode_tok_s_long)} | " if long else "")
+            + f"{'yes' if p.on_size_front else ''} | {'yes' if p.on_speed_front else ''} |"
+            + (f" {'yes' if p.on_long_speed_front else ''} |" if long else ""))
 
 
 def answer(frontier: Frontier) -> list[str]:
     """The question the frontier is for, answered from its own points."""
     out = []
-    for front, what in (("on_size_front", "quality against size"), ("on_speed_front", "quality against decode speed")):
+    long = long_context(frontier)
+    fronts = [("on_size_front", "quality against size"), ("on_speed_front", "quality against decode speed")]
+    if long:
+        fronts.append(("on_long_speed_front", f"quality against decode speed at {long} tokens of context"))
+    for front, what in fronts:
         pruned = [p.label for p in frontier.points if getattr(p, front) and p.removed_blocks > 0]
         dense = [p.label for p in frontier.points if getattr(p, front) and p.removed_blocks == 0]
         if pruned:
@@ -54,6 +75,7 @@ def answer(frontier: Frontier) -> list[str]:
         else:
             out.append(f"- Front of {what}: no pruned point is on it; every pruned point is beaten by an unpruned "
                        f"quantization ({', '.join(dense)}): a lower quantization pays more than removing blocks here.")
+    out += granularities(frontier)
     if frontier.target == Target.onnx.value and frontier.source_type not in (None, "f32", "f16", "bf16"):
         out.append(f"- The model as given is {frontier.source_type}: its fp32 export holds those rounded weights (the reference "
                    "the KL is taken to), and int4 rounds them again.")
@@ -61,6 +83,24 @@ def answer(frontier: Frontier) -> list[str]:
         out.append(f"- The model as given is {frontier.source_type}: every other type is made from its weights, so "
                    "f16 and q8_0 carry its quantization error (they cannot beat it by more than the rounding of the "
                    "activations), and a lower type rounds already rounded weights again.")
+    return out
+
+
+def granularities(frontier: Frontier) -> list[str]:
+    """Each sublayer point against the block point of the same blocks' worth, both as built (in place)."""
+    out = []
+    as_built = {(p.removed_blocks, p.granularity): p for p in frontier.points if not p.healed and "(in place)" in p.type}
+    for (n, granularity), sub in sorted(as_built.items()):
+        block = as_built.get((n, Granularity.block))
+        if granularity is not Granularity.sublayer or block is None:
+            continue
+        line = (f"- {n} blocks' worth, as built: sublayers ({', '.join(sub.removed_sublayers or [])}) {sub.bytes / 2**20:.1f} MiB, "
+                f"ppl {sub.ppl_primary:.2f}, decode {sub.decode_tok_s.median:.1f} tok/s; blocks {block.removed} "
+                f"{block.bytes / 2**20:.1f} MiB, ppl {block.ppl_primary:.2f}, decode {block.decode_tok_s.median:.1f} tok/s")
+        if sub.kv_cache_bytes is not None and block.kv_cache_bytes is not None and sub.decode_tok_s_long and block.decode_tok_s_long:
+            line += (f"; at the long context, KV cache {sub.kv_cache_bytes / 2**20:.1f} against {block.kv_cache_bytes / 2**20:.1f} MiB, "
+                     f"decode {sub.decode_tok_s_long.median:.1f} against {block.decode_tok_s_long.median:.1f} tok/s")
+        out.append(line + ".")
     return out
 
 
@@ -76,11 +116,12 @@ def chart(frontier: Frontier, path: Path) -> None:
             (axes[0], lambda p: p.bytes / 2**20, "size (MiB)", "on_size_front"),
             (axes[1], lambda p: p.decode_tok_s.median, f"decode tokens/s ({frontier.speed_runtime})", "on_speed_front")):
         for n in sorted({p.removed_blocks for p in points}):
-            for healed in (False, True):
-                group = [p for p in points if p.removed_blocks == n and p.healed == healed]
+            for healed, granularity in ((False, Granularity.block), (True, Granularity.block), (False, Granularity.sublayer)):
+                group = [p for p in points if p.removed_blocks == n and p.healed == healed and p.granularity is granularity]
                 if group:
-                    ax.scatter([x_of(p) for p in group], [p.ppl_primary for p in group], marker="^" if healed else "o",
-                               label=f"{n} removed{' healed' if healed else ''}")
+                    ax.scatter([x_of(p) for p in group], [p.ppl_primary for p in group],
+                               marker="s" if granularity is Granularity.sublayer else "^" if healed else "o",
+                               label=f"{n} removed{' healed' if healed else ''}{' (sublayers)' if granularity is Granularity.sublayer else ''}")
         best = sorted((p for p in points if getattr(p, front)), key=x_of)
         ax.plot([x_of(p) for p in best], [p.ppl_primary for p in best], "k--", lw=1, label="front")
         ax.set_xlabel(xlabel)

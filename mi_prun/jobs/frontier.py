@@ -9,7 +9,7 @@ from pathlib import Path
 from ..atomic import atomic_dir
 from ..frontier.measure import (Candidate, built, check, exported_candidates, held_out_windows, measured_points,
                                 prepare_work, quantized_candidates, source_file_type)
-from ..frontier.points import RUNTIME, SPEED_RUNTIME, Frontier, FrontierPlan, point_name, with_fronts
+from ..frontier.points import RUNTIME, SPEED_RUNTIME, Build, Frontier, FrontierPlan, point_name, with_fronts
 from ..frontier.report import write
 from ..machine import Contention, machine_line
 from ..manifest import PruningManifest
@@ -35,8 +35,9 @@ def frontier(plan: FrontierPlan, out: Path, force: bool = False, reporter: Repor
         reference = candidates[0].file  # the unpruned model's fp32 export: ONNX has no "model as given"
     else:
         bases = [Candidate(0, [], False, dense_gguf, f"{source_type} (as given)", None)] + [
-            Candidate(n, m.removed, healed, work / point_name(n, healed) / m.exports[0].file,
-                      f"{m.exports[0].format_type} (in place)", m.timings_s) for (n, healed), m in manifests.items()]
+            Candidate(b.n, m.removed, b.healed, work / point_name(b) / m.exports[0].file, f"{m.exports[0].format_type} (in place)",
+                      m.timings_s, granularity=m.plan.granularity, removed_sublayers=m.sublayers.removed if m.sublayers else None)
+            for b, m in manifests.items()]
         candidates = quantized_candidates(bases, plan, work, reporter)
         reference = dense_gguf
     points, timing = measured_points(candidates, windows, reference, plan, work, reporter)
@@ -47,38 +48,44 @@ def frontier(plan: FrontierPlan, out: Path, force: bool = False, reporter: Repor
 
 
 def _builds(plan: FrontierPlan, inspected: Inspected, counts: list[int], work: Path,
-            reporter: Reporter) -> dict[tuple[int, bool], PruningManifest]:
+            reporter: Reporter) -> dict[Build, PruningManifest]:
     """Every pruned point built by `build` (those complete from an interrupted run kept); for ONNX,
     the unpruned checkpoint too. The model loads once for all of them."""
     from .. import pipeline
     from ..repack import save_checkpoint
 
     builds = plan.builds(counts)
-    done = {b: built(work / point_name(*b), plan.point_plan(*b)) for b in builds}
-    dense_hf = work / point_name(0, False) / "hf"
+    done = {b: built(work / point_name(b), plan.point_plan(b)) for b in builds}
+    dense_hf = work / point_name(Build(0)) / "hf"
     needs_dense_hf = plan.target is Target.onnx and not (dense_hf / "config.json").is_file()
     if all(m is not None for m in done.values()) and not needs_dense_hf:
         return done
     # Loaded once for every build (a healed one needs the whole model in memory); the
     # calibration text is made once too (calibration_batches keeps it on the model).
-    loaded = load_for_plan(inspected, plan.point_plan(*builds[-1]) if builds else plan.build, reporter)
+    loaded = load_for_plan(inspected, plan.point_plan(_widest(builds)) if builds else plan.build, reporter)
     if needs_dense_hf:
         with reporter.task("writing the unpruned checkpoint (for its ONNX exports)", None), atomic_dir(dense_hf, force=True) as tmp:
             save_checkpoint(loaded, range(inspected.n_blocks), [], tmp)
     for b, manifest in done.items():
         if manifest is None:
-            reporter.say(f"building: {b[0]} blocks removed" + (", healed" if b[1] else ""))
-            done[b] = pipeline.build(loaded, plan.point_plan(*b), work / point_name(*b), force=True, reporter=reporter)
+            reporter.say(f"building: {b.n} blocks removed" + (", healed" if b.healed else "")
+                         + (" (that many blocks' worth of sublayers)" if b.sublayer else ""))
+            done[b] = pipeline.build(loaded, plan.point_plan(b), work / point_name(b), force=True, reporter=reporter)
     del loaded
     gc.collect()
     return done
 
 
-def _checkpoints(manifests: dict[tuple[int, bool], PruningManifest], work: Path, n_blocks: int) -> list[Candidate]:
+def _widest(builds: list[Build]) -> Build:
+    """The build the model is loaded for: a healed one needs the whole model in memory."""
+    return next((b for b in builds if b.healed), builds[-1])
+
+
+def _checkpoints(manifests: dict[Build, PruningManifest], work: Path, n_blocks: int) -> list[Candidate]:
     """--target onnx: the checkpoints every precision is exported from, the unpruned one first."""
-    dense = Candidate(0, [], False, None, "", None, hf=work / point_name(0, False) / "hf", blocks=n_blocks)
-    return [dense] + [Candidate(n, m.removed, healed, None, "", m.timings_s, hf=work / point_name(n, healed) / "hf",
-                                blocks=m.blocks_after) for (n, healed), m in manifests.items()]
+    dense = Candidate(0, [], False, None, "", None, hf=work / point_name(Build(0)) / "hf", blocks=n_blocks)
+    return [dense] + [Candidate(b.n, m.removed, b.healed, None, "", m.timings_s, hf=work / point_name(b) / "hf",
+                                blocks=m.blocks_after) for b, m in manifests.items()]
 
 
 def _frontier(plan: FrontierPlan, inspected: Inspected, dense_gguf: Path | None, source_type: str | None, windows: dict,
@@ -97,6 +104,10 @@ def _frontier(plan: FrontierPlan, inspected: Inspected, dense_gguf: Path | None,
         kl=f"KL({reference} || point) and top-1 agreement over the first {min(plan.kl_windows, len(windows[primary]))} windows of {primary}",
         speed=f"prefill of {plan.prompt_tokens} tokens and greedy decode of {plan.decode_tokens}, {speed_runtime} with {plan.threads} "
               f"threads, {plan.speed_repeats} rounds, every model in turn",
+        long_speed=None if onnx else (
+            f"the KV cache llama.cpp keeps for {plan.long_context} tokens (its state after {plan.long_context} tokens less after one); "
+            f"greedy decode of {plan.decode_tokens} tokens after a {plan.long_context - plan.decode_tokens}-token prompt, "
+            f"{plan.speed_repeats} rounds, every model in turn"),
         machine=machine_line(f"{speed_runtime} with {plan.threads} threads"), points=points,
         contention=contention, timing_contention=timing)
 

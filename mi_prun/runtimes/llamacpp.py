@@ -169,8 +169,9 @@ def compare(path: Path, windows: np.ndarray, reference: Path | None = None, kl_w
 
 def kv_cache_bytes(path: Path, context: int = 2048) -> int:
     """Bytes llama.cpp keeps for `context` tokens of one sequence: the size of its saved state
-    after `context` tokens less after one (the rest of the state, the last logits, is the same).
-    A layer without attention keeps nothing."""
+    after `context` tokens less after one (the rest of the state, the last logits, is the same):
+    the K and V rows of every layer that keeps attention, and a few bytes per token of llama.cpp's
+    cell bookkeeping. A layer without attention keeps nothing."""
     llama_cpp = llama_cpp_module()
     llm = load(path, n_ctx=context)
     try:
