@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-sublayers bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-sublayers bench-sublayer-units bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ bench-quality:
 bench-sublayers:
 	$(PY) benchmarks/sublayers.py --remove 4 --methods mi-prun shortgpt angular
 
+# What each sublayer costs to remove alone, and sets of them at 4 blocks' worth of bytes, in calibration
+# NLL through the selection's own verifier (reports/sublayer_units.md; about 8 minutes).
+bench-sublayer-units:
+	$(PY) benchmarks/sublayer_units.py
+
 # Each method's removed blocks from three calibration sources and three seeds (about 45 minutes).
 bench-stability:
 	$(PY) benchmarks/stability.py --n 4
@@ -83,7 +88,8 @@ bench-ranks:
 # synthetic model (writes about 9 GB of models to out/scale; about 40 minutes on 2 cores).
 # The prune x quantize frontier (issue 15): every blocks-removed x llama.cpp type point of the default
 # model, built and measured by `mi-prun-edge frontier` itself (healed too at 4 and 8 blocks removed),
-# on wikitext-2 test and the licence texts Debian ships (about 50 minutes on 2 cores, 20 of them healing); then Gemma 3 270M
+# with sublayer points at 4 and 8 (deci GGUFs) and the KV cache and decode at 2048 tokens of context,
+# on wikitext-2 test and the licence texts Debian ships (114 minutes on 2 Intel Xeon cores, 2026-12-07); then Gemma 3 270M
 # (3 blocks removed only, fewer windows: its 262k-token vocabulary makes every window 3x dearer; about 15 minutes).
 LICENCE_TEXTS := $(addprefix /usr/share/common-licenses/,GPL-3 Apache-2.0 MPL-2.0 GFDL-1.3)
 WIKI_TEST := ../shared/data/wikitext2/wiki.test.raw
