@@ -98,12 +98,14 @@ class EvalResult:
 
 @torch.no_grad()
 def final_states(runner, ids: torch.Tensor, runs: Sequence = (), on_block: Callable[[], None] | None = None,
-                 rewritten: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 rewritten: dict[str, torch.Tensor] | None = None, linear_attention: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """States leaving the last block for every window: (pruned, dense), the pruned model having
     `runs` removed (compensate.RunCompensation, their maps in place). One dense pass keeps only
     the boundary where the pruned model first differs; the pruned model continues from there.
     `rewritten`: weights the pruned model holds beside its maps (healed; names of the unpruned
-    model), in place for the pruned model only: the dense states come from the original weights."""
+    model), in place for the pruned model only: the dense states come from the original weights;
+    `linear_attention`: blocks whose attention the pruned model runs as a linear map (its weight
+    among `rewritten`)."""
     from .compensate import final_states as pruned_final, first_changed
 
     n = runner.n_blocks
@@ -112,7 +114,7 @@ def final_states(runner, ids: torch.Tensor, runs: Sequence = (), on_block: Calla
     dense = windows.dense[n]
     if not rewritten:
         return (pruned_final(runner, windows, runs) if runs else dense), dense
-    with runner.rewriting(rewritten):
+    with runner.rewriting(rewritten, linear_attention):
         return pruned_final(runner, windows, runs, start=start), dense
 
 

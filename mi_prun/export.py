@@ -160,10 +160,11 @@ def export_pruned(loaded, export: ExportPlan, result, tmp: Path, reporter: Repor
 def deci_export(loaded, export: ExportPlan, result, tmp: Path, stem: str, reporter: Reporter = QUIET) -> ExportInfo:
     """A sublayer decision as llama.cpp's deci GGUF: from a GGUF source directly (kept tensors keep
     their bytes), from any other through the llama.cpp converter's GGUF of the checkpoint with
-    zeroed projections, whose zeroed tensors the rewrite then leaves out."""
+    zeroed projections (and linear attentions' maps in their output projections), whose zeroed
+    tensors (and those linear attentions' q/k/v) the rewrite then leaves out."""
     start = time.perf_counter()
-    n_units = len(result.sublayers.removed)
-    target = tmp / f"{stem}-sublayers{n_units}.deci.gguf"
+    n_units, n_linear = len(result.sublayers.removed), len(result.sublayers.linear)
+    target = tmp / f"{stem}-sublayers{n_units}{f'-linear{n_linear}' if n_linear else ''}.deci.gguf"
     if export.keep_hf or loaded.source.kind != "gguf":
         (tmp / HF_SUBDIR).mkdir()
         save_checkpoint(loaded, result.kept, [], tmp / HF_SUBDIR, result.healed)
@@ -177,7 +178,7 @@ def deci_export(loaded, export: ExportPlan, result, tmp: Path, stem: str, report
             export_gguf(tmp / HF_SUBDIR, source, gtype, workdir=tmp)
         forms = [result.sublayers.forms(result.n_blocks)[b] for b in result.kept]
         route = f"llama.cpp convert_hf_to_gguf ({gtype.value}), then deci rewrite without the zeroed sublayers"
-    replace = gguf_weights(loaded.spec, result.sublayers.maps) if loaded.source.kind == "gguf" else {}
+    replace = gguf_weights(loaded.spec, result.sublayers.maps, result.sublayers.linear) if loaded.source.kind == "gguf" else {}
     with reporter.task("writing the deci GGUF (llama.cpp's heterogeneous-layer Llama)", None):
         report = write_deci(source, target, forms, replace, lambda own: compensated_ggml(own, export.compensated_type, None))
     if source.parent == tmp:

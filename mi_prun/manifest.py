@@ -174,6 +174,16 @@ def unit_name(unit: int) -> str:
     return f"{unit // 2}.{('attention', 'ffn')[unit % 2]}"
 
 
+class LinearAttentionInfo(BaseModel):
+    """An attention sublayer replaced by a linear map of its normed input (deci's linear attention)."""
+
+    block: int  # original index
+    weight: str  # where the map ships: the block's attention output projection
+    ridge: float
+    heldout_error_ratio: float  # held-out error / error of dropping that attention
+    fit_error_ratio: float
+
+
 class SublayerInfo(BaseModel):
     """--granularity sublayer: unit 2b is block b's attention, 2b+1 its feed-forward network."""
 
@@ -184,8 +194,14 @@ class SublayerInfo(BaseModel):
     budget_bytes: int  # --remove N / --ratio R blocks' worth of the source's bytes
     unit_bytes: list[int]
     unit_scores: dict[str, list[float]] = Field(default_factory=dict)  # per unit, as block_scores per block
+    linear_attention: list[LinearAttentionInfo] = Field(default_factory=list)  # --linear-attention N
+    # Every candidate block's calibration NLL with its attention alone as a linear map (the removal
+    # in place), by block: the lowest N were chosen.
+    linear_candidates_nll: dict[int, float] = Field(default_factory=dict)
+    calibration_nll: float | None = None  # the decision as shipped (cross-fitted), scored when --linear-attention chose
     shipped_as: str = ("checkpoint: the removed sublayer's output projection zeroed; GGUF: llama.cpp deci, "
-                       "its tensors left out (0 attention heads, or a zero feed-forward stub)")
+                       "its tensors left out (0 attention heads, or a zero feed-forward stub); a linear attention's map "
+                       "in its output projection, its q/k/v left out (0 KV heads)")
 
 
 class PruningManifest(BaseModel):

@@ -185,7 +185,7 @@ def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET)
     n = loaded.runner.n_blocks
     removed = dropped_blocks(decision.removed)
     return PruneResult(n, removed, keep_indices(n, removed), None, info, ids, **watch.results(),
-                       healed=shipped_weights(loaded, decision.removed, decision.maps), sublayers=decision)
+                       healed=shipped_weights(loaded, decision.removed, decision.maps, decision.linear), sublayers=decision)
 
 
 def _scorer(loaded: LoadedModel, plan: Plan, calib: Windows, fit: Windows, compensate: bool) -> RemovalScorer:
@@ -256,7 +256,9 @@ def build(loaded: LoadedModel, plan: Plan, out: Path, force: bool = False, repor
         result = heal_result(loaded, plan, result, reporter)
     quality = None
     if plan.evaluation is not None:
-        quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter, rewritten=result.healed)
+        linear = [m.block for m in result.sublayers.linear] if result.sublayers is not None else []
+        quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter, rewritten=result.healed,
+                                  linear_attention=linear)
     if quality is not None and result.heal is not None:
         result = replace(result, heal=result.heal.model_copy(update={"heldout_after": quality.pruned_ppl}))
     if not distributed.is_main():  # every rank took the same decision; rank 0 writes it

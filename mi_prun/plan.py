@@ -74,6 +74,9 @@ class Plan(BaseModel):
     # With sublayer, --remove N / --ratio R are a budget in bytes: at least N blocks' worth of
     # attention and feed-forward sublayers go.
     granularity: Granularity = Granularity.block
+    # With sublayer: that many of the attention sublayers the budget keeps become fitted linear maps
+    # (llama.cpp deci's linear attention: no q/k/v, no KV cache), the ones costing least calibration NLL.
+    linear_attention: int = Field(0, ge=0)
     estimator: Estimator = Estimator.token
     view: StateView = StateView.raw
     remove: int | None = None
@@ -110,6 +113,8 @@ class Plan(BaseModel):
                 raise ValueError(f"must remove at least one block (--remove {self.remove})")
         if self.granularity is Granularity.sublayer:
             _check_sublayer_plan(self)
+        elif self.linear_attention:
+            raise ValueError("--linear-attention replaces attention sublayers: use it with --granularity sublayer")
         self.calibration.validate()
         return self
 
@@ -143,6 +148,9 @@ def _check_sublayer_plan(plan: "Plan") -> None:
         raise ValueError("--swaps swaps blocks; drop it with --granularity sublayer")
     if Objective.compensated in plan.objectives:
         raise ValueError("--objective compensated scores fitted block maps; sublayers are removed without maps")
+    if plan.linear_attention and plan.export is not None and plan.export.keep_hf:
+        raise ValueError("--linear-attention has no form plain transformers runs (a linear map in attention's place): "
+                         "drop --keep-hf, the deci GGUF carries the maps")
 
 
 # What a replayed plan takes from the command line: where and how to run, never what to remove.

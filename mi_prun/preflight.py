@@ -122,6 +122,10 @@ def check_sublayers(plan: Plan, inspected: Inspected) -> None:
                         f"(llama, mistral); {spec.model_type} is not one (its rotary order or norms differ): use --granularity block")
     if distributed.active():
         raise UserError("--granularity sublayer runs in one process; run it without torchrun")
+    n = inspected.n_blocks
+    if plan.linear_attention >= n - plan.n_remove(n):
+        raise UserError(f"--linear-attention {plan.linear_attention}: this model has {n} attention sublayers and the budget removes "
+                        f"{plan.n_remove(n)} blocks' worth; replace fewer than {n - plan.n_remove(n)}")
     export = plan.export
     if export is None:
         return

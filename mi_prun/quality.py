@@ -107,10 +107,12 @@ def eval_rows(result: EvalResult, tasks: dict | None = None) -> list[tuple[str, 
 
 
 def measure_quality(loaded: LoadedModel, removed: Sequence[int], runs: Sequence[RunCompensation], evaluation: EvalPlan,
-                    reporter: Reporter = QUIET, rewritten: dict[str, torch.Tensor] | None = None) -> QualityInfo:
+                    reporter: Reporter = QUIET, rewritten: dict[str, torch.Tensor] | None = None,
+                    linear_attention: Sequence[int] = ()) -> QualityInfo:
     """Perplexity of dense and pruned, KL and top-1 to dense, on the --eval text. `rewritten`:
     weights the pruned model holds beside its maps (healed; names of the unpruned model), in place
-    for the pruned model only: the dense reference keeps the original weights."""
+    for the pruned model only: the dense reference keeps the original weights. `linear_attention`:
+    blocks whose attention the pruned model runs as a linear map."""
     ids = tokenize_text(loaded.tokenizer, read_text_source(eval_source(evaluation.data), "--eval"))
     try:
         windows = _shared(strided_windows(ids, evaluation.seq_len, max_windows=evaluation.windows), "--eval text")
@@ -118,7 +120,7 @@ def measure_quality(loaded: LoadedModel, removed: Sequence[int], runs: Sequence[
         raise UserError(f"--eval text has {ids.numel()} tokens, fewer than one window of {evaluation.seq_len}") from None
     runner = loaded.runner
     with reporter.task("evaluating dense and pruned on --eval text", runner.n_blocks) as advance:
-        pruned_final, dense_final = final_states(runner, windows.ids, removal_runs(removed, runs), advance, rewritten)
+        pruned_final, dense_final = final_states(runner, windows.ids, removal_runs(removed, runs), advance, rewritten, linear_attention)
     dense = evaluate(runner, dense_final, windows)
     pruned = evaluate(runner, pruned_final, windows, (runner, dense_final))
     return QualityInfo(

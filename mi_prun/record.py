@@ -9,19 +9,23 @@ from . import distributed
 from .calibration import canonical_source, diversity
 from .compensate import can_compensate
 from .manifest import (CalibrationInfo, CompensationInfo, CompensationRun, DistributedInfo, ExportInfo, PruningManifest, QualityInfo,
-                       SublayerInfo, package_versions, unit_name)
+                       LinearAttentionInfo, SublayerInfo, package_versions, unit_name)
 from .plan import Estimator, Plan
 from .replay import shapes_of
 from .sublayer_maps import dropped_blocks, projection
 
 
-def sublayer_info(result) -> SublayerInfo | None:
+def sublayer_info(result, spec) -> SublayerInfo | None:
     decision = result.sublayers
     if decision is None:
         return None
     return SublayerInfo(removed=[unit_name(u) for u in decision.removed], removed_units=decision.removed,
                         dropped_blocks=dropped_blocks(decision.removed), bytes_removed=sum(decision.sizes[u] for u in decision.removed),
-                        budget_bytes=decision.budget_bytes, unit_bytes=decision.sizes, unit_scores=decision.scores.block_table())
+                        budget_bytes=decision.budget_bytes, unit_bytes=decision.sizes, unit_scores=decision.scores.block_table(),
+                        linear_attention=[LinearAttentionInfo(block=m.block, weight=projection(spec, 2 * m.block), ridge=m.ridge,
+                                                              heldout_error_ratio=m.heldout_ratio, fit_error_ratio=m.fit_ratio)
+                                          for m in decision.linear],
+                        linear_candidates_nll=decision.linear_nll, calibration_nll=decision.calibration_nll)
 
 
 def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
@@ -106,7 +110,7 @@ def build_manifest(loaded, plan: Plan, result, quality: QualityInfo | None = Non
         execution=loaded.execution.value,
         distributed=distributed_info(),
         heal=result.heal,
-        sublayers=sublayer_info(result),
+        sublayers=sublayer_info(result, loaded.spec),
         peak_rss_mib=round(peak_rss_bytes() / 2**20, 1),
         peak_gpu_mib=peak_gpu_mib(loaded.device),
         peak_rss_mib_after=dict(result.peak_rss_mib),

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import itertools
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from . import distributed
 from .archs import ArchSpec, blocks, get_path, set_path
 from .capture import block_output
+from .linear_attention import linear_in
 from .profile import PROFILE, Part
 from .weights import BlockStore, available_memory
 
@@ -112,6 +113,7 @@ class BlockRunner:
         self.spilled_bytes = 0
         self.block_runs = 0  # blocks run x windows batches, for the record
         self.rewritten: dict[str, torch.Tensor] = {}  # see `rewriting`
+        self.linear_blocks: frozenset[int] = frozenset()
 
     # -- the model's own preparation, recorded ------------------------------------------------
     @torch.no_grad()
@@ -161,23 +163,26 @@ class BlockRunner:
 
     # -- running blocks ----------------------------------------------------------------------------
     @contextmanager
-    def rewriting(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    def rewriting(self, weights: dict[str, torch.Tensor], linear_attention: Iterable[int] = ()) -> Iterator[None]:
         """`weights` (parameter names of the unpruned model: healed, or read back from a pruned
-        checkpoint) stand in for the source's in every block this runner runs, for the duration.
+        checkpoint) stand in for the source's in every block this runner runs, for the duration,
+        and the blocks in `linear_attention` run their attention as a linear map (`open_block`).
         Works alike for resident and streamed blocks: they are put in place when a block is fetched."""
-        saved = self.rewritten
-        self.rewritten = {**saved, **weights}
+        saved = self.rewritten, self.linear_blocks
+        self.rewritten = {**saved[0], **weights}
+        self.linear_blocks = saved[1] | frozenset(linear_attention)
         try:
             yield
         finally:
-            self.rewritten = saved
+            self.rewritten, self.linear_blocks = saved
 
     @contextmanager
-    def open_block(self, index: int, weights: dict[str, torch.Tensor] | None = None
+    def open_block(self, index: int, weights: dict[str, torch.Tensor] | None = None, linear_attention: bool = False
                    ) -> Iterator[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
         """Block `index` (original numbering) fetched, the pruned model's weights in place (`rewriting`,
         then `weights`: names inside the block), and a function applying it to a batch of states
         (windows, seq, hidden) with the masks and rotary embeddings of its place in the model.
+        `linear_attention`: its attention runs as its output projection alone (`linear_attention.py`).
         Gradients follow the caller: healing trains through it, passes run it under no_grad."""
         inside = {}
         for name, value in self.rewritten.items():
@@ -202,7 +207,8 @@ class BlockRunner:
                     return block_output(layer(states, **kwargs))
 
             try:
-                yield layer, apply
+                with linear_in(layer, self.spec) if linear_attention or index in self.linear_blocks else nullcontext():
+                    yield layer, apply
             finally:
                 for param, original in saved:
                     param.data = original
@@ -210,19 +216,19 @@ class BlockRunner:
     @torch.no_grad()
     def run_block(self, index: int, states: torch.Tensor, projection_weight: torch.Tensor | None = None,
                   tap: list | None = None, weights: dict[str, torch.Tensor] | None = None,
-                  tap_path: str | None = None) -> torch.Tensor:
+                  tap_path: str | None = None, linear_attention: bool = False) -> torch.Tensor:
         """Block `index` (original numbering) applied to `states` (windows, seq, hidden).
 
         `projection_weight` replaces the block's residual projection weight for this call (a
         compensated block, as it will ship), `weights` any of its weights (names inside the block);
         `tap`, when given, receives the output of the module at `tap_path` (default: that
         projection, i.e. what the block adds to the residual stream through it), as one
-        (windows, seq, hidden) tensor."""
+        (windows, seq, hidden) tensor. `linear_attention`: as `open_block`."""
         weights = dict(weights or {})
         if projection_weight is not None:
             weights[f"{self.spec.residual_projection}.weight"] = projection_weight
         out, taps = [], []
-        with self.open_block(index, weights) as (layer, apply):
+        with self.open_block(index, weights, linear_attention) as (layer, apply):
             hook = None
             if tap is not None:
                 module = get_path(layer, tap_path or self.spec.residual_projection)

@@ -7,7 +7,8 @@ ridge-fitted T with Y + M T ~ s_{last+1} folds into that projection (W <- T^T W:
 down_proj). For the Llama family M is the unit's whole update, s_first - s_{first-1}, so every
 fit reads the captured chain states alone: no pass is run for it. Each run is fitted on the dense
 model's states (not on states with the earlier runs already removed, as blocks are): the verifier
-then scores the whole pruned model, every map in place.
+then scores the whole pruned model, every map in place. Attention sublayers replaced by linear
+maps (`linear_attention.py`) carry theirs in the output projection too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from .archs import blocks, get_path
 from .compensate import RunCompensation, fit_run, run_moments
+from .linear_attention import LinearMap
 from .runner import Windows
 from .select import runs_of
 
@@ -54,9 +56,11 @@ def dropped_blocks(removed: Sequence[int]) -> list[int]:
     return sorted({u // 2 for u in units if u ^ 1 in units})
 
 
-def block_overrides(loaded, removed: Sequence[int], maps: Sequence[RunCompensation]) -> dict[int, dict[str, torch.Tensor]]:
+def block_overrides(loaded, removed: Sequence[int], maps: Sequence[RunCompensation],
+                    linear: Sequence[LinearMap] = ()) -> dict[int, dict[str, torch.Tensor]]:
     """The weights each block runs with in the pruned model, by block and name inside it: zeros
-    for removed units, fitted projections for the kept units before a run."""
+    for removed units, fitted projections for the kept units before a run, and the map of an
+    attention run as linear (its block then runs with `linear_attention`)."""
     spec, layers = loaded.spec, blocks(loaded.model, loaded.spec)
     out: dict[int, dict[str, torch.Tensor]] = {}
     for u in removed:
@@ -65,17 +69,23 @@ def block_overrides(loaded, removed: Sequence[int], maps: Sequence[RunCompensati
     for r in maps:
         if r.weight is not None:
             out.setdefault(r.prev // 2, {})[projection(spec, r.prev)] = r.weight
+    for m in linear:
+        out.setdefault(m.block, {})[projection(spec, 2 * m.block)] = m.weight
     return out
 
 
-def shipped_weights(loaded, removed: Sequence[int], maps: Sequence[RunCompensation]) -> dict[str, torch.Tensor]:
+def shipped_weights(loaded, removed: Sequence[int], maps: Sequence[RunCompensation],
+                    linear: Sequence[LinearMap] = ()) -> dict[str, torch.Tensor]:
     """The same, by parameter name in the unpruned model, for blocks that stay (a block with both
     units removed is dropped, its zeros not needed)."""
     dropped = set(dropped_blocks(removed))
-    return {loaded.spec.block_param(b, name): value for b, weights in block_overrides(loaded, removed, maps).items()
+    return {loaded.spec.block_param(b, name): value for b, weights in block_overrides(loaded, removed, maps, linear).items()
             if b not in dropped for name, value in weights.items()}
 
 
-def gguf_weights(spec, maps: Sequence[RunCompensation]) -> dict[str, np.ndarray]:
-    """The fitted projections by GGUF tensor name in the source (zeroed ones are left out of a deci GGUF instead)."""
-    return {gguf_projection(spec, r.prev): r.weight.float().numpy() for r in maps if r.weight is not None}
+def gguf_weights(spec, maps: Sequence[RunCompensation], linear: Sequence[LinearMap] = ()) -> dict[str, np.ndarray]:
+    """The fitted projections (and linear attentions' maps) by GGUF tensor name in the source
+    (zeroed ones are left out of a deci GGUF instead)."""
+    out = {gguf_projection(spec, r.prev): r.weight.float().numpy() for r in maps if r.weight is not None}
+    out.update({gguf_projection(spec, 2 * m.block): m.weight.float().numpy() for m in linear})
+    return out

@@ -12,7 +12,9 @@ its output projection (o_proj or down_proj) is zero, so plain transformers loads
 computes that sublayer); a block with both sublayers removed is dropped. The GGUF is llama.cpp's
 `deci` (`runtimes/deci.py`): the removed sublayers' tensors are gone, and a layer without attention
 has no KV cache. Each removed run gets a linear map folded into the kept sublayer before it
-(`sublayer_maps.py`), as runs of blocks do.
+(`sublayer_maps.py`), as runs of blocks do. With `--linear-attention N`, N of the attention
+sublayers the budget keeps become fitted linear maps (`linear_attention.py`: deci's linear
+attention, no KV cache), the N whose replacement alone costs least calibration NLL.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 from . import select
 from .archs import blocks
 from .compensate import RunCompensation, can_compensate
+from .errors import UserError
+from .linear_attention import LinearMap, fit_linear_attention
 from .manifest import Candidate, SelectionInfo, unit_name
 from .methods import LOWER_P, objective_cost, objectives
 from .plan import Method, Plan
@@ -42,9 +46,14 @@ KINDS = ("attention", "ffn")
 GGUF_PREFIX = {"attention": "attn_", "ffn": "ffn_"}
 
 
-def layer_forms(n_blocks: int, removed: Sequence[int]) -> list[LayerForm]:
+def layer_forms(n_blocks: int, removed: Sequence[int], linear: Sequence[int] = ()) -> list[LayerForm]:
+    """Each block's form: `removed` units, and the blocks in `linear` with their attention as a linear map."""
     units = set(removed)
-    return [LayerForm(Attention.removed if 2 * b in units else Attention.kept, 2 * b + 1 not in units) for b in range(n_blocks)]
+
+    def attention(b: int) -> Attention:
+        return Attention.removed if 2 * b in units else Attention.linear if b in linear else Attention.kept
+
+    return [LayerForm(attention(b), 2 * b + 1 not in units) for b in range(n_blocks)]
 
 
 def unit_sizes(loaded) -> list[int]:
@@ -93,19 +102,26 @@ def capture_chain(loaded, windows: Windows, reporter: Reporter = QUIET) -> Windo
 
 class UnitRemovalScorer:
     """Mean calibration NLL with `removed` units taken out as shipped (zero projections, both-gone
-    blocks skipped, and with `compensate` the fitted maps in place), from the cached dense state
-    entering the first block it changes.
+    blocks skipped, and with `compensate` the fitted maps in place) and the blocks in `linear` with
+    their attention as fitted linear maps, from the cached dense state entering the first block it
+    changes.
 
-    Compensated, it is cross-fitted like the block verifier: maps fitted on the even windows are
-    scored on the odd ones and vice versa (scored on their own windows, removals with more runs,
-    hence more fitted maps, would look better than they are)."""
+    Maps are cross-fitted like the block verifier: fitted on the even windows, scored on the odd
+    ones and vice versa (scored on their own windows, removals with more fitted maps would look
+    better than they are)."""
 
     def __init__(self, loaded, windows: Windows, chain: Windows, compensate: bool) -> None:
         self.loaded, self.windows, self.chain = loaded, windows, chain
-        self.compensate = compensate and len(windows) >= 2
+        self.cross_fitted = len(windows) >= 2
+        self.compensate = compensate and self.cross_fitted  # one window: nothing to score a map on but its own fit
         self.passes = 0
-        self.window_nll: dict[tuple[int, ...], np.ndarray] = {}
-        self.nll: dict[tuple[int, ...], float] = {}
+        self.window_nll: dict[tuple, np.ndarray] = {}
+        self.nll: dict[tuple, float] = {}
+        self._linear: dict[tuple[int, int], LinearMap] = {}  # (fit half, block) -> map
+
+    @staticmethod
+    def key(removed: Sequence[int], linear: Sequence[int] = ()) -> tuple:
+        return tuple(sorted(removed)), tuple(sorted(linear))
 
     def describe(self) -> str:
         shape = f"{len(self.windows)} windows x {self.windows.ids.shape[1]} tokens"
@@ -113,30 +129,40 @@ class UnitRemovalScorer:
             return f"compensated calibration NLL, sublayers removed as shipped, maps fitted on one half of {shape} and scored on the other"
         return f"calibration NLL on {shape}, sublayers removed as shipped"
 
-    def __call__(self, removed: Sequence[int]) -> float:
-        key = tuple(sorted(removed))
+    def __call__(self, removed: Sequence[int], linear: Sequence[int] = ()) -> float:
+        key = self.key(removed, linear)
+        units, blocks_linear = key
         if key not in self.nll:
-            if self.compensate:
+            if self.cross_fitted and (self.compensate or blocks_linear):
                 parts = []
                 for parity in (0, 1):
                     fit_chain, scored = self.chain.half(1 - parity), self.windows.half(parity)
-                    totals, counts = self._nll(scored, key, fit_unit_maps(self.loaded, fit_chain, key))
+                    maps = fit_unit_maps(self.loaded, fit_chain, units) if self.compensate else []
+                    lin = [self._linear_map(1 - parity, fit_chain, b) for b in blocks_linear]
+                    totals, counts = self._nll(scored, units, maps, lin)
                     parts.append((scored.index * 2 + parity, totals, counts))
             else:
-                parts = [(self.windows.index, *self._nll(self.windows, key, []))]
+                lin = [fit_linear_attention(self.loaded, self.chain, b) for b in blocks_linear]
+                parts = [(self.windows.index, *self._nll(self.windows, units, [], lin))]
             self.window_nll[key], self.nll[key] = window_means(parts)
         return self.nll[key]
 
-    def _nll(self, windows: Windows, removed: Sequence[int], maps) -> tuple[np.ndarray, np.ndarray]:
+    def _linear_map(self, half: int, chain: Windows, block: int) -> LinearMap:
+        if (half, block) not in self._linear:
+            self._linear[half, block] = fit_linear_attention(self.loaded, chain, block)
+        return self._linear[half, block]
+
+    def _nll(self, windows: Windows, removed: Sequence[int], maps, linear: Sequence[LinearMap] = ()) -> tuple[np.ndarray, np.ndarray]:
         runner = self.loaded.runner
-        overrides = block_overrides(self.loaded, removed, maps)
+        overrides = block_overrides(self.loaded, removed, maps, linear)
         first = min(overrides)
         dropped = set(dropped_blocks(removed))
+        as_linear = {m.block for m in linear}
         h = windows.dense[first]
         for b in range(first, runner.n_blocks):
             if b in dropped:
                 continue
-            h = runner.run_block(b, h, weights=overrides.get(b))
+            h = runner.run_block(b, h, weights=overrides.get(b), linear_attention=b in as_linear)
         self.passes += 1
         return runner.window_nll(h, windows.ids)
 
@@ -163,7 +189,7 @@ def choose(candidates: list[Candidate], scorer: UnitRemovalScorer, reporter: Rep
     for c in candidates:
         if len(distinct) > 1:
             c.calibration_nll = scorer(c.removed)
-            c.window_nll = scorer.window_nll[tuple(c.removed)].tolist()
+            c.window_nll = scorer.window_nll[scorer.key(c.removed)].tolist()
     for c in candidates[1:]:
         if c.calibration_nll is None or c.removed == best.removed:
             continue
@@ -196,25 +222,54 @@ def select_units(scores: Scores, plan: Plan, sizes: Sequence[int], budget: int, 
     return removed, info
 
 
+def linear_candidates(n_blocks: int, removed: Sequence[int], compensate: bool) -> list[int]:
+    """Blocks whose attention may become a linear map: it is kept, and (with compensation) its
+    block keeps all its units, so no removal map is folded into its output projection."""
+    units = set(removed)
+    return [b for b in range(n_blocks) if 2 * b not in units and not (compensate and 2 * b + 1 in units)]
+
+
+def choose_linear(n_blocks: int, count: int, removed: Sequence[int], compensate: bool, scorer: UnitRemovalScorer,
+                  reporter: Reporter = QUIET) -> tuple[list[int], dict[int, float]]:
+    """The `count` attention sublayers whose replacement by a linear map, each alone with the
+    removal in place, costs least calibration NLL (cross-fitted); with each candidate's NLL."""
+    candidates = linear_candidates(n_blocks, removed, compensate)
+    if count > len(candidates):
+        raise UserError(f"--linear-attention {count}: only {len(candidates)} attention sublayers can become linear maps "
+                        f"once {', '.join(unit_name(u) for u in removed)} are removed; ask for fewer")
+    alone: dict[int, float] = {}
+    with reporter.task(f"scoring {len(candidates)} attention sublayers as linear maps", len(candidates)) as advance:
+        for b in candidates:
+            alone[b] = scorer(removed, [b])
+            advance()
+    chosen = sorted(sorted(alone, key=alone.get)[:count])
+    reporter.say(f"attention as linear maps: blocks {chosen}")
+    return chosen, alone
+
+
 @dataclass(frozen=True)
 class SublayerDecision:
     """What a sublayer run removed: units (2b attention, 2b+1 feed-forward of block b), their
-    sizes, and the maps fitted for the runs (unit indices; empty without compensation)."""
+    sizes, the maps fitted for the runs (unit indices; empty without compensation), and the
+    attention sublayers replaced by linear maps."""
 
     removed: list[int]
     sizes: list[int]
     budget_bytes: int
     scores: Scores
     maps: list[RunCompensation] = field(default_factory=list)
+    linear: list[LinearMap] = field(default_factory=list)
+    linear_nll: dict[int, float] = field(default_factory=dict)  # each candidate block alone, as linear
+    calibration_nll: float | None = None  # the decision as shipped, when --linear-attention scored it
 
     def forms(self, n_blocks: int) -> list[LayerForm]:
-        return layer_forms(n_blocks, self.removed)
+        return layer_forms(n_blocks, self.removed, [m.block for m in self.linear])
 
 
 def decide(loaded, plan: Plan, scores: Scores, windows: Windows, chain: Windows,
            reporter: Reporter = QUIET) -> tuple[SublayerDecision, SelectionInfo]:
-    """The units a plan removes, at a budget of `plan.n_remove` blocks' worth of bytes, and (with
-    compensation) their runs' maps fitted on every calibration window."""
+    """The units a plan removes, at a budget of `plan.n_remove` blocks' worth of bytes, the
+    attention sublayers it makes linear, and the maps of both fitted on every calibration window."""
     sizes = unit_sizes(loaded)
     n = loaded.runner.n_blocks
     budget = plan.n_remove(n) * sum(sizes) // n
@@ -222,5 +277,12 @@ def decide(loaded, plan: Plan, scores: Scores, windows: Windows, chain: Windows,
     compensate = plan.compensate and can_compensate(loaded.spec)
     scorer = UnitRemovalScorer(loaded, windows, chain, compensate)
     removed, info = select_units(scores, plan, sizes, budget, scorer, reporter)
+    linear_blocks, linear_nll, nll = [], {}, None
+    if plan.linear_attention:
+        passes = scorer.passes
+        linear_blocks, linear_nll = choose_linear(n, plan.linear_attention, removed, compensate, scorer, reporter)
+        nll = scorer(removed, linear_blocks)
+        info.forward_passes += scorer.passes - passes
     maps = fit_unit_maps(loaded, chain, removed) if compensate else []
-    return SublayerDecision(removed, sizes, budget, scores, maps), info
+    linear = [fit_linear_attention(loaded, chain, b) for b in linear_blocks]
+    return SublayerDecision(removed, sizes, budget, scores, maps, linear, linear_nll, nll), info

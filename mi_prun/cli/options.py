@@ -34,6 +34,12 @@ GranularityOpt = Annotated[Granularity, typer.Option(
     help="Unit removed: whole blocks, or attention and feed-forward sublayers (Llama family, GGUF only; "
     "--remove N / --ratio R then remove at least that many blocks' worth of bytes).",
 )]
+LinearAttentionOpt = Annotated[int, typer.Option(
+    "--linear-attention",
+    min=0,
+    help="With --granularity sublayer: replace this many of the attention sublayers the budget keeps by fitted linear maps "
+    "(llama.cpp deci's linear attention: no q/k/v weights, no KV cache), those costing least calibration NLL.",
+)]
 EstimatorOpt = Annotated[Estimator, typer.Option("--estimator", help="MI estimator.")]
 ViewOpt = Annotated[StateView, typer.Option("--view", help="State view given to the estimators.")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Fast-Block-Select candidate runs (default 3N).")]
@@ -116,6 +122,7 @@ OPTIONS: dict[str, Option] = {
     "streamed": Option(Streamed, None), "plan_file": Option(PlanFile, None),
     "remove": Option(Remove, None), "ratio": Option(Ratio, None),
     "method": Option(MethodOpt, PLAN.method), "granularity": Option(GranularityOpt, PLAN.granularity),
+    "linear_attention": Option(LinearAttentionOpt, PLAN.linear_attention),
     "estimator": Option(EstimatorOpt, PLAN.estimator), "view": Option(ViewOpt, PLAN.view),
     "calib": Option(Calib, CALIB.source), "n_samples": Option(NSamples, CALIB.n_samples), "seq_len": Option(SeqLen, CALIB.seq_len),
     "seed": Option(Seed, PLAN.seed), "top_k": Option(TopK, PLAN.top_k), "verify": Option(Verify, PLAN.verify),

@@ -54,7 +54,9 @@ def proposals(manifest) -> None:
     for c in sel.candidates:
         kept = "  <- kept" if c.removed == manifest.removed else ""
         lower = f" (lower: p = {c.lower_p:.3f})" if c.lower_p is not None else ""
-        line(f"  {c.objective}: {c.removed} NLL {c.calibration_nll:.4f}{lower}{kept}")
+        # Proposals that all agree are not scored: there is nothing to decide.
+        nll = f"NLL {c.calibration_nll:.4f}" if c.calibration_nll is not None else "(not scored: the proposals agree)"
+        line(f"  {c.objective}: {c.removed} {nll}{lower}{kept}")
 
 
 def compensation(manifest) -> None:
@@ -79,6 +81,10 @@ def decision(manifest) -> None:
     sub = manifest.sublayers
     if sub is not None:
         line(f"removed sublayers {', '.join(sub.removed)} ({sub.bytes_removed / 2**20:.1f} MiB; budget {sub.budget_bytes / 2**20:.1f} MiB)")
+        if sub.linear_attention:
+            nll = f", calibration NLL {sub.calibration_nll:.4f} as shipped" if sub.calibration_nll is not None else ""
+            line(f"attention as linear maps (no KV cache): blocks {[m.block for m in sub.linear_attention]} (held-out error "
+                 + ", ".join(f"x{m.heldout_error_ratio:.2f}" for m in sub.linear_attention) + f" of dropping it{nll})")
     line(f"removed blocks {manifest.removed} ({manifest.blocks_before} -> {manifest.blocks_after})")
     proposals(manifest)
     compensation(manifest)

@@ -10,7 +10,7 @@ from ..plan import (DEFAULT_BUILD_RATIO, DEFAULT_OBJECTIVES, CalibrationSpec, Ev
 from ..frontier.points import FrontierPlan
 
 # Options named as the Plan field they set.
-PLAN_FIELDS = ("model", "method", "granularity", "estimator", "view", "remove", "ratio", "top_k", "verify", "swaps", "compensate",
+PLAN_FIELDS = ("model", "method", "granularity", "linear_attention", "estimator", "view", "remove", "ratio", "top_k", "verify", "swaps", "compensate",
                "compensation_samples", "seed", "device", "dtype")
 EXPORT_FIELDS = ("target", "gguf_type", "compensated_type", "onnx_precision", "keep_hf")
 HEAL_FIELDS = {"heal_steps": "steps", "heal_minutes": "minutes", "heal_samples": "samples", "heal_reach": "reach",
