@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-sublayers bench-sublayer-units bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-sublayers bench-sublayers bench-sublayers-linear bench-sublayer-units bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,16 @@ bench:
 bench-quality:
 	$(PY) benchmarks/shipped.py --n 4 6 8 --rows default no-compensate shortgpt angular sleb ppl wiki-valid swaps \
 		--skip no-compensate@6 wiki-valid@6 --out reports/quality
+
+# The same measurement for sublayer builds (N blocks' worth of bytes): MI-PRUN and the same-granularity
+# baselines, beside the default block build (about 40 minutes on 2 cores).
+bench-quality-sublayers:
+	$(PY) benchmarks/shipped.py --n 4 8 --rows default sublayer sublayer-shortgpt sublayer-angular --out reports/quality_sublayers
+
+# Sublayer builds with attention sublayers as fitted linear maps (--linear-attention), at 8 blocks' worth
+# of bytes, beside the block builds at 8 and 9 blocks: quality, KV cache and decode at 2048 tokens.
+bench-sublayers-linear:
+	$(PY) benchmarks/sublayers.py --remove 8 --methods mi-prun --linear-attention 6 12 --block-at 9 --report reports/sublayers_linear
 
 # Block against sublayer builds at 4 blocks' worth of bytes, with the whole model in q4_0: quality,
 # KV cache and decode at 128 and 2048 tokens of context, all in llama.cpp (about 25 minutes; `--methods

@@ -52,6 +52,12 @@ ROWS = {
     # The default calibrated on in-domain text for wikitext-2 (its validation split), to see what
     # self-generated calibration costs on text out of domain for both (the licence texts).
     "wiki-valid": ("--calib wiki.valid.tokens", ["--calib", str(WIKI_VALID)]),
+    # Attention and feed-forward sublayers as the units (N blocks' worth of bytes), MI-PRUN and the
+    # same-granularity baselines with the same compensation (deci GGUFs). BlockPruner's greedy search
+    # (--method sleb) is left out: one pass per remaining sublayer and step, hours on 2 cores.
+    "sublayer": ("--granularity sublayer", ["--granularity", "sublayer"]),
+    "sublayer-shortgpt": ("--granularity sublayer --method shortgpt", ["--granularity", "sublayer", "--method", "shortgpt"]),
+    "sublayer-angular": ("--granularity sublayer --method angular", ["--granularity", "sublayer", "--method", "angular"]),
     "objectives": ("--objective (all four, compensated included)", [
         "--objective", "channel", "--objective", "per-block", "--objective", "length-penalized", "--objective", "compensated"]),
     # A local search past the proposals: 8 single-block swaps a round verified (1 to 3 minutes more
@@ -158,7 +164,9 @@ def main(argv=None) -> None:
             manifest, wall = build(folder, model, n, flags)
             [e] = manifest.exports
             ppl = evaluated(folder, e.file, windows, f"{args.windows}x{args.seq_len}")
-            rows.append({"n": n, "row": label, "removed": manifest.removed, "ppl": ppl, "build_s": wall,
+            removed = manifest.sublayers.removed if manifest.sublayers else manifest.removed
+            rows.append({"n": n, "row": label, "removed": removed, "ppl": ppl, "build_s": wall,
+                         "mib": round((folder / e.file).stat().st_size / 2**20, 1),
                          "heal": manifest.heal.model_dump() if manifest.heal else None,
                          "verified": manifest.selection.verified, "compensation": manifest.compensation.form if manifest.compensation.enabled else None,
                          "diversity": manifest.calibration.diversity})
@@ -190,12 +198,13 @@ def report(payload: dict) -> str:
         f"shipped GGUF measured in llama.cpp, {payload['eval']}. Dense: wikitext-2 test "
         f"{dense['wikitext-2 test']:.2f}, licence texts {dense['licence texts']:.2f}. The dense model's own NLL on its "
         f"self-generated calibration: {payload['calibration_nll']:.3f} nats per token.", "",
-        "| N | row | removed | wikitext-2 test (x dense) | licence texts (x dense) | compensation | verified | build s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N | row | removed | MiB | wikitext-2 test (x dense) | licence texts (x dense) | compensation | verified | build s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         w, lic = r["ppl"]["wikitext-2 test"], r["ppl"]["licence texts"]
-        lines.append(f"| {r['n']} | {r['row']} | {r['removed']} | {w:.2f} ({w / dense['wikitext-2 test']:.2f}x) | "
+        removed = ", ".join(r["removed"]) if r["removed"] and isinstance(r["removed"][0], str) else r["removed"]
+        lines.append(f"| {r['n']} | {r['row']} | {removed} | {r.get('mib', '-')} | {w:.2f} ({w / dense['wikitext-2 test']:.2f}x) | "
                      f"{lic:.2f} ({lic / dense['licence texts']:.2f}x) | {r['compensation'] or 'none'} | {r['verified']} | {r['build_s']} |")
     lines += verdicts(payload["rows"])
     lines += heal_lines(payload["rows"], dense)
@@ -223,26 +232,31 @@ def heal_lines(rows: list[dict], dense: dict) -> list[str]:
              "the same build unhealed:", ""] + out) if out else []
 
 
-BASELINES = ("--method shortgpt", "--method angular", "--method sleb", "--method ppl")
+# Each MI-PRUN row and the baselines of its granularity.
+BASELINES = {
+    ROWS["default"][0]: ("--method shortgpt", "--method angular", "--method sleb", "--method ppl"),
+    ROWS["sublayer"][0]: (ROWS["sublayer-shortgpt"][0], ROWS["sublayer-angular"][0]),
+}
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """Per N: whether the default is strictly better than each baseline built, on both texts."""
+    """Per N: whether each MI-PRUN row is strictly better than each baseline of its granularity, on both texts."""
     out = []
     for n in sorted({r["n"] for r in rows}):
         at = {r["row"]: r for r in rows if r["n"] == n}
-        if ROWS["default"][0] not in at:
-            continue
-        default = at[ROWS["default"][0]]
-        for label in (b for b in BASELINES if b in at):
-            wins = [name for name in default["ppl"] if default["ppl"][name] < at[label]["ppl"][name]]
-            if sorted(default["removed"]) == sorted(at[label]["removed"]):
-                verdict = "the same blocks (a tie)"
-            else:
-                verdict = "strictly better on both texts" if len(wins) == len(default["ppl"]) else (
-                    f"better only on {', '.join(wins)}" if wins else "not better on either text")
-            out.append(f"- N = {n}: default vs `{label}`: {verdict}")
-    return (["", "Default against each baseline (same calibration and compensation):", ""] + out) if out else []
+        for mine, baselines in BASELINES.items():
+            if mine not in at:
+                continue
+            default = at[mine]
+            for label in (b for b in baselines if b in at):
+                wins = [name for name in default["ppl"] if default["ppl"][name] < at[label]["ppl"][name]]
+                if sorted(default["removed"]) == sorted(at[label]["removed"]):
+                    verdict = "the same units (a tie)"
+                else:
+                    verdict = "strictly better on both texts" if len(wins) == len(default["ppl"]) else (
+                        f"better only on {', '.join(wins)}" if wins else "not better on either text")
+                out.append(f"- N = {n}: `{mine}` vs `{label}`: {verdict}")
+    return (["", "MI-PRUN against each baseline of its granularity (same calibration and compensation):", ""] + out) if out else []
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ cache llama.cpp keeps for 2048 tokens, and decode speed after a 128-token and a 
 all models side by side, 3 rounds, 2 threads (medians, min-max).
 
     python benchmarks/sublayers.py --remove 4 --methods mi-prun shortgpt angular   # -> reports/sublayers.{md,json}; about 25 minutes on 2 cores
+
+`--linear-attention K ...` adds `--granularity sublayer --linear-attention K` builds (MI-PRUN) at the
+same budget, `--block-at M ...` block builds at other sizes (to set a smaller file beside the block
+build of about its size):
+
+    python benchmarks/sublayers.py --remove 8 --methods mi-prun --linear-attention 6 --block-at 9 --report reports/sublayers_linear
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 from mi_prun import jobs
 from mi_prun.load import default_model_path
 from mi_prun.machine import Contention, contention_line, machine_line
-from mi_prun.plan import Granularity, Method, Plan, Target
+from mi_prun.plan import DEFAULT_BUILD_RATIO, Granularity, Method, Plan, Target
 from mi_prun.plan import ExportPlan
 from mi_prun.runtimes import llamacpp
 
@@ -46,16 +52,17 @@ BUILDS = [
 ]
 
 
-def build(work: Path, n: int, granularity: Granularity, method: Method) -> tuple[Path, dict]:
+def build(work: Path, n: int, granularity: Granularity, method: Method, linear: int = 0) -> tuple[Path, dict]:
     """The GGUF one build ships (reused when `work` already holds it) and what its manifest says."""
-    out = work / f"{granularity.value}-{method.value}-{n}"
+    out = work / f"{granularity.value}-{method.value}-{n}{f'-linear{linear}' if linear else ''}"
     if not (out / "pruning.json").is_file():
-        plan = Plan.make(remove=n, granularity=granularity, method=method, export=ExportPlan(target=Target.gguf))
+        plan = Plan.make(remove=n, granularity=granularity, method=method, linear_attention=linear, export=ExportPlan(target=Target.gguf))
         jobs.build(plan, out, force=True)
     manifest = json.loads((out / "pruning.json").read_text())
     sub = manifest.get("sublayers") or {}
     return out / manifest["exports"][0]["file"], {
-        "removed_blocks": manifest["removed"], "removed_sublayers": sub.get("removed"),
+        "removed_blocks": manifest["removed"], "removed_sublayers": sub.get("removed"), "blocks_before": manifest["blocks_before"],
+        "linear_attention": [m["block"] for m in sub.get("linear_attention", [])],
         "selection_s": round(sum(v for k, v in manifest["timings_s"].items() if k in ("calibrate", "capture", "select", "compensate")), 1),
     }
 
@@ -107,6 +114,8 @@ def report(payload: dict) -> str:
     ]
     for r in payload["rows"]:
         removed = ", ".join(r["removed_sublayers"]) if r.get("removed_sublayers") else str(r.get("removed_blocks", "-"))
+        if r.get("linear_attention"):
+            removed += "; attention as linear maps: " + ", ".join(f"{b}.attention" for b in r["linear_attention"])
         lines.append(
             f"| {r['label']} | {removed} | {r['mib']:.1f} | {r['ppl_wikitext2']:.2f} | {r['ppl_licences']:.2f} | {r['kl']:.4f} | "
             f"{r['top1']:.1%} | {r['kv_mib']:.1f} | {median_range(r['decode_tok_s_128'])} | {median_range(r['decode_tok_s_2048'])} | "
@@ -119,6 +128,9 @@ def main() -> None:
     parser.add_argument("--remove", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=[m.value for _, g, m in BUILDS if g is Granularity.sublayer],
                         help="sublayer methods to build (sleb takes one pass per remaining sublayer and step: hours here)")
+    parser.add_argument("--linear-attention", type=int, nargs="*", default=[],
+                        help="also sublayer MI-PRUN builds with --linear-attention K, for each K")
+    parser.add_argument("--block-at", type=int, nargs="*", default=[], help="also block builds removing M blocks, for each M")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "sublayer-work")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "sublayers")
     args = parser.parse_args()
@@ -135,6 +147,14 @@ def main() -> None:
         if granularity is Granularity.sublayer and method.value not in args.methods:
             continue
         path, info = build(args.work, args.remove, granularity, method)
+        if Plan.make(ratio=DEFAULT_BUILD_RATIO).n_remove(info["blocks_before"]) != args.remove:
+            label = label.replace(" (the default build)", "")
+        rows.append({"label": label, "file": path, **info})
+        print(label, info, flush=True)
+    extra = [(f"sublayer, mi-prun, --linear-attention {k}", args.remove, Granularity.sublayer, k) for k in args.linear_attention]
+    extra += [(f"block, mi-prun, {m} blocks", m, Granularity.block, 0) for m in args.block_at]
+    for label, n, granularity, linear in extra:
+        path, info = build(args.work, n, granularity, Method.mi_prun, linear)
         rows.append({"label": label, "file": path, **info})
         print(label, info, flush=True)
     held_out = windows(source)
@@ -143,7 +163,11 @@ def main() -> None:
         print(r["label"], {k: v for k, v in r.items() if k.startswith(("ppl", "kv"))}, flush=True)
     for r, s in zip(rows, speed_columns([r["file"] for r in rows])):
         r.update(s)
-    payload = {"command": f"python benchmarks/sublayers.py --remove {args.remove} --methods {' '.join(args.methods)}", "remove": args.remove,
+    command = f"python benchmarks/sublayers.py --remove {args.remove} --methods {' '.join(args.methods)}"
+    command += f" --linear-attention {' '.join(map(str, args.linear_attention))}" if args.linear_attention else ""
+    command += f" --block-at {' '.join(map(str, args.block_at))}" if args.block_at else ""
+    command += f" --report {args.report}" if args.report != ROOT / "reports" / "sublayers" else ""
+    payload = {"command": command, "remove": args.remove,
                "machine": machine_line(f"llama.cpp with {THREADS} threads"), "contention": contention_line(contention.summary()),
                "wall_s": round(time.perf_counter() - start), "rows": [{**r, "file": str(r["file"].name)} for r in rows]}
     args.report.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
