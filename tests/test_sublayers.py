@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from mi_prun import select, sublayers
 from mi_prun.cli import app
-from mi_prun.compensate import fit_compensation
+from mi_prun.compensate import fit_compensation, plain_runs
+from mi_prun.evaluate import final_states
 from mi_prun.linear_attention import LinearAttention, LinearMap
 from mi_prun.errors import UserError
 from mi_prun.load import load_model
@@ -111,6 +112,12 @@ def test_linear_attention_build_ships_what_transformers_computes_with_that_map(t
         layer = model.model.layers[i]
         layer.self_attn = LinearAttention(layer.self_attn.o_proj)
     tokens = wiki_ids(out / e.file, 256)
+    # The block runner (what --eval and the selection run) computes what transformers does with the maps in place.
+    ids = torch.tensor([tokens])
+    runner_final, _ = final_states(loaded.runner, ids, plain_runs(manifest.removed), rewritten=shipped_weights(loaded, sub.removed_units, [], maps),
+                                   linear_attention=chosen)
+    with torch.no_grad():
+        assert torch.allclose(loaded.runner.logits(runner_final[0]), model(input_ids=ids).logits[0], atol=1e-3)
     parity = compare_logits(transformers_logits(model, tokens), llamacpp.logits(out / e.file, tokens))
     # llama.cpp multiplies q8_0 weights with q8_0-rounded activations and this random model's logits
     # lie close together, so a few top-1 ties flip; with the attention left in (the map not applied)
