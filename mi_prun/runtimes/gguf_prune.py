@@ -9,6 +9,7 @@ known keys, and the keys sliced are reported.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -65,6 +66,15 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    return _reader(path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path, inode: int, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    """gguf-py parses every metadata value when it opens a file (a 49k-token vocabulary takes
+    seconds), and a build opens its source several times: readers are kept by the file's identity,
+    so a file rewritten or replaced is read again."""
     try:
         return gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises ValueError/IndexError/struct errors on bad bytes
