@@ -166,7 +166,8 @@ class BlockRunner:
     def rewriting(self, weights: dict[str, torch.Tensor], linear_attention: Iterable[int] = ()) -> Iterator[None]:
         """`weights` (parameter names of the unpruned model: healed, or read back from a pruned
         checkpoint) stand in for the source's in every block this runner runs, for the duration,
-        and the blocks in `linear_attention` run their attention as a linear map (`open_block`).
+        and the blocks in `linear_attention` run their attention as their output projection alone
+        (`linear_attention.py`).
         Works alike for resident and streamed blocks: they are put in place when a block is fetched."""
         saved = self.rewritten, self.linear_blocks
         self.rewritten = {**saved[0], **weights}
@@ -177,12 +178,12 @@ class BlockRunner:
             self.rewritten, self.linear_blocks = saved
 
     @contextmanager
-    def open_block(self, index: int, weights: dict[str, torch.Tensor] | None = None, linear_attention: bool = False
+    def open_block(self, index: int, weights: dict[str, torch.Tensor] | None = None
                    ) -> Iterator[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
         """Block `index` (original numbering) fetched, the pruned model's weights in place (`rewriting`,
         then `weights`: names inside the block), and a function applying it to a batch of states
-        (windows, seq, hidden) with the masks and rotary embeddings of its place in the model.
-        `linear_attention`: its attention runs as its output projection alone (`linear_attention.py`).
+        (windows, seq, hidden) with the masks and rotary embeddings of its place in the model; a
+        block `rewriting` names as linear runs its attention as its output projection alone.
         Gradients follow the caller: healing trains through it, passes run it under no_grad."""
         inside = {}
         for name, value in self.rewritten.items():
@@ -207,7 +208,7 @@ class BlockRunner:
                     return block_output(layer(states, **kwargs))
 
             try:
-                with linear_in(layer, self.spec) if linear_attention or index in self.linear_blocks else nullcontext():
+                with linear_in(layer, self.spec) if index in self.linear_blocks else nullcontext():
                     yield layer, apply
             finally:
                 for param, original in saved:
@@ -216,19 +217,19 @@ class BlockRunner:
     @torch.no_grad()
     def run_block(self, index: int, states: torch.Tensor, projection_weight: torch.Tensor | None = None,
                   tap: list | None = None, weights: dict[str, torch.Tensor] | None = None,
-                  tap_path: str | None = None, linear_attention: bool = False) -> torch.Tensor:
+                  tap_path: str | None = None) -> torch.Tensor:
         """Block `index` (original numbering) applied to `states` (windows, seq, hidden).
 
         `projection_weight` replaces the block's residual projection weight for this call (a
         compensated block, as it will ship), `weights` any of its weights (names inside the block);
         `tap`, when given, receives the output of the module at `tap_path` (default: that
         projection, i.e. what the block adds to the residual stream through it), as one
-        (windows, seq, hidden) tensor. `linear_attention`: as `open_block`."""
+        (windows, seq, hidden) tensor."""
         weights = dict(weights or {})
         if projection_weight is not None:
             weights[f"{self.spec.residual_projection}.weight"] = projection_weight
         out, taps = [], []
-        with self.open_block(index, weights, linear_attention) as (layer, apply):
+        with self.open_block(index, weights) as (layer, apply):
             hook = None
             if tap is not None:
                 module = get_path(layer, tap_path or self.spec.residual_projection)

@@ -159,10 +159,11 @@ class UnitRemovalScorer:
         dropped = set(dropped_blocks(removed))
         as_linear = {m.block for m in linear}
         h = windows.dense[first]
-        for b in range(first, runner.n_blocks):
-            if b in dropped:
-                continue
-            h = runner.run_block(b, h, weights=overrides.get(b), linear_attention=b in as_linear)
+        with runner.rewriting({}, as_linear):
+            for b in range(first, runner.n_blocks):
+                if b in dropped:
+                    continue
+                h = runner.run_block(b, h, weights=overrides.get(b))
         self.passes += 1
         return runner.window_nll(h, windows.ids)
 
