@@ -60,7 +60,7 @@ def block_overrides(loaded, removed: Sequence[int], maps: Sequence[RunCompensati
                     linear: Sequence[LinearMap] = ()) -> dict[int, dict[str, torch.Tensor]]:
     """The weights each block runs with in the pruned model, by block and name inside it: zeros
     for removed units, fitted projections for the kept units before a run, and the map of an
-    attention run as linear (its block then runs with `linear_attention`)."""
+    attention run as linear (its block then runs under `runner.rewriting(..., linear_attention)`)."""
     spec, layers = loaded.spec, blocks(loaded.model, loaded.spec)
     out: dict[int, dict[str, torch.Tensor]] = {}
     for u in removed:

@@ -118,6 +118,9 @@ class UnitRemovalScorer:
         self.window_nll: dict[tuple, np.ndarray] = {}
         self.nll: dict[tuple, float] = {}
         self._linear: dict[tuple[int, int], LinearMap] = {}  # (fit half, block) -> map
+        # The removal maps of the last removal scored, per fit half: the linear-attention candidates
+        # are all scored with the same removal (a removal's maps are megabytes, so one is kept).
+        self._unit_maps: tuple[tuple[int, ...], list[list[RunCompensation] | None]] | None = None
 
     @staticmethod
     def key(removed: Sequence[int], linear: Sequence[int] = ()) -> tuple:
@@ -137,7 +140,7 @@ class UnitRemovalScorer:
                 parts = []
                 for parity in (0, 1):
                     fit_chain, scored = self.chain.half(1 - parity), self.windows.half(parity)
-                    maps = fit_unit_maps(self.loaded, fit_chain, units) if self.compensate else []
+                    maps = self._removal_maps(1 - parity, fit_chain, units) if self.compensate else []
                     lin = [self._linear_map(1 - parity, fit_chain, b) for b in blocks_linear]
                     totals, counts = self._nll(scored, units, maps, lin)
                     parts.append((scored.index * 2 + parity, totals, counts))
@@ -146,6 +149,14 @@ class UnitRemovalScorer:
                 parts = [(self.windows.index, *self._nll(self.windows, units, [], lin))]
             self.window_nll[key], self.nll[key] = window_means(parts)
         return self.nll[key]
+
+    def _removal_maps(self, half: int, chain: Windows, units: tuple[int, ...]) -> list[RunCompensation]:
+        if self._unit_maps is None or self._unit_maps[0] != units:
+            self._unit_maps = units, [None, None]
+        halves = self._unit_maps[1]
+        if halves[half] is None:
+            halves[half] = fit_unit_maps(self.loaded, chain, units)
+        return halves[half]
 
     def _linear_map(self, half: int, chain: Windows, block: int) -> LinearMap:
         if (half, block) not in self._linear:
