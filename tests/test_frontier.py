@@ -28,8 +28,9 @@ def invoke(*args):
 
 def frontier_args(src, calib_txt, out):
     # f16 is the type of the source and of its in-place builds: those points are not quantized again.
-    # --sublayer-at 2: the 2-block point is built with --granularity sublayer too (a deci GGUF).
-    return ("frontier", "--model", src, "--remove", "0,2,4", "--sublayer-at", 2, "--long-context", 256,
+    # --sublayer-at 2: the 2-block point is built with --granularity sublayer too (a deci GGUF), and
+    # once more with 2 of its kept attention sublayers as linear maps (--linear-attention 2).
+    return ("frontier", "--model", src, "--remove", "0,2,4", "--sublayer-at", 2, "--linear-attention", 2, "--long-context", 256,
             "--gguf-types", "f16,q4_0", "--eval", WIKI_TEST,
             "--eval-windows", 2, "--eval-seq-len", 64, "--kl-windows", 1, "--speed-repeats", 2,
             "--calib", calib_txt, "--n-samples", 4, "--seq-len", 64, "--out", out, "--quiet")
@@ -50,9 +51,10 @@ def measured(export_models, calib_txt, tmp_path_factory):
 def test_every_point_is_built_loaded_and_measured(measured):
     src, out, frontier = measured
     points = frontier["points"]
-    # 0, 2 and 4 blocks removed, and 2 blocks' worth of sublayers, each as built (f16 in place) and quantized to q4_0.
-    assert sorted((p["removed_blocks"], p["granularity"], p["type"].split()[0]) for p in points) == sorted(
-        [(n, "block", t) for n in (0, 2, 4) for t in ("f16", "q4_0")] + [(2, "sublayer", t) for t in ("f16", "q4_0")])
+    # 0, 2 and 4 blocks removed, and 2 blocks' worth of sublayers without and with 2 linear attentions,
+    # each as built (f16 in place) and quantized to q4_0.
+    assert sorted((p["removed_blocks"], p["granularity"], len(p["linear_attention"] or []), p["type"].split()[0]) for p in points) == sorted(
+        [(n, "block", 0, t) for n in (0, 2, 4) for t in ("f16", "q4_0")] + [(2, "sublayer", k, t) for k in (0, 2) for t in ("f16", "q4_0")])
     # llama.cpp's f16 KV cache: a key and a value row of every KV head per token, in each layer that keeps attention.
     reader = open_gguf(src)
     heads, kv_heads, width = (int(field_value(reader, f"llama.{k}")) for k in ("attention.head_count", "attention.head_count_kv", "embedding_length"))
@@ -63,11 +65,16 @@ def test_every_point_is_built_loaded_and_measured(measured):
         assert llamacpp.load_check(path)["layers"] == TINY_BLOCKS - len(p["removed"])
         assert p["bytes"] > 0 and p["decode_tok_s"]["median"] > 0 and len(p["decode_tok_s"]["runs"]) == 2
         assert p["decode_tok_s_long"]["median"] > 0 and len(p["decode_tok_s_long"]["runs"]) == 2
-        # Each layer whose attention is gone keeps none of it (the rest of the state per token is the same).
+        # Each layer whose attention is gone or linear keeps none of it (the rest of the state per token is the same).
         units = p["removed_sublayers"] or [f"{b}.attention" for b in p["removed"]]
-        assert dense_kv - p["kv_cache_bytes"] == per_layer * sum(u.endswith(".attention") for u in units)
-    sub = next(p for p in points if p["granularity"] == "sublayer")
+        no_kv = sum(u.endswith(".attention") for u in units) + len(p["linear_attention"] or [])
+        assert dense_kv - p["kv_cache_bytes"] == per_layer * no_kv
+    sub = next(p for p in points if p["granularity"] == "sublayer" and not p["linear_attention"])
     assert sub["removed_sublayers"] and PruningManifest.read(out / "remove-2-sublayer").sublayers.removed == sub["removed_sublayers"]
+    linear = next(p for p in points if p["linear_attention"])
+    shipped = PruningManifest.read(out / "remove-2-sublayer-linear2").sublayers
+    assert linear["linear_attention"] == [a.block for a in shipped.linear_attention] and len(linear["linear_attention"]) == 2
+    assert not set(linear["linear_attention"]) & {int(u.split(".")[0]) for u in shipped.removed}
     as_given = points[0]
     assert as_given["removed_blocks"] == 0 and as_given["file"] == str(src)
     # The model as given against itself: no divergence, every top-1 the same.
@@ -81,6 +88,7 @@ def test_every_point_is_built_loaded_and_measured(measured):
     report = (out / "frontier.md").read_text()
     assert report.count("\n|") == len(points) + 2 and (out / "frontier.png").stat().st_size > 0
     assert "KV cache @256 MiB" in report and "2 blocks' worth, as built: sublayers" in report
+    assert "| 2 sublayer +2 linear |" in report and "with attention as linear maps in blocks" in report
 
 
 def test_fronts_hold_the_points_no_other_beats(measured):
@@ -146,7 +154,13 @@ def test_budget_input_errors_are_one_line_before_any_work(measured, tmp_path):
     assert unbuilt.exit_code == 2 and "--sublayer-at [3]: give only points that are built" in unbuilt.output
     onnx = invoke("frontier", "--target", "onnx", "--model", src, "--sublayer-at", 2, "--eval", WIKI_TEST, "--out", tmp_path / "g")
     assert onnx.exit_code == 2 and "--sublayer-at builds llama.cpp's deci GGUFs" in onnx.output
-    assert not any((tmp_path / n).exists() for n in "abcdefg")
+    # Linear attentions: only at sublayer points, and fewer than the attention sublayers such a point keeps.
+    alone = invoke("frontier", "--model", src, "--remove", "0,2", "--linear-attention", 2, "--eval", WIKI_TEST, "--out", tmp_path / "h")
+    assert alone.exit_code == 2 and "give --sublayer-at too" in alone.output
+    many = invoke("frontier", "--model", src, "--remove", "0,2", "--sublayer-at", 2, "--linear-attention", "2,6", "--eval", WIKI_TEST,
+                  "--out", tmp_path / "i")
+    assert many.exit_code == 2 and "--linear-attention 6:" in many.output and "replace fewer than 6" in many.output
+    assert not any((tmp_path / n).exists() for n in "abcdefghi")
 
 
 @pytest.mark.slow  # a whole frontier run again: make test-slow

@@ -29,6 +29,9 @@ FRONTIER_OPTIONS = (
     ("sublayer_at", Option(Annotated[Optional[str], typer.Option(
         "--sublayer-at", help="Blocks-removed values also built with --granularity sublayer: that many blocks' worth of "
                               "attention and feed-forward sublayers, shipped as llama.cpp's deci GGUF (Llama family).")], None)),
+    ("linear_attention", Option(Annotated[Optional[str], typer.Option(
+        "--linear-attention", help="At each --sublayer-at point, also a point with K of its kept attention sublayers as fitted "
+                                   "linear maps (no KV cache), for each K given, e.g. 6,12.")], None)),
     ("long_context", Option(Annotated[int, typer.Option(
         "--long-context", min=256, help="Context at which the KV cache and a second decode speed are measured (llama.cpp).")],
                             FIELDS["long_context"].default)),

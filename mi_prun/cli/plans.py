@@ -105,6 +105,7 @@ def frontier_plan(o: dict) -> FrontierPlan:
             build=build, target=o["target"], removes=removes, ratios=DEFAULT_RATIOS if removes is None and ratios is None else ratios,
             gguf_types=_names(o["gguf_types"]), onnx_types=_names(o["onnx_types"]),
             heal_at=_numbers(o["heal_at"], int, "--heal-at") or (), sublayer_at=_numbers(o["sublayer_at"], int, "--sublayer-at") or (),
+            linear_attention=_numbers(o["linear_attention"], int, "--linear-attention") or (),
             long_context=o["long_context"], texts=tuple(o["eval_data"]), windows=o["windows"],
             seq_len=o["eval_seq_len"], kl_windows=o["kl_windows"], speed_repeats=o["speed_repeats"],
             **({"threads": o["threads"]} if o["threads"] else {}))

@@ -31,6 +31,7 @@ class Candidate:
     blocks: int = 0
     granularity: Granularity = Granularity.block
     removed_sublayers: list[str] | None = None
+    linear_attention: list[int] | None = None
 
 
 def check(plan: FrontierPlan, out: Path, force: bool) -> tuple[Inspected, list[int]]:
@@ -59,7 +60,10 @@ def check(plan: FrontierPlan, out: Path, force: bool) -> tuple[Inspected, list[i
     if plan.sublayer_at:
         from ..preflight import check_sublayers
 
-        check_sublayers(plan.point_plan(Build(plan.sublayer_at[0], sublayer=True)), inspected)
+        # Each sublayer point: the family and, with --linear-attention K, that K attentions are left to replace.
+        for build in plan.builds(counts):
+            if build.sublayer:
+                check_sublayers(plan.point_plan(build), inspected)
     return inspected, counts
 
 
@@ -256,7 +260,7 @@ def measured_points(candidates: list[Candidate], windows: dict, reference: Path,
         file=str(c.file.relative_to(work)) if c.file.is_relative_to(work) else str(c.file),
         ppl=q["ppl"], kl_to_dense=q["kl_to_dense"], top1_agreement=q["top1_agreement"], ppl_primary=q["ppl"][plan.texts[0]],
         bytes=file_bytes(c.file), prefill_ms=Stats.of(r["prefill_ms"]), decode_tok_s=Stats.of(r["decode_tok_s"]),
-        granularity=c.granularity, removed_sublayers=c.removed_sublayers, kv_cache_bytes=k,
+        granularity=c.granularity, removed_sublayers=c.removed_sublayers, linear_attention=c.linear_attention, kv_cache_bytes=k,
         decode_tok_s_long=Stats.of(long["decode_tok_s"]) if long is not None else None,
     ) for c, q, r, k, long in zip(candidates, qualities, runs, kv, long_runs)]
     return points, timing.summary()

@@ -26,6 +26,7 @@ class Build(NamedTuple):
     n: int
     healed: bool = False
     sublayer: bool = False
+    linear: int = 0  # a sublayer point's attention sublayers shipped as fitted linear maps
 
 
 class FrontierPlan(BaseModel):
@@ -41,6 +42,8 @@ class FrontierPlan(BaseModel):
     onnx_types: tuple[str, ...] = ONNX_TYPES  # model builder precisions every point is exported at (--target onnx)
     heal_at: tuple[int, ...] = ()  # blocks-removed values also built healed (build.heal's budget)
     sublayer_at: tuple[int, ...] = ()  # blocks-removed values also built with --granularity sublayer (that many blocks' bytes)
+    # At each sublayer point, also a build with that many attention sublayers as linear maps (--linear-attention K).
+    linear_attention: tuple[int, ...] = ()
     texts: tuple[str, ...]  # held-out texts; the first decides the fronts and carries the KL
     windows: int = Field(24, ge=1)
     seq_len: int = Field(512, ge=16)
@@ -66,6 +69,10 @@ class FrontierPlan(BaseModel):
             raise ValueError("the long context must hold more than the decoded tokens")
         if self.sublayer_at and self.target is not Target.gguf:
             raise ValueError("--sublayer-at builds llama.cpp's deci GGUFs: it needs --target gguf")
+        if self.linear_attention and not self.sublayer_at:
+            raise ValueError("--linear-attention turns a sublayer point's attention sublayers into linear maps: give --sublayer-at too")
+        if any(k < 1 for k in self.linear_attention):
+            raise ValueError("--linear-attention values must be >= 1 (the sublayer point itself is built without them)")
         return self
 
     def counts(self, n_blocks: int) -> list[int]:
@@ -86,7 +93,8 @@ class FrontierPlan(BaseModel):
     def builds(self, counts: list[int]) -> list[Build]:
         """The pruned points that are built (0 removed is the model as given)."""
         return ([Build(n) for n in counts if n > 0] + [Build(n, healed=True) for n in counts if n in self.heal_at]
-                + [Build(n, sublayer=True) for n in counts if n in self.sublayer_at])
+                + [Build(n, sublayer=True, linear=k) for n in counts if n in self.sublayer_at
+                   for k in (0, *sorted(set(self.linear_attention)))])
 
     def point_plan(self, build: Build) -> Plan:
         # An ONNX point is built at fp32 with its checkpoint kept: the other precisions are exported from it.
@@ -94,12 +102,14 @@ class FrontierPlan(BaseModel):
             ExportPlan(target=Target.onnx, onnx_precision=OnnxPrecision.fp32, keep_hf=True)
         return self.build.model_copy(update={
             "remove": build.n, "ratio": None, "heal": (self.build.heal or HealPlan()) if build.healed else None,
-            "granularity": Granularity.sublayer if build.sublayer else Granularity.block, "export": export, "evaluation": None})
+            "granularity": Granularity.sublayer if build.sublayer else Granularity.block, "linear_attention": build.linear,
+            "export": export, "evaluation": None})
 
 
 def point_name(build: Build) -> str:
     """The folder of a built point."""
-    return f"remove-{build.n}" + ("-healed" if build.healed else "") + ("-sublayer" if build.sublayer else "")
+    return (f"remove-{build.n}" + ("-healed" if build.healed else "") + ("-sublayer" if build.sublayer else "")
+            + (f"-linear{build.linear}" if build.linear else ""))
 
 
 class Stats(BaseModel):
@@ -137,6 +147,7 @@ class FrontierPoint(BaseModel):
     decode_tok_s: Stats
     granularity: Granularity = Granularity.block
     removed_sublayers: list[str] | None = None  # a sublayer point's removed units (12.attention, 12.ffn, ...)
+    linear_attention: list[int] | None = None  # blocks whose attention ships as a fitted linear map (no KV cache)
     kv_cache_bytes: int | None = None  # llama.cpp's KV cache at the plan's long context (None: not measured)
     decode_tok_s_long: Stats | None = None  # decode after a prompt filling the long context
     speedup: float = 1.0  # decode speed over the model as given
@@ -148,7 +159,8 @@ class FrontierPoint(BaseModel):
     @property
     def label(self) -> str:
         unit = "blocks' worth of sublayers" if self.granularity is Granularity.sublayer else "removed"
-        return f"{self.removed_blocks} {unit}{' healed' if self.healed else ''}, {self.type}"
+        linear = f" with {len(self.linear_attention)} linear attentions" if self.linear_attention else ""
+        return f"{self.removed_blocks} {unit}{linear}{' healed' if self.healed else ''}, {self.type}"
 
 
 class Frontier(BaseModel):

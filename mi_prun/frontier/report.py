@@ -32,7 +32,8 @@ def report(frontier: Frontier) -> str:
         "While timing: " + contention_line(frontier.timing_contention),
         *([f"At {long} tokens: {frontier.long_speed}. A sublayer point (\"N sublayer\") removes at least N blocks' worth of "
            "bytes in attention and feed-forward sublayers (`--granularity sublayer`, llama.cpp's deci GGUF); its `removed` "
-           "lists the units."] if long else []),
+           "lists the units; \"+K linear\" turns K kept attention sublayers into fitted linear maps (`--linear-attention K`: "
+           "deci's linear attention, no KV cache), listed by block."] if long else []),
         "",
         "| blocks removed | removed | type | size MiB | ppl " + Path(primary).name + " | " + " | ".join(f"ppl {Path(t).name}" for t in others)
         + (" | " if others else "") + "KL | top-1 | prefill ms | decode tok/s | speedup | "
@@ -52,7 +53,10 @@ def _stats(s) -> str:
 def _row(p: FrontierPoint, others: list[str], long: bool) -> str:
     sublayer = p.granularity is Granularity.sublayer
     removed = ", ".join(p.removed_sublayers or []) if sublayer else str(p.removed)
-    return (f"| {p.removed_blocks}{' healed' if p.healed else ''}{' sublayer' if sublayer else ''} | {removed} | {p.type} | "
+    linear = f" +{len(p.linear_attention)} linear" if p.linear_attention else ""
+    if p.linear_attention:
+        removed += f"; linear: {', '.join(map(str, p.linear_attention))}"
+    return (f"| {p.removed_blocks}{' healed' if p.healed else ''}{' sublayer' if sublayer else ''}{linear} | {removed} | {p.type} | "
             f"{p.bytes / 2**20:.1f} | {p.ppl_primary:.2f} | " + "".join(f"{p.ppl[t]:.2f} | " for t in others)
             + f"{p.kl_to_dense:.4f} | {p.top1_agreement:.1%} | {_stats(p.prefill_ms)} | {_stats(p.decode_tok_s)} | {p.speedup:.2f}x | "
             + (f"{p.kv_cache_bytes / 2**20:.1f} | {_stats(p.decode_tok_s_long)} | " if long else "")
@@ -89,12 +93,15 @@ def answer(frontier: Frontier) -> list[str]:
 def granularities(frontier: Frontier) -> list[str]:
     """Each sublayer point against the block point of the same blocks' worth, both as built (in place)."""
     out = []
-    as_built = {(p.removed_blocks, p.granularity): p for p in frontier.points if not p.healed and "(in place)" in p.type}
-    for (n, granularity), sub in sorted(as_built.items()):
-        block = as_built.get((n, Granularity.block))
-        if granularity is not Granularity.sublayer or block is None:
+    as_built = [p for p in frontier.points if not p.healed and "(in place)" in p.type]
+    blocks = {p.removed_blocks: p for p in as_built if p.granularity is Granularity.block}
+    for sub in sorted((p for p in as_built if p.granularity is Granularity.sublayer),
+                      key=lambda p: (p.removed_blocks, len(p.linear_attention or []))):
+        n, block = sub.removed_blocks, blocks.get(sub.removed_blocks)
+        if block is None:
             continue
-        line = (f"- {n} blocks' worth, as built: sublayers ({', '.join(sub.removed_sublayers or [])}) {sub.bytes / 2**20:.1f} MiB, "
+        linear = f" with attention as linear maps in blocks {sub.linear_attention}" if sub.linear_attention else ""
+        line = (f"- {n} blocks' worth, as built: sublayers ({', '.join(sub.removed_sublayers or [])}){linear} {sub.bytes / 2**20:.1f} MiB, "
                 f"ppl {sub.ppl_primary:.2f}, decode {sub.decode_tok_s.median:.1f} tok/s; blocks {block.removed} "
                 f"{block.bytes / 2**20:.1f} MiB, ppl {block.ppl_primary:.2f}, decode {block.decode_tok_s.median:.1f} tok/s")
         if sub.kv_cache_bytes is not None and block.kv_cache_bytes is not None and sub.decode_tok_s_long and block.decode_tok_s_long:
@@ -116,12 +123,15 @@ def chart(frontier: Frontier, path: Path) -> None:
             (axes[0], lambda p: p.bytes / 2**20, "size (MiB)", "on_size_front"),
             (axes[1], lambda p: p.decode_tok_s.median, f"decode tokens/s ({frontier.speed_runtime})", "on_speed_front")):
         for n in sorted({p.removed_blocks for p in points}):
-            for healed, granularity in ((False, Granularity.block), (True, Granularity.block), (False, Granularity.sublayer)):
-                group = [p for p in points if p.removed_blocks == n and p.healed == healed and p.granularity is granularity]
-                if group:
-                    ax.scatter([x_of(p) for p in group], [p.ppl_primary for p in group],
-                               marker="s" if granularity is Granularity.sublayer else "^" if healed else "o",
-                               label=f"{n} removed{' healed' if healed else ''}{' (sublayers)' if granularity is Granularity.sublayer else ''}")
+            kinds = sorted({(p.healed, p.granularity is Granularity.sublayer, len(p.linear_attention or []))
+                            for p in points if p.removed_blocks == n})
+            for healed, sublayer, linear in kinds:
+                group = [p for p in points if p.removed_blocks == n and p.healed == healed
+                         and (p.granularity is Granularity.sublayer) == sublayer and len(p.linear_attention or []) == linear]
+                what = " (sublayers" + (f", {linear} linear attentions)" if linear else ")") if sublayer else ""
+                ax.scatter([x_of(p) for p in group], [p.ppl_primary for p in group],
+                           marker="D" if linear else "s" if sublayer else "^" if healed else "o",
+                           label=f"{n} removed{' healed' if healed else ''}{what}")
         best = sorted((p for p in points if getattr(p, front)), key=x_of)
         ax.plot([x_of(p) for p in best], [p.ppl_primary for p in best], "k--", lw=1, label="front")
         ax.set_xlabel(xlabel)

@@ -36,7 +36,8 @@ def frontier(plan: FrontierPlan, out: Path, force: bool = False, reporter: Repor
     else:
         bases = [Candidate(0, [], False, dense_gguf, f"{source_type} (as given)", None)] + [
             Candidate(b.n, m.removed, b.healed, work / point_name(b) / m.exports[0].file, f"{m.exports[0].format_type} (in place)",
-                      m.timings_s, granularity=m.plan.granularity, removed_sublayers=m.sublayers.removed if m.sublayers else None)
+                      m.timings_s, granularity=m.plan.granularity, removed_sublayers=m.sublayers.removed if m.sublayers else None,
+                      linear_attention=[a.block for a in m.sublayers.linear_attention] if m.sublayers and m.sublayers.linear_attention else None)
             for b, m in manifests.items()]
         candidates = quantized_candidates(bases, plan, work, reporter)
         reference = dense_gguf
@@ -69,7 +70,8 @@ def _builds(plan: FrontierPlan, inspected: Inspected, counts: list[int], work: P
     for b, manifest in done.items():
         if manifest is None:
             reporter.say(f"building: {b.n} blocks removed" + (", healed" if b.healed else "")
-                         + (" (that many blocks' worth of sublayers)" if b.sublayer else ""))
+                         + (" (that many blocks' worth of sublayers)" if b.sublayer else "")
+                         + (f", {b.linear} attentions as linear maps" if b.linear else ""))
             done[b] = pipeline.build(loaded, plan.point_plan(b), work / point_name(b), force=True, reporter=reporter)
     del loaded
     gc.collect()
