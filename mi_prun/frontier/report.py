@@ -111,6 +111,11 @@ def granularities(frontier: Frontier) -> list[str]:
     return out
 
 
+def _kind(p: FrontierPoint) -> tuple[bool, bool, int]:
+    """How a point was built, for the chart's groups: healed, sublayer, linear attentions."""
+    return p.healed, p.granularity is Granularity.sublayer, len(p.linear_attention or [])
+
+
 def chart(frontier: Frontier, path: Path) -> None:
     import matplotlib
 
@@ -123,11 +128,9 @@ def chart(frontier: Frontier, path: Path) -> None:
             (axes[0], lambda p: p.bytes / 2**20, "size (MiB)", "on_size_front"),
             (axes[1], lambda p: p.decode_tok_s.median, f"decode tokens/s ({frontier.speed_runtime})", "on_speed_front")):
         for n in sorted({p.removed_blocks for p in points}):
-            kinds = sorted({(p.healed, p.granularity is Granularity.sublayer, len(p.linear_attention or []))
-                            for p in points if p.removed_blocks == n})
-            for healed, sublayer, linear in kinds:
-                group = [p for p in points if p.removed_blocks == n and p.healed == healed
-                         and (p.granularity is Granularity.sublayer) == sublayer and len(p.linear_attention or []) == linear]
+            here = [p for p in points if p.removed_blocks == n]
+            for healed, sublayer, linear in sorted({_kind(p) for p in here}):
+                group = [p for p in here if _kind(p) == (healed, sublayer, linear)]
                 what = " (sublayers" + (f", {linear} linear attentions)" if linear else ")") if sublayer else ""
                 ax.scatter([x_of(p) for p in group], [p.ppl_primary for p in group],
                            marker="D" if linear else "s" if sublayer else "^" if healed else "o",
