@@ -16,7 +16,9 @@ from mi_prun.cli import app
 from mi_prun.errors import UserError
 from mi_prun.frontier import Frontier, pareto
 from mi_prun.frontier.measure import work_dir
+from mi_prun.frontier.report import report as frontier_report
 from mi_prun.manifest import PruningManifest
+from mi_prun.plan import Granularity
 from tests.conftest import TINY_BLOCKS, WIKI_TEST
 
 runner = CliRunner()
@@ -89,6 +91,17 @@ def test_every_point_is_built_loaded_and_measured(measured):
     assert report.count("\n|") == len(points) + 2 and (out / "frontier.png").stat().st_size > 0
     assert "KV cache @256 MiB" in report and "2 blocks' worth, as built: sublayers" in report
     assert "| 2 sublayer +2 linear |" in report and "with attention as linear maps in blocks" in report
+
+
+def test_report_explains_sublayer_and_linear_rows_only_where_it_has_them(measured):
+    frontier = Frontier.model_validate(measured[2])
+    full = frontier_report(frontier)
+    assert "A sublayer point" in full and "+K linear" in full
+    without_linear = frontier.model_copy(update={"points": [p for p in frontier.points if not p.linear_attention]})
+    assert "A sublayer point" in frontier_report(without_linear) and "+K linear" not in frontier_report(without_linear)
+    blocks = frontier.model_copy(update={"points": [p for p in frontier.points if p.granularity is Granularity.block]})
+    text = frontier_report(blocks)
+    assert "KV cache @256 MiB" in text and "A sublayer point" not in text and "+K linear" not in text
 
 
 def test_fronts_hold_the_points_no_other_beats(measured):

@@ -30,10 +30,7 @@ def report(frontier: Frontier) -> str:
         f"Speed: {frontier.speed}; median (min-max). Machine: {frontier.machine}.",
         "Whole run: " + contention_line(frontier.contention),
         "While timing: " + contention_line(frontier.timing_contention),
-        *([f"At {long} tokens: {frontier.long_speed}. A sublayer point (\"N sublayer\") removes at least N blocks' worth of "
-           "bytes in attention and feed-forward sublayers (`--granularity sublayer`, llama.cpp's deci GGUF); its `removed` "
-           "lists the units; \"+K linear\" turns K kept attention sublayers into fitted linear maps (`--linear-attention K`: "
-           "deci's linear attention, no KV cache), listed by block."] if long else []),
+        *([f"At {long} tokens: {frontier.long_speed}." + _sublayer_legend(points)] if long else []),
         "",
         "| blocks removed | removed | type | size MiB | ppl " + Path(primary).name + " | " + " | ".join(f"ppl {Path(t).name}" for t in others)
         + (" | " if others else "") + "KL | top-1 | prefill ms | decode tok/s | speedup | "
@@ -44,6 +41,18 @@ def report(frontier: Frontier) -> str:
     lines += [_row(p, others, bool(long)) for p in points]
     lines += ["", *answer(frontier), ""]
     return "\n".join(lines) + "\n"
+
+
+def _sublayer_legend(points: list[FrontierPoint]) -> str:
+    """What the sublayer and linear-attention rows mean, said only where the table has such rows."""
+    legend = ""
+    if any(p.granularity is Granularity.sublayer for p in points):
+        legend += (" A sublayer point (\"N sublayer\") removes at least N blocks' worth of bytes in attention and "
+                   "feed-forward sublayers (`--granularity sublayer`, llama.cpp's deci GGUF); its `removed` lists the units.")
+    if any(p.linear_attention for p in points):
+        legend += (" \"+K linear\" turns K kept attention sublayers into fitted linear maps (`--linear-attention K`: "
+                   "deci's linear attention, no KV cache), listed by block.")
+    return legend
 
 
 def _stats(s) -> str:
