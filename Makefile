@@ -61,13 +61,15 @@ bench:
 
 # What `build --target gguf` ships at N = 4, 6, 8, every method with the build's own calibration and
 # compensation, each GGUF measured in llama.cpp on two held-out texts, with the sublayer builds and
-# their same-granularity baselines at N = 4 and 8 (about 130 minutes on 2 cores; SLEB's builds take
-# most of it; builds already in out/bench-shipped-smollm2 are reused, `make bench-quality-sublayers` makes
-# the sublayer ones).
+# their same-granularity baselines at N = 4 and 8 (about 230 minutes on 2 cores; SLEB's builds take
+# most of it, BlockPruner's greedy search over sublayers at N = 4 alone 97 minutes, so it is left out at
+# N = 8; builds already in out/bench-shipped-smollm2 are reused, `make bench-quality-sublayers` makes
+# the other sublayer ones).
 bench-quality:
 	$(PY) benchmarks/shipped.py --n 4 6 8 --rows default no-compensate shortgpt angular sleb ppl wiki-valid swaps \
-		sublayer sublayer-shortgpt sublayer-angular \
-		--skip no-compensate@6 wiki-valid@6 sublayer@6 sublayer-shortgpt@6 sublayer-angular@6 --out reports/quality
+		sublayer sublayer-shortgpt sublayer-angular sublayer-sleb \
+		--skip no-compensate@6 wiki-valid@6 sublayer@6 sublayer-shortgpt@6 sublayer-angular@6 sublayer-sleb@6 sublayer-sleb@8 \
+		--out reports/quality
 
 # The same measurement for sublayer builds (N blocks' worth of bytes): MI-PRUN and the same-granularity
 # baselines, beside the default block build (about 40 minutes on 2 cores).
