@@ -96,7 +96,7 @@ def model_path(name: str | None, work: Path) -> Path:
 
 def build(out: Path, model: Path, n: int, flags: list[str]) -> tuple[PruningManifest, float, bool]:
     """One CLI build (reused if its folder is complete), the wall time it took when it was built,
-    and whether an earlier run built it."""
+    and whether it was built before this run (by an earlier run, or the same build command run alone)."""
     timing = out.with_name(out.name + ".build_s")
     reused = (out / "pruning.json").is_file()
     if not reused:
