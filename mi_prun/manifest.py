@@ -113,7 +113,7 @@ class SelectionInfo(BaseModel):
     candidates: list[Candidate] = Field(default_factory=list)
     # What scored the candidates (RemovalScorer.describe), e.g. "calibration NLL on 16 windows x 256 tokens".
     verification: str | None = None
-    verified: int = 0  # distinct removals scored (proposals and swaps)
+    verified: int = 0  # distinct removals scored by calibration NLL (MI-PRUN's proposals and swaps, SLEB's and ppl's candidates)
     verification_s: float | None = None  # wall time of that scoring
     # The least block-forwards (one block over one window) capture and verification need: every
     # block once over the capture windows, and each verified proposal from the first block it

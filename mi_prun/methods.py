@@ -59,6 +59,7 @@ def select_blocks(scores: Scores, plan: Plan, n_remove: int, scorer: RemovalScor
             else:
                 removed, _ = select.one_shot_eval_select(n, n_remove, scorer)
         info.forward_passes += scorer.passes
+        info.verified = len(scorer.nll)
     return removed, info
 
 

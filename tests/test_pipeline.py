@@ -136,8 +136,10 @@ def test_every_method_selects_and_records(method, tiny_models, calib_txt, tmp_pa
     fit_passes = lambda removed: sum(first > 0 for first, _ in runs_of(removed))  # noqa: E731
     if method is Method.sleb:
         assert again.selection.forward_passes == 1 + TINY_BLOCKS + (TINY_BLOCKS - 1) + fit_passes(result.removed)
+        assert again.selection.verified == TINY_BLOCKS + (TINY_BLOCKS - 1)  # every removal it scored is distinct
     if method is Method.ppl:
         assert again.selection.forward_passes == 1 + TINY_BLOCKS + fit_passes(result.removed)
+        assert again.selection.verified == TINY_BLOCKS
     if method in (Method.mi_prun, Method.mi_prun_exact):
         candidates = again.selection.candidates
         assert [c.objective for c in candidates] == ["channel", "per-block", "length-penalized"]
