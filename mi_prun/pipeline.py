@@ -177,11 +177,20 @@ def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET)
         reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
         ids = calibration_batches(loaded, cal)
         windows = Windows.share(ids)
+        # --compensation-samples: the maps are fitted, and removals scored as shipped, on windows
+        # of their own (their chain captured in one more dense pass); MI-PRUN scores the first.
+        fit = windows
+        if plan.compensate and can_compensate(loaded.spec) and plan.compensation_samples not in (None, cal.n_samples):
+            spec = cal.model_copy(update={"n_samples": plan.compensation_samples})
+            reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
+            fit = Windows.share(calibration_batches(loaded, spec))
     with watch.stage("capture"):
         chain = sublayers.capture_chain(loaded, windows, reporter)
         scores = chain_scores(chain, plan)
+        fit_chain = chain if fit is windows else sublayers.capture_chain(loaded, fit, reporter)
     with watch.stage("select"):
-        decision, info = sublayers.decide(loaded, plan, scores, windows, chain, reporter)
+        decision, info = sublayers.decide(loaded, plan, scores, fit, fit_chain, reporter)
+    info.forward_passes += fit is not windows
     n = loaded.runner.n_blocks
     removed = dropped_blocks(decision.removed)
     return PruneResult(n, removed, keep_indices(n, removed), None, info, ids, **watch.results(),

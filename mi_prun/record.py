@@ -36,7 +36,7 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
             enabled=False, note=f"{loaded.spec.model_type}: no weight before the residual add to fold a map into"
         )
     if result.sublayers is not None:  # runs of units: first, last and folded_into are unit indices
-        return CompensationInfo(enabled=True, samples=plan.calibration.n_samples, form=loaded.spec.compensation_fold.value, runs=[
+        return CompensationInfo(enabled=True, samples=plan.compensation_samples or plan.calibration.n_samples, form=loaded.spec.compensation_fold.value, runs=[
             CompensationRun(first=r.first, last=r.last, folded_into=r.prev, weight=projection(loaded.spec, r.prev) if r.prev is not None else None,
                             ridge=r.ridge, heldout_error_ratio=r.heldout_ratio, fit_error_ratio=r.fit_ratio)
             for r in result.sublayers.maps

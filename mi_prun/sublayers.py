@@ -281,7 +281,8 @@ class SublayerDecision:
 def decide(loaded, plan: Plan, scores: Scores, windows: Windows, chain: Windows,
            reporter: Reporter = QUIET) -> tuple[SublayerDecision, SelectionInfo]:
     """The units a plan removes, at a budget of `plan.n_remove` blocks' worth of bytes, the
-    attention sublayers it makes linear, and the maps of both fitted on every calibration window."""
+    attention sublayers it makes linear, and the maps of both fitted on every window of `windows`
+    (the calibration windows, or the compensation windows where --compensation-samples sets them)."""
     sizes = unit_sizes(loaded)
     n = loaded.runner.n_blocks
     budget = plan.n_remove(n) * sum(sizes) // n

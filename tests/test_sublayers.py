@@ -162,6 +162,22 @@ def test_a_whole_block_of_units_scores_and_compensates_as_the_block(tiny_models)
     assert torch.allclose(unit_map.weight, block_map.weight, rtol=1e-4, atol=1e-6)
 
 
+def test_sublayer_greedy_search_counts_each_removal_it_scores(tiny_q8_0_gguf, calib_txt, tmp_path):
+    """BlockPruner's search per sublayer scores every remaining unit at every step: `verified` counts
+    those removals (as for blocks), each scored on both halves of the windows (maps cross-fitted),
+    and with --compensation-samples on the compensation windows, captured in a pass of their own."""
+    out = tmp_path / "build"
+    result = invoke("build", "--granularity", "sublayer", "--method", "sleb", "--model", tiny_q8_0_gguf, "--calib", calib_txt,
+                    "--n-samples", 4, "--compensation-samples", 6, "--seq-len", 64, "--remove", 1, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    steps = len(manifest.sublayers.removed_units)
+    info = manifest.selection
+    assert info.verified == sum(2 * TINY_BLOCKS - k for k in range(steps))
+    assert info.forward_passes == 2 + 2 * info.verified  # two captures, then two halves per removal
+    assert manifest.compensation.samples == 6
+
+
 @pytest.mark.slow  # the converter route; the deci rewrite is checked fast above, the default model as deci in test_real_sublayers
 def test_sublayer_build_from_a_folder_ships_deci_matching_transformers(export_models, calib_txt, tmp_path):
     out = tmp_path / "build"
