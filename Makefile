@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-sublayers bench-sublayers bench-sublayers-linear bench-sublayer-units bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-gemma3 bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
+.PHONY: install test test-slow test-all prune-default build-default bench bench-quality bench-quality-sublayers bench-calibration-sublayers bench-sublayers bench-sublayers-linear bench-sublayer-units bench-stability bench-ranks bench-scale bench-scale-calibration bench-frontier bench-frontier-gemma3 bench-frontier-onnx bench-heal bench-gemma3 bench-compensated-type bench-heal-parity bench-rank-correlation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,12 @@ bench-quality:
 # baselines, beside the default block build (about 40 minutes on 2 cores).
 bench-quality-sublayers:
 	$(PY) benchmarks/shipped.py --n 4 8 --rows default sublayer sublayer-shortgpt sublayer-angular --out reports/quality_sublayers
+
+# The N = 4 sublayer build's calibration varied: python-docs text, 64 self-generated windows for the
+# compensation alone or for everything, WikiText-2 validation (about 30 minutes on 2 cores).
+bench-calibration-sublayers:
+	$(PY) benchmarks/shipped.py --n 4 --rows sublayer sublayer-docs sublayer-comp64 sublayer-self64 sublayer-wiki-valid \
+		--out reports/calibration_sublayers
 
 # Sublayer builds with attention sublayers as fitted linear maps (--linear-attention), at 8 blocks' worth
 # of bytes, beside the block builds at 8 and 9 blocks: quality, KV cache and decode at 2048 tokens.

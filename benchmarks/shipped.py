@@ -59,6 +59,14 @@ ROWS = {
     "sublayer-shortgpt": ("--granularity sublayer --method shortgpt", ["--granularity", "sublayer", "--method", "shortgpt"]),
     "sublayer-angular": ("--granularity sublayer --method angular", ["--granularity", "sublayer", "--method", "angular"]),
     "sublayer-sleb": ("--granularity sublayer --method sleb", ["--granularity", "sublayer", "--method", "sleb"]),
+    # The sublayer build's calibration, varied (reports/calibration_sublayers.md): real text that ships
+    # with every CPython instead of the model's own (in domain for neither held-out text), and more
+    # self-generated windows for the compensation fit alone or for selection and fit together.
+    "sublayer-docs": ("--granularity sublayer --calib python-docs", ["--granularity", "sublayer", "--calib", "python-docs"]),
+    "sublayer-comp64": ("--granularity sublayer --compensation-samples 64",
+                        ["--granularity", "sublayer", "--compensation-samples", "64"]),
+    "sublayer-self64": ("--granularity sublayer --n-samples 64", ["--granularity", "sublayer", "--n-samples", "64"]),
+    "sublayer-wiki-valid": ("--granularity sublayer --calib wiki.valid.tokens", ["--granularity", "sublayer", "--calib", str(WIKI_VALID)]),
     "objectives": ("--objective (all four, compensated included)", [
         "--objective", "channel", "--objective", "per-block", "--objective", "length-penalized", "--objective", "compensated"]),
     # A local search past the proposals: 8 single-block swaps a round verified (1 to 3 minutes more
@@ -197,7 +205,8 @@ def report(payload: dict) -> str:
         + (contention_line(payload["contention"]) + " (Build times only; perplexities do not depend on load.)" if payload.get("contention") else ""), "",
         "Every row is `mi-prun-edge build --target gguf --remove N` with the row's flags: calibration 16 x 256 tokens "
         "the model generates itself (`--calib self`, the default; the `--calib wiki.valid.tokens` row instead takes 16 "
-        "windows of WikiText-2 validation), compensation fitted on the same windows; the "
+        "windows of WikiText-2 validation), compensation fitted on the same windows (on windows of its own in a row "
+        "with `--compensation-samples`); the "
         f"shipped GGUF measured in llama.cpp, {payload['eval']}. Dense: wikitext-2 test "
         f"{dense['wikitext-2 test']:.2f}, licence texts {dense['licence texts']:.2f}. The dense model's own NLL on its "
         f"self-generated calibration: {payload['calibration_nll']:.3f} nats per token.", "",
