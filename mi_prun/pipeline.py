@@ -129,11 +129,8 @@ def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneR
             reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
             calib_ids = calibration_batches(loaded, cal)
             # Each rank runs its share of the windows (all of them in one process).
-            calib = fit = Windows.share(calib_ids)
-            if compensate and plan.compensation_samples not in (None, cal.n_samples):
-                spec = cal.model_copy(update={"n_samples": plan.compensation_samples})
-                reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
-                fit = Windows.share(calibration_batches(loaded, spec))
+            calib = Windows.share(calib_ids)
+            fit = compensation_windows(loaded, plan, calib, compensate, reporter)
 
     scores = None
     if plan.replay is not None:
@@ -160,6 +157,17 @@ def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneR
     return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, compensation=runs, **watch.results())
 
 
+def compensation_windows(loaded: LoadedModel, plan: Plan, calib: Windows, compensate: bool, reporter: Reporter) -> Windows:
+    """The windows the compensation maps are fitted on: `calib`, unless --compensation-samples asks
+    for another count (then as many windows from the same source)."""
+    cal = plan.calibration
+    if not compensate or plan.compensation_samples in (None, cal.n_samples):
+        return calib
+    spec = cal.model_copy(update={"n_samples": plan.compensation_samples})
+    reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
+    return Windows.share(calibration_batches(loaded, spec))
+
+
 def least_block_forwards(n: int, info: SelectionInfo, capture_windows: int, verify_windows: int, compensate: bool) -> int:
     """`profile.minimum_block_forwards` for this selection: its verified candidates (those with a
     calibration NLL), each from its first removed block, or the block before it where a map is
@@ -177,13 +185,9 @@ def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET)
         reporter.say(f"calibration: {cal.source} ({cal.n_samples} x {cal.seq_len} tokens)")
         ids = calibration_batches(loaded, cal)
         windows = Windows.share(ids)
-        # --compensation-samples: the maps are fitted, and removals scored as shipped, on windows
-        # of their own (their chain captured in one more dense pass); MI-PRUN scores the first.
-        fit = windows
-        if plan.compensate and can_compensate(loaded.spec) and plan.compensation_samples not in (None, cal.n_samples):
-            spec = cal.model_copy(update={"n_samples": plan.compensation_samples})
-            reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
-            fit = Windows.share(calibration_batches(loaded, spec))
+        # The maps are fitted, and removals scored as shipped, on the compensation windows (their
+        # chain captured in one more dense pass where they are windows of their own).
+        fit = compensation_windows(loaded, plan, windows, plan.compensate and can_compensate(loaded.spec), reporter)
     with watch.stage("capture"):
         chain = sublayers.capture_chain(loaded, windows, reporter)
         scores = chain_scores(chain, plan)
