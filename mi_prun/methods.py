@@ -58,8 +58,9 @@ def select_blocks(scores: Scores, plan: Plan, n_remove: int, scorer: RemovalScor
                 removed = select.greedy_eval_select(n, n_remove, scorer)
             else:
                 removed, _ = select.one_shot_eval_select(n, n_remove, scorer)
-        info.forward_passes += scorer.passes
-        info.verified = len(scorer.nll)
+    # The scorer's work, whichever method used it (MI-PRUN's verification, SLEB, ppl; none for the rest).
+    info.forward_passes += scorer.passes
+    info.verified = len(scorer.nll)
     return removed, info
 
 
@@ -113,9 +114,7 @@ def mi_prun_select(scores: Scores, plan: Plan, n_remove: int, info: SelectionInf
             chosen = _swap_search(chosen, scores, plan, n_remove, scorer, info)
         for c in info.candidates:
             c.window_nll = [round(float(v), 5) for v in scorer.window_nll[tuple(sorted(c.removed))]]
-        info.forward_passes += scorer.passes
         info.verification = scorer.describe()
-        info.verified = len(scorer.nll)
         info.verification_s = round(time.perf_counter() - start, 2)
     info.objective_cost, info.exact_cost = chosen.objective_cost, chosen.exact_cost
     return chosen.removed

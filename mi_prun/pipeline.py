@@ -130,7 +130,7 @@ def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneR
             calib_ids = calibration_batches(loaded, cal)
             # Each rank runs its share of the windows (all of them in one process).
             calib = Windows.share(calib_ids)
-            fit = compensation_windows(loaded, plan, calib, compensate, reporter)
+            fit = compensation_windows(loaded, plan, calib, reporter)
 
     scores = None
     if plan.replay is not None:
@@ -157,11 +157,11 @@ def prune(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET) -> PruneR
     return PruneResult(n, removed, keep_indices(n, removed), scores, info, calib_ids, compensation=runs, **watch.results())
 
 
-def compensation_windows(loaded: LoadedModel, plan: Plan, calib: Windows, compensate: bool, reporter: Reporter) -> Windows:
-    """The windows the compensation maps are fitted on: `calib`, unless --compensation-samples asks
-    for another count (then as many windows from the same source)."""
+def compensation_windows(loaded: LoadedModel, plan: Plan, calib: Windows, reporter: Reporter) -> Windows:
+    """The windows the compensation maps are fitted on: `calib`, unless the plan compensates this
+    model and --compensation-samples asks for another count (then as many from the same source)."""
     cal = plan.calibration
-    if not compensate or plan.compensation_samples in (None, cal.n_samples):
+    if not (plan.compensate and can_compensate(loaded.spec)) or plan.compensation_samples in (None, cal.n_samples):
         return calib
     spec = cal.model_copy(update={"n_samples": plan.compensation_samples})
     reporter.say(f"compensation calibration: {spec.source} ({spec.n_samples} x {spec.seq_len} tokens)")
@@ -187,7 +187,7 @@ def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET)
         windows = Windows.share(ids)
         # The maps are fitted, and removals scored as shipped, on the compensation windows (their
         # chain captured in one more dense pass where they are windows of their own).
-        fit = compensation_windows(loaded, plan, windows, plan.compensate and can_compensate(loaded.spec), reporter)
+        fit = compensation_windows(loaded, plan, windows, reporter)
     with watch.stage("capture"):
         chain = sublayers.capture_chain(loaded, windows, reporter)
         scores = chain_scores(chain, plan)

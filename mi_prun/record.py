@@ -35,8 +35,9 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
         return CompensationInfo(
             enabled=False, note=f"{loaded.spec.model_type}: no weight before the residual add to fold a map into"
         )
+    samples = plan.compensation_samples or plan.calibration.n_samples
     if result.sublayers is not None:  # runs of units: first, last and folded_into are unit indices
-        return CompensationInfo(enabled=True, samples=plan.compensation_samples or plan.calibration.n_samples, form=loaded.spec.compensation_fold.value, runs=[
+        return CompensationInfo(enabled=True, samples=samples, form=loaded.spec.compensation_fold.value, runs=[
             CompensationRun(first=r.first, last=r.last, folded_into=r.prev, weight=projection(loaded.spec, r.prev) if r.prev is not None else None,
                             ridge=r.ridge, heldout_error_ratio=r.heldout_ratio, fit_error_ratio=r.fit_ratio)
             for r in result.sublayers.maps
@@ -50,7 +51,6 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
         for r in result.compensation
     ]
     note = "a run starting at block 0 has no block before it: removed without compensation" if any(r.prev is None for r in result.compensation) else None
-    samples = plan.compensation_samples or plan.calibration.n_samples
     return CompensationInfo(enabled=True, samples=samples, runs=runs, note=note, form=loaded.spec.compensation_fold.value)
 
 

@@ -222,15 +222,14 @@ def select_units(scores: Scores, plan: Plan, sizes: Sequence[int], budget: int, 
     elif plan.method is Method.sleb:
         with reporter.task("sleb (BlockPruner's greedy search): removing the sublayer that hurts least, until the budget", None) as step:
             removed = select.greedy_eval_until(sizes, budget, scorer, step)
-        info.verified = len(scorer.nll)
     else:
         candidates = propose(scores, plan, sizes, budget)
         best = choose(candidates, scorer, reporter) if plan.verify else candidates[0]
         removed = best.removed
         info.candidates, info.objective_cost = candidates, best.objective_cost
         info.verification = scorer.describe() if plan.verify else None
-        info.verified = len(scorer.nll)
     info.forward_passes += scorer.passes
+    info.verified = len(scorer.nll)
     return removed, info
 
 
