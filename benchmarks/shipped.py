@@ -59,6 +59,13 @@ ROWS = {
     "sublayer-shortgpt": ("--granularity sublayer --method shortgpt", ["--granularity", "sublayer", "--method", "shortgpt"]),
     "sublayer-angular": ("--granularity sublayer --method angular", ["--granularity", "sublayer", "--method", "angular"]),
     "sublayer-sleb": ("--granularity sublayer --method sleb", ["--granularity", "sublayer", "--method", "sleb"]),
+    # Every removed run's map folded into the kept projection before it (no map in an attention
+    # slot): the sublayer build's form before --run-map auto, and what `prune` / --keep-hf ship.
+    "sublayer-fold": ("--granularity sublayer --run-map fold", ["--granularity", "sublayer", "--run-map", "fold"]),
+    # The same default build on text the model generates from two other seeds: the spread a
+    # calibration draw gives (the default is --seed 0).
+    "sublayer-seed1": ("--granularity sublayer --seed 1", ["--granularity", "sublayer", "--seed", "1"]),
+    "sublayer-seed2": ("--granularity sublayer --seed 2", ["--granularity", "sublayer", "--seed", "2"]),
     # The sublayer build's calibration, varied (reports/calibration_sublayers.md): real text that ships
     # with every CPython instead of the model's own (in domain for neither held-out text), and more
     # self-generated windows for the compensation fit alone or for selection and fit together.
@@ -251,7 +258,7 @@ def heal_lines(rows: list[dict], dense: dict) -> list[str]:
 # Each MI-PRUN row and the baselines of its granularity.
 BASELINES = {
     ROWS["default"][0]: ("--method shortgpt", "--method angular", "--method sleb", "--method ppl"),
-    ROWS["sublayer"][0]: (ROWS["sublayer-shortgpt"][0], ROWS["sublayer-angular"][0], ROWS["sublayer-sleb"][0]),
+    ROWS["sublayer"][0]: (ROWS["sublayer-shortgpt"][0], ROWS["sublayer-angular"][0], ROWS["sublayer-sleb"][0], ROWS["sublayer-fold"][0]),
 }
 
 
@@ -266,11 +273,11 @@ def verdicts(rows: list[dict]) -> list[str]:
             default = at[mine]
             for label in (b for b in baselines if b in at):
                 wins = [name for name in default["ppl"] if default["ppl"][name] < at[label]["ppl"][name]]
+                verdict = "strictly better on both texts" if len(wins) == len(default["ppl"]) else (
+                    f"better only on {', '.join(wins)}" if wins else "not better on either text")
                 if sorted(default["removed"]) == sorted(at[label]["removed"]):
-                    verdict = "the same units (a tie)"
-                else:
-                    verdict = "strictly better on both texts" if len(wins) == len(default["ppl"]) else (
-                        f"better only on {', '.join(wins)}" if wins else "not better on either text")
+                    # The same units can still ship differently (a run's map folded or in an attention slot).
+                    verdict = "the same units (a tie)" if default["ppl"] == at[label]["ppl"] else f"the same units, {verdict}"
                 out.append(f"- N = {n}: `{mine}` vs `{label}`: {verdict}")
     return (["", "MI-PRUN against each baseline of its granularity (same calibration and compensation):", ""] + out) if out else []
 

@@ -36,6 +36,17 @@ class Granularity(str, Enum):
     sublayer = "sublayer"
 
 
+class RunMap(str, Enum):
+    """Where a removed run of sublayers gets its linear map (`sublayer_maps.py`)."""
+
+    # Each run's map in the form with the lower held-out error: folded into the kept sublayer's
+    # projection before the run, or a linear map of the normed stream in deci's linear-attention
+    # slot of the run's first attention sublayer. Folded only where a plain-transformers
+    # checkpoint is written (prune, build --keep-hf): transformers has no linear-attention layer.
+    auto = "auto"
+    fold = "fold"  # always folded into the projection before the run
+
+
 class Method(str, Enum):
     mi_prun = "mi-prun"
     mi_prun_exact = "mi-prun-exact"

@@ -39,6 +39,9 @@ class RunCompensation:
     heldout_ratio: float | None = None  # held-out error / plain-removal error at the chosen ridge
     fit_ratio: float | None = None  # the same on all calibration tokens with the final map
     weight: torch.Tensor | None = None  # the new projection weight (original dtype)
+    # Sublayer runs only: the block whose attention slot holds the map as deci's linear attention
+    # (`weight` is then W, a = W norm(h)); None: folded into `prev`'s projection.
+    slot: int | None = None
 
 
 @dataclass

@@ -82,14 +82,21 @@ def normed_inputs(loaded, block: int, states: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def fit_linear_attention(loaded, chain: "Windows", block: int) -> LinearMap:
-    """Block `block`'s attention as a map fitted on `chain`'s dense states (unit 2b's input and output)."""
-    h = chain.dense[2 * block]
-    x = normed_inputs(loaded, block, h).to(h.dtype)
-    a = chain.dense[2 * block + 1] - h
+def fit_slot(loaded, block: int, states: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> RunCompensation:
+    """A map W for block `block`'s linear-attention slot with states + W norm(states) ~ target,
+    over windows `index` (their positions in the whole set, which pick the folds); the record's
+    `weight` is W (out x in, float32), its ridge and error ratios those of the fit (the errors
+    relative to adding nothing)."""
+    x = normed_inputs(loaded, block, states).to(states.dtype)
     record = RunCompensation(2 * block, 2 * block, 2 * block)
-    folds = run_moments(x, x, x + a, chain.index)
+    folds = run_moments(x, x, x + target - states, index)
     identity = torch.eye(x.shape[-1], dtype=torch.float64)
     fit_run(record, folds, identity, loaded.spec)  # record.weight = T^T I
-    weight = (record.weight - identity).float()
-    return LinearMap(block, record.ridge, record.heldout_ratio, record.fit_ratio, weight)
+    record.weight = (record.weight - identity).float()
+    return record
+
+
+def fit_linear_attention(loaded, chain: "Windows", block: int) -> LinearMap:
+    """Block `block`'s attention as a map fitted on `chain`'s dense states (unit 2b's input and output)."""
+    record = fit_slot(loaded, block, chain.dense[2 * block], chain.dense[2 * block + 1], chain.index)
+    return LinearMap(block, record.ridge, record.heldout_ratio, record.fit_ratio, record.weight)

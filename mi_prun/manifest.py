@@ -133,6 +133,9 @@ class CompensationRun(BaseModel):
     ridge: float | None = None  # chosen by cross-validation over calibration windows
     heldout_error_ratio: float | None = None  # held-out error / plain-removal error (1 = no gain)
     fit_error_ratio: float | None = None  # the same on all calibration tokens
+    # --granularity sublayer: the block whose attention slot holds the map (deci's linear
+    # attention, a = W norm(h)) instead of a fold; folded_into is then None.
+    slot: int | None = None
 
 
 class CompensationInfo(BaseModel):

@@ -32,7 +32,7 @@ from .quality import measure_quality
 from .record import build_manifest, peak_rss_bytes
 from .repack import rewritten_weights, save_checkpoint
 from .scoring import Scores, chain_scores, score_model
-from .sublayer_maps import dropped_blocks, shipped_weights
+from .sublayer_maps import shipped_weights
 from .sublayers import SublayerDecision
 from .runner import Windows
 from .verify import RemovalScorer, ensure_dense
@@ -196,7 +196,7 @@ def prune_sublayers(loaded: LoadedModel, plan: Plan, reporter: Reporter = QUIET)
         decision, info = sublayers.decide(loaded, plan, scores, fit, fit_chain, reporter)
     info.forward_passes += fit is not windows
     n = loaded.runner.n_blocks
-    removed = dropped_blocks(decision.removed)
+    removed = decision.dropped
     return PruneResult(n, removed, keep_indices(n, removed), None, info, ids, **watch.results(),
                        healed=shipped_weights(loaded, decision.removed, decision.maps, decision.linear), sublayers=decision)
 
@@ -269,7 +269,7 @@ def build(loaded: LoadedModel, plan: Plan, out: Path, force: bool = False, repor
         result = heal_result(loaded, plan, result, reporter)
     quality = None
     if plan.evaluation is not None:
-        linear = [m.block for m in result.sublayers.linear] if result.sublayers is not None else []
+        linear = result.sublayers.linear_blocks if result.sublayers is not None else []
         quality = measure_quality(loaded, result.removed, result.compensation, plan.evaluation, reporter, rewritten=result.healed,
                                   linear_attention=linear)
     if quality is not None and result.heal is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .choices import (DEFAULT_OBJECTIVES, PYTHON_DOCS, SELF_TEXT, Estimator, Execution, Granularity, HealObjective,  # noqa: F401
-                      HealPrecision, Method, Objective, StateView)
+                      HealPrecision, Method, Objective, RunMap, StateView)
 from .errors import UserError
 from .heal_plan import SELF_HEAL_TEXT, HealPlan, default_heal_text  # noqa: F401
 from .replay import Replay, read_replay
@@ -92,6 +92,8 @@ class Plan(BaseModel):
     # The compensated verification of MI-PRUN's proposals uses them too, so it scores maps like
     # the ones shipped.
     compensation_samples: int | None = Field(None, ge=1)
+    # With sublayer: where each removed run's map goes (choices.RunMap).
+    run_map: RunMap = RunMap.auto
     batch_size: int = Field(4, ge=1)
     seed: int = 0
     device: str = "auto"
@@ -115,6 +117,8 @@ class Plan(BaseModel):
             _check_sublayer_plan(self)
         elif self.linear_attention:
             raise ValueError("--linear-attention replaces attention sublayers: use it with --granularity sublayer")
+        elif self.run_map is not RunMap.auto:
+            raise ValueError("--run-map places the maps of removed sublayers: use it with --granularity sublayer")
         self.calibration.validate()
         return self
 
@@ -125,6 +129,13 @@ class Plan(BaseModel):
             return cls(**fields)
         except ValidationError as err:
             raise UserError(validation_line(err)) from None
+
+    @property
+    def run_map_slots(self) -> bool:
+        """Whether a removed run of sublayers may carry its map in deci's linear-attention slot:
+        only a deci GGUF is written (`prune` and `--keep-hf` write a plain-transformers checkpoint)."""
+        return (self.granularity is Granularity.sublayer and self.run_map is RunMap.auto and self.compensate
+                and self.export is not None and self.export.target is Target.gguf and not self.export.keep_hf)
 
     def n_remove(self, n_blocks: int) -> int:
         """Blocks this plan removes from a model of `n_blocks`; checked before any weights load."""

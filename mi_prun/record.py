@@ -12,7 +12,7 @@ from .manifest import (CalibrationInfo, CompensationInfo, CompensationRun, Distr
                        LinearAttentionInfo, SublayerInfo, package_versions, unit_name)
 from .plan import Estimator, Plan
 from .replay import shapes_of
-from .sublayer_maps import dropped_blocks, projection
+from .sublayer_maps import projection
 
 
 def sublayer_info(result, spec) -> SublayerInfo | None:
@@ -20,12 +20,18 @@ def sublayer_info(result, spec) -> SublayerInfo | None:
     if decision is None:
         return None
     return SublayerInfo(removed=[unit_name(u) for u in decision.removed], removed_units=decision.removed,
-                        dropped_blocks=dropped_blocks(decision.removed), bytes_removed=sum(decision.sizes[u] for u in decision.removed),
+                        dropped_blocks=decision.dropped, bytes_removed=sum(decision.sizes[u] for u in decision.removed),
                         budget_bytes=decision.budget_bytes, unit_bytes=decision.sizes, unit_scores=decision.scores.block_table(),
                         linear_attention=[LinearAttentionInfo(block=m.block, weight=projection(spec, 2 * m.block), ridge=m.ridge,
                                                               heldout_error_ratio=m.heldout_ratio, fit_error_ratio=m.fit_ratio)
                                           for m in decision.linear],
                         linear_candidates_nll=decision.linear_nll, calibration_nll=decision.calibration_nll)
+
+
+def _run_weight(spec, r) -> str | None:
+    """The weight holding a sublayer run's map: the slot's output projection, or the one folded into."""
+    unit = 2 * r.slot if r.slot is not None else r.prev
+    return projection(spec, unit) if unit is not None else None
 
 
 def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
@@ -38,10 +44,11 @@ def compensation_info(loaded, plan: Plan, result) -> CompensationInfo:
     samples = plan.compensation_samples or plan.calibration.n_samples
     if result.sublayers is not None:  # runs of units: first, last and folded_into are unit indices
         return CompensationInfo(enabled=True, samples=samples, form=loaded.spec.compensation_fold.value, runs=[
-            CompensationRun(first=r.first, last=r.last, folded_into=r.prev, weight=projection(loaded.spec, r.prev) if r.prev is not None else None,
+            CompensationRun(first=r.first, last=r.last, folded_into=r.prev, weight=_run_weight(loaded.spec, r), slot=r.slot,
                             ridge=r.ridge, heldout_error_ratio=r.heldout_ratio, fit_error_ratio=r.fit_ratio)
             for r in result.sublayers.maps
-        ], note="--granularity sublayer: runs of units (2b: block b's attention, 2b+1: its feed-forward network), each fitted on the dense model's states")
+        ], note="--granularity sublayer: runs of units (2b: block b's attention, 2b+1: its feed-forward network), each fitted on the dense model's states"
+           + ("; a run with `slot` carries its map in that block's attention slot (deci linear attention)" if plan.run_map_slots else ""))
     weight = f"{loaded.spec.residual_projection}.weight"
     runs = [
         CompensationRun(

@@ -12,7 +12,8 @@ its output projection (o_proj or down_proj) is zero, so plain transformers loads
 computes that sublayer); a block with both sublayers removed is dropped. The GGUF is llama.cpp's
 `deci` (`runtimes/deci.py`): the removed sublayers' tensors are gone, and a layer without attention
 has no KV cache. Each removed run gets a linear map folded into the kept sublayer before it
-(`sublayer_maps.py`), as runs of blocks do. With `--linear-attention N`, N of the attention
+(`sublayer_maps.py`), as runs of blocks do, or, where only the deci GGUF is written and its
+held-out error is lower, a linear map of the normed stream in the run's first attention slot. With `--linear-attention N`, N of the attention
 sublayers the budget keeps become fitted linear maps (`linear_attention.py`: deci's linear
 attention, no KV cache), the N whose replacement alone costs least calibration NLL.
 """
@@ -38,7 +39,7 @@ from .runner import Windows
 from .runtimes.deci import Attention, LayerForm
 from .runtimes.gguf_prune import BLOCK_TENSOR, open_gguf
 from .scoring import Scores
-from .sublayer_maps import block_overrides, dropped_blocks, fit_unit_maps
+from .sublayer_maps import block_overrides, dropped_blocks, fit_unit_maps, slots_of
 from .verify import lower_p, window_means
 
 KINDS = ("attention", "ffn")
@@ -47,11 +48,12 @@ GGUF_PREFIX = {"attention": "attn_", "ffn": "ffn_"}
 
 
 def layer_forms(n_blocks: int, removed: Sequence[int], linear: Sequence[int] = ()) -> list[LayerForm]:
-    """Each block's form: `removed` units, and the blocks in `linear` with their attention as a linear map."""
+    """Each block's form: `removed` units, and the blocks in `linear` with their attention slot as
+    a linear map (a kept attention replaced, or a removed run's map)."""
     units = set(removed)
 
     def attention(b: int) -> Attention:
-        return Attention.removed if 2 * b in units else Attention.linear if b in linear else Attention.kept
+        return Attention.linear if b in linear else Attention.removed if 2 * b in units else Attention.kept
 
     return [LayerForm(attention(b), 2 * b + 1 not in units) for b in range(n_blocks)]
 
@@ -110,10 +112,11 @@ class UnitRemovalScorer:
     ones and vice versa (scored on their own windows, removals with more fitted maps would look
     better than they are)."""
 
-    def __init__(self, loaded, windows: Windows, chain: Windows, compensate: bool) -> None:
+    def __init__(self, loaded, windows: Windows, chain: Windows, compensate: bool, slots: bool = False) -> None:
         self.loaded, self.windows, self.chain = loaded, windows, chain
         self.cross_fitted = len(windows) >= 2
         self.compensate = compensate and self.cross_fitted  # one window: nothing to score a map on but its own fit
+        self.slots = slots  # removed runs' maps may sit in attention slots (`fit_unit_maps`)
         self.passes = 0
         self.window_nll: dict[tuple, np.ndarray] = {}
         self.nll: dict[tuple, float] = {}
@@ -155,7 +158,7 @@ class UnitRemovalScorer:
             self._unit_maps = units, [None, None]
         halves = self._unit_maps[1]
         if halves[half] is None:
-            halves[half] = fit_unit_maps(self.loaded, chain, units)
+            halves[half] = fit_unit_maps(self.loaded, chain, units, self.slots)
         return halves[half]
 
     def _linear_map(self, half: int, chain: Windows, block: int) -> LinearMap:
@@ -167,8 +170,9 @@ class UnitRemovalScorer:
         runner = self.loaded.runner
         overrides = block_overrides(self.loaded, removed, maps, linear)
         first = min(overrides)
-        dropped = set(dropped_blocks(removed))
-        as_linear = {m.block for m in linear}
+        slots = slots_of(maps)
+        dropped = set(dropped_blocks(removed, slots))
+        as_linear = {m.block for m in linear} | set(slots)
         h = windows.dense[first]
         with runner.rewriting({}, as_linear):
             for b in range(first, runner.n_blocks):
@@ -273,8 +277,17 @@ class SublayerDecision:
     linear_nll: dict[int, float] = field(default_factory=dict)  # each candidate block alone, as linear
     calibration_nll: float | None = None  # the decision as shipped, when --linear-attention scored it
 
+    @property
+    def linear_blocks(self) -> list[int]:
+        """Blocks whose attention slot is a linear map: kept attentions replaced, and runs' maps."""
+        return sorted({m.block for m in self.linear} | set(slots_of(self.maps)))
+
+    @property
+    def dropped(self) -> list[int]:
+        return dropped_blocks(self.removed, slots_of(self.maps))
+
     def forms(self, n_blocks: int) -> list[LayerForm]:
-        return layer_forms(n_blocks, self.removed, [m.block for m in self.linear])
+        return layer_forms(n_blocks, self.removed, self.linear_blocks)
 
 
 def decide(loaded, plan: Plan, scores: Scores, windows: Windows, chain: Windows,
@@ -287,7 +300,7 @@ def decide(loaded, plan: Plan, scores: Scores, windows: Windows, chain: Windows,
     budget = plan.n_remove(n) * sum(sizes) // n
     reporter.say(f"budget: {budget / 2**20:.1f} MiB of sublayers ({plan.n_remove(n)} blocks' worth)")
     compensate = plan.compensate and can_compensate(loaded.spec)
-    scorer = UnitRemovalScorer(loaded, windows, chain, compensate)
+    scorer = UnitRemovalScorer(loaded, windows, chain, compensate, plan.run_map_slots)
     removed, info = select_units(scores, plan, sizes, budget, scorer, reporter)
     linear_blocks, linear_nll, nll = [], {}, None
     if plan.linear_attention:
@@ -295,6 +308,6 @@ def decide(loaded, plan: Plan, scores: Scores, windows: Windows, chain: Windows,
         linear_blocks, linear_nll = choose_linear(n, plan.linear_attention, removed, compensate, scorer, reporter)
         nll = scorer(removed, linear_blocks)
         info.forward_passes += scorer.passes - passes
-    maps = fit_unit_maps(loaded, chain, removed) if compensate else []
+    maps = fit_unit_maps(loaded, chain, removed, plan.run_map_slots) if compensate else []
     linear = [fit_linear_attention(loaded, chain, b) for b in linear_blocks]
     return SublayerDecision(removed, sizes, budget, scores, maps, linear, linear_nll, nll), info

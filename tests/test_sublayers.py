@@ -18,7 +18,7 @@ from mi_prun.linear_attention import LinearAttention, LinearMap
 from mi_prun.errors import UserError
 from mi_prun.load import load_model
 from mi_prun.manifest import PruningManifest
-from mi_prun.plan import Granularity, Method, Plan
+from mi_prun.plan import ExportPlan, Granularity, Method, Plan, RunMap
 from mi_prun.runner import Windows
 from mi_prun.runtimes import llamacpp
 from mi_prun.runtimes.deci import Attention, LayerForm, write_deci
@@ -218,6 +218,13 @@ def test_sublayer_plans_refuse_what_they_cannot_ship(tiny_models, export_models,
     assert onnx.exit_code != 0 and "use --target gguf" in onnx.output
     block = invoke("build", "--linear-attention", 1, "--model", export_models["llama"], "--remove", 1, "--out", tmp_path / "b")
     assert block.exit_code != 0 and "use it with --granularity sublayer" in block.output
+    with pytest.raises(UserError, match="--run-map places the maps of removed sublayers"):
+        Plan.make(run_map=RunMap.fold, remove=1)
+    # Slot maps only where a deci GGUF alone is written: prune and --keep-hf write plain transformers.
+    sublayer = dict(granularity=Granularity.sublayer, remove=1)
+    assert Plan.make(**sublayer, export=ExportPlan()).run_map_slots
+    assert not any(Plan.make(**sublayer, **o).run_map_slots for o in (
+        {}, dict(export=ExportPlan(keep_hf=True)), dict(export=ExportPlan(), run_map=RunMap.fold), dict(export=ExportPlan(), compensate=False)))
     keep = invoke("build", "--granularity", "sublayer", "--linear-attention", 1, "--keep-hf", "--model", export_models["llama"],
                   "--remove", 1, "--out", tmp_path / "k")
     assert keep.exit_code != 0 and "drop --keep-hf" in keep.output
@@ -225,3 +232,81 @@ def test_sublayer_plans_refuse_what_they_cannot_ship(tiny_models, export_models,
                   "--remove", 2, "--out", tmp_path / "m")
     assert many.exit_code != 0 and f"replace fewer than {TINY_BLOCKS - 2}" in many.output
     assert not any((tmp_path / d).exists() for d in "gobkm")
+
+
+def test_a_removed_run_carries_its_map_in_the_form_with_the_lower_heldout_error(tiny_models):
+    """With slots, each run's map is the fold or the attention-slot map, whichever has the lower
+    held-out error; a run starting at unit 0 (nothing before it to fold into) gets a slot map, and
+    a run without an attention sublayer reading its input (a lone feed-forward unit) only a fold."""
+    from mi_prun.linear_attention import fit_slot
+    from mi_prun.sublayer_maps import dropped_blocks, slot_of
+
+    assert [slot_of(*r) for r in ((4, 7), (5, 7), (5, 5), (0, 0), (3, 4), (3, 3))] == [2, 3, None, 0, 2, None]
+    loaded = load_model(str(tiny_models["llama"]))
+    torch.manual_seed(0)
+    windows = Windows(torch.randint(0, 384, (8, 48)))
+    chain = sublayers.capture_chain(loaded, windows)
+    removed = [0, 1, 4, 5, 6, 7, 9]
+    folds = fit_unit_maps(loaded, chain, removed)
+    maps = fit_unit_maps(loaded, chain, removed, slots=True)
+    assert [(r.first, r.last) for r in maps] == [(0, 1), (4, 7), (9, 9)]
+    assert folds[0].weight is None and maps[0].slot == 0 and maps[0].weight is not None  # nothing to fold into: the slot
+    assert maps[2].slot is None and torch.equal(maps[2].weight, folds[2].weight)  # 4.ffn alone: no attention slot
+    slot = fit_slot(loaded, 2, chain.dense[4], chain.dense[8], chain.index)
+    chosen = maps[1]
+    assert chosen.heldout_ratio == min(slot.heldout_ratio, folds[1].heldout_ratio)
+    assert (chosen.slot == 2) == (slot.heldout_ratio < folds[1].heldout_ratio)
+    # A block whose attention slot holds a map stays in the model.
+    assert dropped_blocks(removed) == [0, 2, 3] and dropped_blocks(removed, [0]) == [2, 3]
+
+
+def test_sublayer_build_ships_a_runs_slot_map_as_deci_linear_attention(tiny_q8_0_gguf, calib_txt, tmp_path):
+    """The default sublayer build of a run whose map is best in its attention slot: that layer
+    ships as deci linear attention with a zero feed-forward stub (no q/k/v, no KV cache), and
+    llama.cpp computes what transformers computes with the map read back from the GGUF there."""
+    out = tmp_path / "build"
+    # Angular removes one contiguous run (MI-PRUN takes lone feed-forward sublayers of this random model).
+    result = invoke("build", "--granularity", "sublayer", "--method", "angular", "--model", tiny_q8_0_gguf, "--calib", calib_txt,
+                    "--n-samples", 4, "--seq-len", 64, "--remove", 2, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = PruningManifest.read(out)
+    sub, runs = manifest.sublayers, manifest.compensation.runs
+    slots = [r.slot for r in runs if r.slot is not None]
+    assert slots, runs
+    assert all(r.folded_into is None and r.weight == "self_attn.o_proj.weight" for r in runs if r.slot is not None)
+    assert set(slots) <= set(manifest.kept) and not set(slots) & set(sub.dropped_blocks)
+    [e] = manifest.exports
+    reader = open_gguf(out / e.file)
+    written = {b: manifest.kept.index(b) for b in slots}
+    heads, heads_kv = (reader.get_field(f"deci.attention.{k}").contents() for k in ("head_count", "head_count_kv"))
+    assert all(heads[i] > 0 and heads_kv[i] == 0 for i in written.values())
+    tensors = {t.name: t for t in reader.tensors}
+    assert not any(f"blk.{i}.attn_{p}.weight" in tensors for i in written.values() for p in "qkv")
+
+    def read(name):
+        return torch.from_numpy(np.array(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)))
+
+    loaded = load_model(str(tiny_q8_0_gguf))
+    # The reference: transformers with every rewritten projection read back from the GGUF, the
+    # removed sublayers zeroed, and the slots' attention as the map alone.
+    weights = {}
+    for b, i in ((b, manifest.kept.index(b)) for b in manifest.kept):
+        for unit in (2 * b, 2 * b + 1):
+            name = f"blk.{i}.{'attn_output' if unit % 2 == 0 else 'ffn_down'}.weight"
+            param = loaded.spec.block_param(b, "self_attn.o_proj.weight" if unit % 2 == 0 else "mlp.down_proj.weight")
+            if name in tensors and (unit in sub.removed_units or b in slots or any(r.folded_into == unit for r in runs)):
+                weights[param] = read(name)
+            elif unit in sub.removed_units:
+                weights[param] = torch.zeros_like(dict(loaded.model.named_parameters())[param])
+    hf = tmp_path / "reference"
+    save_checkpoint(loaded, manifest.kept, [], hf, weights)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    for i in written.values():
+        layer = model.model.layers[i]
+        layer.self_attn = LinearAttention(layer.self_attn.o_proj)
+    tokens = wiki_ids(out / e.file, 256)
+    parity = compare_logits(transformers_logits(model, tokens), llamacpp.logits(out / e.file, tokens))
+    assert parity.mean_kl < 1e-3 and parity.top1 >= 0.9, parity
+    # No KV cache for a slot's layer: the cache is that of the layers that keep KV heads.
+    with_kv = sum(1 for v in heads_kv if v > 0)
+    assert llamacpp.kv_cache_bytes(out / e.file) / llamacpp.kv_cache_bytes(tiny_q8_0_gguf) == pytest.approx(with_kv / TINY_BLOCKS, abs=1e-2)

@@ -11,7 +11,7 @@ from .plans import build_plan
 
 @app.command()
 @takes("out", "target", "model", "remove", ("ratio", Option(BuildRatio, None)), "granularity", "linear_attention", *PRUNING, "gguf_type", "compensated_type",
-       "onnx_precision", "keep_hf", "eval_data", "eval_windows", "compensate", "compensation_samples", "heal", *HEALING,
+       "onnx_precision", "keep_hf", "eval_data", "eval_windows", "compensate", "compensation_samples", "run_map", "heal", *HEALING,
        "seed", "plan_file", "device", "dtype", "streamed", "max_size", "min_speedup", "max_ppl_increase", "frontier",
        "force", "quiet")
 def build(**options):

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from ..plan import (DEFAULT_BUILD_RATIO, CalibrationSpec, CompensatedType, Estimator, EvalPlan, ExportPlan, GGUFType, Granularity, HealObjective,
-                    HealPlan, HealPrecision, Method, Objective, OnnxPrecision, Plan, StateView, Target)
+                    HealPlan, HealPrecision, Method, Objective, OnnxPrecision, Plan, RunMap, StateView, Target)
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face folder, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written all at once; an existing one needs --force).")]
@@ -39,6 +39,12 @@ LinearAttentionOpt = Annotated[int, typer.Option(
     min=0,
     help="With --granularity sublayer: replace this many of the attention sublayers the budget keeps by fitted linear maps "
     "(llama.cpp deci's linear attention: no q/k/v weights, no KV cache), those costing least calibration NLL.",
+)]
+RunMapOpt = Annotated[RunMap, typer.Option(
+    "--run-map",
+    help="With --granularity sublayer: where each removed run's linear map goes. auto: the form with the lower held-out "
+    "error, folded into the kept projection before the run or as a linear map in the deci linear-attention slot of the "
+    "run's first attention sublayer (folded with --keep-hf: plain transformers has no such layer); fold: always folded.",
 )]
 EstimatorOpt = Annotated[Estimator, typer.Option("--estimator", help="MI estimator.")]
 ViewOpt = Annotated[StateView, typer.Option("--view", help="State view given to the estimators.")]
@@ -122,7 +128,7 @@ OPTIONS: dict[str, Option] = {
     "streamed": Option(Streamed, None), "plan_file": Option(PlanFile, None),
     "remove": Option(Remove, None), "ratio": Option(Ratio, None),
     "method": Option(MethodOpt, PLAN.method), "granularity": Option(GranularityOpt, PLAN.granularity),
-    "linear_attention": Option(LinearAttentionOpt, PLAN.linear_attention),
+    "linear_attention": Option(LinearAttentionOpt, PLAN.linear_attention), "run_map": Option(RunMapOpt, PLAN.run_map),
     "estimator": Option(EstimatorOpt, PLAN.estimator), "view": Option(ViewOpt, PLAN.view),
     "calib": Option(Calib, CALIB.source), "n_samples": Option(NSamples, CALIB.n_samples), "seq_len": Option(SeqLen, CALIB.seq_len),
     "seed": Option(Seed, PLAN.seed), "top_k": Option(TopK, PLAN.top_k), "verify": Option(Verify, PLAN.verify),

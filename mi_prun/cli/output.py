@@ -65,9 +65,10 @@ def compensation(manifest) -> None:
         line(f"compensation: off{f' ({c.note})' if c is not None and c.note else ''}")
         return
     if manifest.sublayers is not None:  # runs numbered by unit (2b: block b's attention, 2b+1: its feed-forward network)
-        parts = [f"{unit_name(r.first)}..{unit_name(r.last)} -> {unit_name(r.folded_into)} (held-out error x{r.heldout_error_ratio:.2f} "
-                 "of plain removal)" if r.folded_into is not None else f"{unit_name(r.first)}..{unit_name(r.last)}: none (nothing before it)"
-                 for r in c.runs]
+        parts = [f"{unit_name(r.first)}..{unit_name(r.last)}: none (nothing before it)" if r.folded_into is None and r.slot is None else
+                 f"{unit_name(r.first)}..{unit_name(r.last)} -> "
+                 + (f"a linear map in {unit_name(2 * r.slot)}'s slot" if r.slot is not None else unit_name(r.folded_into))
+                 + f" (held-out error x{r.heldout_error_ratio:.2f} of plain removal)" for r in c.runs]
     else:
         parts = [
             f"blocks {r.first}-{r.last} -> block {r.folded_into} (held-out error x{r.heldout_error_ratio:.2f} of plain removal)"

@@ -11,7 +11,7 @@ from ..frontier.points import FrontierPlan
 
 # Options named as the Plan field they set.
 PLAN_FIELDS = ("model", "method", "granularity", "linear_attention", "estimator", "view", "remove", "ratio", "top_k", "verify", "swaps", "compensate",
-               "compensation_samples", "seed", "device", "dtype")
+               "compensation_samples", "run_map", "seed", "device", "dtype")
 EXPORT_FIELDS = ("target", "gguf_type", "compensated_type", "onnx_precision", "keep_hf")
 HEAL_FIELDS = {"heal_steps": "steps", "heal_minutes": "minutes", "heal_samples": "samples", "heal_reach": "reach",
                "heal_rank": "rank", "heal_norms": "norms", "heal_precision": "precision", "heal_objective": "objective"}
