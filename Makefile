@@ -72,9 +72,12 @@ bench-quality:
 		--out reports/quality
 
 # The same measurement for sublayer builds (N blocks' worth of bytes): MI-PRUN and the same-granularity
-# baselines, beside the default block build (about 40 minutes on 2 cores).
+# baselines, the maps all folded (--run-map fold) and two other calibration seeds, beside the default
+# block build, every one rebuilt (about 50 minutes on 2 cores).
 bench-quality-sublayers:
-	$(PY) benchmarks/shipped.py --n 4 8 --rows default sublayer sublayer-shortgpt sublayer-angular --out reports/quality_sublayers
+	rm -rf $(foreach r,default sublayer sublayer-fold sublayer-shortgpt sublayer-angular sublayer-seed1 sublayer-seed2,$(foreach n,4 8,out/bench-shipped-smollm2/n$(n)-$(r) out/bench-shipped-smollm2/n$(n)-$(r).*))
+	$(PY) benchmarks/shipped.py --n 4 8 --rows default sublayer sublayer-fold sublayer-shortgpt sublayer-angular sublayer-seed1 sublayer-seed2 \
+		--skip sublayer-seed1@8 sublayer-seed2@8 --out reports/quality_sublayers
 
 # The N = 4 sublayer build's calibration varied: python-docs text, 64 self-generated windows for the
 # compensation alone or for everything, WikiText-2 validation (about 30 minutes on 2 cores).
