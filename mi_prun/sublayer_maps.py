@@ -74,6 +74,12 @@ def slots_of(maps: Sequence[RunCompensation]) -> list[int]:
     return sorted(r.slot for r in maps if r.slot is not None)
 
 
+def linear_blocks(maps: Sequence[RunCompensation], linear: Sequence[LinearMap] = ()) -> list[int]:
+    """Blocks whose attention slot runs as a linear map: kept attentions replaced (`linear`) and
+    removed runs' maps."""
+    return sorted({m.block for m in linear} | set(slots_of(maps)))
+
+
 def dropped_blocks(removed: Sequence[int], slots: Sequence[int] = ()) -> list[int]:
     """Blocks both of whose units go, unless a run's map sits in its attention slot: dropped from
     the checkpoint, skipped when run."""

@@ -39,7 +39,7 @@ from .runner import Windows
 from .runtimes.deci import Attention, LayerForm
 from .runtimes.gguf_prune import BLOCK_TENSOR, open_gguf
 from .scoring import Scores
-from .sublayer_maps import block_overrides, dropped_blocks, fit_unit_maps, slots_of
+from .sublayer_maps import block_overrides, dropped_blocks, fit_unit_maps, linear_blocks, slots_of
 from .verify import lower_p, window_means
 
 KINDS = ("attention", "ffn")
@@ -170,9 +170,8 @@ class UnitRemovalScorer:
         runner = self.loaded.runner
         overrides = block_overrides(self.loaded, removed, maps, linear)
         first = min(overrides)
-        slots = slots_of(maps)
-        dropped = set(dropped_blocks(removed, slots))
-        as_linear = {m.block for m in linear} | set(slots)
+        dropped = set(dropped_blocks(removed, slots_of(maps)))
+        as_linear = linear_blocks(maps, linear)
         h = windows.dense[first]
         with runner.rewriting({}, as_linear):
             for b in range(first, runner.n_blocks):
@@ -280,7 +279,7 @@ class SublayerDecision:
     @property
     def linear_blocks(self) -> list[int]:
         """Blocks whose attention slot is a linear map: kept attentions replaced, and runs' maps."""
-        return sorted({m.block for m in self.linear} | set(slots_of(self.maps)))
+        return linear_blocks(self.maps, self.linear)
 
     @property
     def dropped(self) -> list[int]:

@@ -287,17 +287,16 @@ def test_sublayer_build_ships_a_runs_slot_map_as_deci_linear_attention(tiny_q8_0
         return torch.from_numpy(np.array(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)))
 
     loaded = load_model(str(tiny_q8_0_gguf))
-    # The reference: transformers with every rewritten projection read back from the GGUF, the
-    # removed sublayers zeroed, and the slots' attention as the map alone.
+    # The reference: transformers with the output projection of every kept sublayer and every
+    # slot read back from the GGUF (rewritten or not), the removed sublayers' zero (a removed
+    # feed-forward network's GGUF tensor is a width-1 stub), and the slots' attention as the map alone.
+    params, removed = dict(loaded.model.named_parameters()), set(sub.removed_units)
     weights = {}
     for b, i in ((b, manifest.kept.index(b)) for b in manifest.kept):
-        for unit in (2 * b, 2 * b + 1):
-            name = f"blk.{i}.{'attn_output' if unit % 2 == 0 else 'ffn_down'}.weight"
-            param = loaded.spec.block_param(b, "self_attn.o_proj.weight" if unit % 2 == 0 else "mlp.down_proj.weight")
-            if name in tensors and (unit in sub.removed_units or b in slots or any(r.folded_into == unit for r in runs)):
-                weights[param] = read(name)
-            elif unit in sub.removed_units:
-                weights[param] = torch.zeros_like(dict(loaded.model.named_parameters())[param])
+        for unit, gguf_name, hf_name in ((2 * b, "attn_output", "self_attn.o_proj.weight"), (2 * b + 1, "ffn_down", "mlp.down_proj.weight")):
+            param = loaded.spec.block_param(b, hf_name)
+            shipped = unit not in removed or (unit % 2 == 0 and b in slots)
+            weights[param] = read(f"blk.{i}.{gguf_name}.weight") if shipped else torch.zeros_like(params[param])
     hf = tmp_path / "reference"
     save_checkpoint(loaded, manifest.kept, [], hf, weights)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
